@@ -22,17 +22,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
-from transformers import EarlyStoppingCallback, HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers import EarlyStoppingCallback, HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from cxr.card import render_model_card
 from cxr.metrics import plot_confusion_matrix, plot_training_curves, softmax, trainer_metrics
-from cxr.models import DEFAULT_CHECKPOINT, PRESETS, build_model
-from cxr.training import class_weights, collate, pixel_transform, weighted_loss
+from cxr.models import DEFAULT_CHECKPOINT, DEFAULT_MODEL_DIR, PRESETS, build_model
+from cxr.training import XrayTrainer, class_weights, collate, pixel_transform, weighted_loss
 from hf_data import DISPLAY_NAMES, load_prepared, make_synthetic_dataset, prepare_dataset
-
-DEFAULT_OUTPUT_DIR = "outputs/vit-xray"
-
 
 @dataclass
 class DataArguments:
@@ -70,7 +67,7 @@ class ModelArguments:
 class XrayTrainingArguments(TrainingArguments):
     """`TrainingArguments` with defaults suited to this task; every standard option still works."""
 
-    output_dir: str = field(default=DEFAULT_OUTPUT_DIR, metadata={"help": "The model folder to write (and its checkpoints)."})
+    output_dir: str = field(default=DEFAULT_MODEL_DIR, metadata={"help": "The model folder to write (and its checkpoints)."})
     eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate on the validation split."})
     save_strategy: str = field(default="epoch", metadata={"help": "When to save a checkpoint."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept on disk (the best one is always kept)."})
@@ -123,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(old)
         last_checkpoint = None
 
-    trainer = Trainer(
+    early_stopping = model_args.early_stopping_patience > 0 and training_args.eval_strategy != "no"
+    trainer = XrayTrainer(
         model=model,
         args=training_args,
         data_collator=collate,
@@ -132,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         processing_class=processor,
         compute_loss_func=weighted_loss(class_weights(dataset["train"]["label"], len(class_keys)), training_args.label_smoothing_factor),
         compute_metrics=trainer_metrics(class_keys),
-        callbacks=[EarlyStoppingCallback(model_args.early_stopping_patience)] if model_args.early_stopping_patience > 0 else [],
+        callbacks=[EarlyStoppingCallback(model_args.early_stopping_patience)] if early_stopping else [],
     )
     train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
 
@@ -149,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
 
     trainer.save_model()  # model (safetensors) + image processor: what pipeline() and app.py load
+    (output_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the model folder holds none (settings are in the card)
     if not trainer.is_world_process_zero():
         return results
     plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")

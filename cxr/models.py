@@ -12,6 +12,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, Vi
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
 DEFAULT_CHECKPOINT = "google/vit-base-patch16-224-in21k"
+DEFAULT_MODEL_DIR = "outputs/vit-xray"  # where train_vit.py writes and app.py reads, unless told otherwise
 
 # ViT architectures trained from scratch (random init). Keys are what `--model` accepts.
 PRESETS: dict[str, dict] = {

@@ -1,4 +1,5 @@
-"""The pieces `train_vit.py` hands to `Trainer`: pixel transforms, the batch collator and the class-weighted loss."""
+"""The pieces `train_vit.py` hands to `Trainer`: pixel transforms, the batch collator, the class-weighted loss, and a
+`Trainer` that reloads checkpoints correctly."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import random
 import numpy as np
 import torch
 import torch.nn.functional as F
+from transformers import Trainer
 
 from cxr.augment import augment_xray
 from cxr.images import load_image
@@ -55,3 +57,26 @@ def weighted_loss(weights: torch.Tensor, label_smoothing: float = 0.0):
         return F.cross_entropy(logits, labels, weight=weights.to(logits.device), label_smoothing=label_smoothing)
 
     return compute_loss
+
+
+class XrayTrainer(Trainer):
+    """`Trainer` whose checkpoint reloads go through `from_pretrained`.
+
+    transformers 5.23's Trainer reloads a checkpoint (for `resume_from_checkpoint` and
+    `load_best_model_at_end`) with a raw `load_state_dict(strict=False)`. `save_pretrained` writes ViT
+    weights under their legacy names (`vit.encoder.layer.*`) while the model now calls them
+    `vit.layers.*`, so every encoder weight is silently skipped: resume restarts from random weights and
+    "best model" is really the last one (huggingface/transformers#43701). `from_pretrained` applies the
+    renaming, so we load through it and copy the weights in, strictly.
+    """
+
+    def _load_weights(self, checkpoint: str) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        reloaded = type(model).from_pretrained(checkpoint, dtype=next(model.parameters()).dtype)
+        model.load_state_dict(reloaded.state_dict(), strict=True)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        self._load_weights(resume_from_checkpoint)
+
+    def _load_best_model(self):
+        self._load_weights(self.state.best_model_checkpoint)
