@@ -1,0 +1,66 @@
+"""The batch predictor: whole folders to CSV/JSON, bad files reported, same answers as the plain pipeline."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from transformers import pipeline
+
+import predict
+from cxr.images import load_image
+from cxr.predict import classify, find_images, load_classifier
+
+
+@pytest.fixture
+def mixed_folder(tmp_path):
+    folder = tmp_path / "clinic"
+    (folder / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for index in range(5):
+        Image.fromarray(rng.integers(0, 255, (120 + index * 30, 100), dtype=np.uint8)).save(folder / f"xray_{index}.png")
+    Image.fromarray(rng.integers(0, 255, (400, 500), dtype=np.uint8)).save(folder / "sub" / "big.jpeg", quality=90)
+    (folder / "notes.png").write_text("not an image")
+    (folder / "cut.jpeg").write_bytes((folder / "sub" / "big.jpeg").read_bytes()[:2000])
+    (folder / "readme.txt").write_text("ignored: not an image suffix")
+    return folder
+
+
+def test_folder_to_csv_keeps_every_file_and_reports_bad_ones(tiny_model_dir, mixed_folder, tmp_path):
+    output = tmp_path / "out" / "predictions.csv"
+    assert predict.main([str(mixed_folder), "--model", str(tiny_model_dir), "--output", str(output), "--batch_size", "4"]) == 0
+    rows = list(csv.DictReader(output.open()))
+    assert len(rows) == 8  # 6 images + 2 broken files; readme.txt is not picked up
+    by_name = {row["file"].split("/")[-1]: row for row in rows}
+    assert "not an image" in by_name["notes.png"]["error"]
+    assert "truncated" in by_name["cut.jpeg"]["error"]
+    good = [row for row in rows if not row["error"]]
+    assert len(good) == 6
+    for row in good:
+        assert {row["label_1"], row["label_2"], row["label_3"]} == {"Normal", "Bacterial pneumonia", "Viral pneumonia"}
+        scores = [float(row[f"score_{rank}"]) for rank in (1, 2, 3)]
+        assert scores == sorted(scores, reverse=True) and sum(scores) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_json_output(tiny_model_dir, mixed_folder, tmp_path):
+    output = tmp_path / "predictions.json"
+    predict.main([str(mixed_folder / "xray_0.png"), str(mixed_folder / "notes.png"), "--model", str(tiny_model_dir), "--output", str(output)])
+    rows = json.loads(output.read_text())
+    assert [row["error"] is None for row in rows] == [True, False]
+    assert len(rows[0]["predictions"]) == 3
+
+
+def test_batched_scores_equal_one_image_at_a_time_pipeline(tiny_model_dir, mixed_folder):
+    files = [path for path in find_images([mixed_folder]) if path.name.startswith(("xray", "big"))]
+    batched = classify(load_classifier(tiny_model_dir), files, batch_size=4)
+    plain = pipeline("image-classification", model=str(tiny_model_dir))
+    for path, prediction in zip(files, batched):
+        single = {item["label"]: item["score"] for item in plain(load_image(path, draft_size=32), top_k=3)}
+        assert prediction.scores.keys() == single.keys()
+        assert all(prediction.scores[label] == pytest.approx(single[label], abs=1e-5) for label in single)
+
+
+def test_missing_model_is_a_clear_message(mixed_folder, tmp_path, capsys):
+    assert predict.main([str(mixed_folder), "--model", str(tmp_path / "none"), "--output", str(tmp_path / "p.csv")]) == 1
+    assert "train_vit.py" in capsys.readouterr().err
