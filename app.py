@@ -1,0 +1,172 @@
+"""Gradio demo: upload a pediatric chest X-ray, get Normal / Bacterial pneumonia / Viral pneumonia probabilities.
+
+    python app.py                                   # serves outputs/vit-xray (what train_vit.py writes)
+    python app.py --model outputs/quick --examples ~/xrays   # another model folder, with example files
+    XRAY_MODEL=your-name/vit-xray python app.py     # a model on the Hugging Face Hub (e.g. in a Space)
+
+A research demo, not a medical device. This file is the Interface only: every upload goes through the
+project's one image loader (`cxr.images.load_image`), the model folder is loaded once by
+`cxr.predict.load_classifier` (the same `pipeline("image-classification")` Python users call), and the
+overlay comes from `cxr.saliency`. Run `python app.py --help` for every option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import gradio as gr
+from PIL import Image
+from transformers import Pipeline
+
+from cxr.images import MAX_FILE_BYTES, ImageLoadError, load_image
+from cxr.models import DEFAULT_MODEL_DIR, input_size
+from cxr.predict import IMAGE_SUFFIXES, ModelNotFoundError, classify, load_classifier, model_summary
+from cxr.saliency import saliency_overlay
+
+# The held-out figures the description quotes from metrics.json, in order.
+FIGURES = {"accuracy": "accuracy {:.1%}", "macro_f1": "macro-F1 {:.3f}", "pneumonia_sensitivity": "pneumonia sensitivity {:.1%}", "pneumonia_specificity": "specificity {:.1%}"}
+
+ARTICLE = """
+**Reading the output.** The bars are the model's probabilities for the three classes; they always sum to 100 %,
+even for an image that is not a chest X-ray at all. The overlay is Grad-CAM: a coarse map (one value per
+image patch) of where the evidence for the top class came from. It is not an outline of a lesion; a model
+that learned a shortcut (a text marker, the image border) shows that shortcut.
+"""
+
+
+def predict(classifier: Pipeline, path: str | None) -> tuple[dict[str, float], Image.Image]:
+    """One uploaded file -> ({label: probability} for the three classes, saliency overlay); unreadable files raise gr.Error."""
+    if not path:
+        raise gr.Error("No file: upload a chest X-ray (JPEG, PNG or DICOM) first.", print_exception=False)
+    try:  # decoded once (as `classify` decodes), for both the prediction and the overlay
+        image = load_image(path, draft_size=input_size(classifier.image_processor))
+    except ImageLoadError as error:
+        raise gr.Error(str(error), print_exception=False) from error
+    [prediction] = classify(classifier, [image], top_k=3, names=[Path(path).name])
+    if prediction.error:
+        raise gr.Error(prediction.error, print_exception=False)
+    return prediction.scores, saliency_overlay(classifier, image, label=prediction.top_label)
+
+
+def describe_model(model: str) -> str:
+    """Markdown: the not-a-medical-device notice, which model is served, and its held-out metrics from metrics.json."""
+    summary = read_summary(model)
+    lines = [
+        "**Research demo, not a medical device.** Do not use it to diagnose, treat or triage anyone; "
+        "its predictions can be confidently wrong."
+    ]
+    origin = summary.get("model_origin", {}).get("description", "origin unknown (no metrics.json with the model)")
+    lines.append(f"**Model:** `{model}`, {origin}.")
+    split = "test" if "test" in summary else "validation" if "validation" in summary else None
+    if split:
+        count = sum(summary.get("data", {}).get("counts", {}).get(split, {}).values())
+        images = f", {count} images" if count else ""
+        figures = ", ".join(text.format(summary[split][key]) for key, text in FIGURES.items() if key in summary[split])
+        lines.append(f"**Held-out {split} split{images}:** {figures}.")
+    else:
+        lines.append("**Held-out metrics:** none found with this model, so its accuracy is unknown.")
+    if summary.get("data", {}).get("synthetic"):
+        lines.append(
+            "**Warning: this model was trained on SYNTHETIC stand-in images, not X-rays.** "
+            "It only shows that the demo works; its predictions mean nothing."
+        )
+    return "\n\n".join(lines)
+
+
+def read_summary(model: str) -> dict:
+    """metrics.json of a local model folder, or of a Hub model (fetched on its own); empty if there is none."""
+    if Path(model).expanduser().is_dir():
+        return model_summary(model)
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return model_summary(Path(hf_hub_download(model, "metrics.json")).parent)
+    except Exception:  # a Hub model without metrics.json, or offline: the description says so
+        return {}
+
+
+def find_examples(folder: str | None) -> list[list[str]]:
+    """The image and DICOM files in `folder` (sorted), one example row each; none without a folder."""
+    if not folder:
+        return []
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise SystemExit(f"--examples: '{folder}' is not a folder.")
+    return [[str(file)] for file in sorted(path.iterdir()) if file.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def build_demo(model: str = DEFAULT_MODEL_DIR, examples: str | None = None) -> gr.Interface:
+    """The Interface for `model` (a local folder or Hub id), loaded once here; raises ModelNotFoundError if absent."""
+    classifier = load_classifier(model)
+
+    def classify_xray(xray: str | None) -> tuple[dict[str, float], Image.Image]:
+        return predict(classifier, xray)
+
+    return gr.Interface(
+        fn=classify_xray,
+        # gr.File hands the uploaded file to our loader byte for byte (gr.Image would re-open it with Pillow,
+        # which cannot read DICOM); the loader itself decides what is an image.
+        inputs=gr.File(label="Chest X-ray: JPEG, PNG or DICOM (.dcm)", type="filepath", elem_id="xray-file"),
+        outputs=[
+            gr.Label(num_top_classes=3, label="Prediction", elem_id="prediction"),
+            gr.Image(type="pil", format="png", label="Regions that drove the top prediction (Grad-CAM, coarse)", elem_id="saliency"),
+        ],
+        examples=find_examples(examples) or None,
+        cache_examples=False,
+        title="Pediatric chest X-ray: normal, bacterial or viral pneumonia",
+        description=describe_model(model),
+        article=ARTICLE,
+        flagging_mode="never",
+        api_name="predict",
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--model",
+        default=os.environ.get("XRAY_MODEL", DEFAULT_MODEL_DIR),
+        help="Model folder written by train_vit.py, or a Hugging Face Hub id (owner/name). "
+        f"Default: the XRAY_MODEL environment variable, else {DEFAULT_MODEL_DIR}.",
+    )
+    parser.add_argument(
+        "--examples",
+        default=os.environ.get("XRAY_EXAMPLES"),
+        metavar="DIR",
+        help="A folder of X-rays (JPEG, PNG, DICOM) to offer as clickable examples (copied into gradio's cache at "
+        "start-up, so anyone who can reach the app can download them). Default: the XRAY_EXAMPLES environment variable, else none.",
+    )
+    parser.add_argument(
+        "--host",
+        default=None,
+        help="Address to listen on. Default: the GRADIO_SERVER_NAME environment variable, else 127.0.0.1 "
+        "(this machine only); 0.0.0.0 makes it reachable from the network.",
+    )
+    parser.add_argument("--port", type=int, default=None, help="Port. Default: the GRADIO_SERVER_PORT environment variable, else 7860 (or the next free one).")
+    parser.add_argument("--share", action="store_true", help="Also open a temporary public gradio.live link (off by default; anyone with the link can use the app).")
+    return parser.parse_args(argv)
+
+
+def launch_options(args: argparse.Namespace) -> dict:
+    """Arguments for `demo.launch`: host and port left to gradio (and its environment variables) unless given."""
+    return dict(
+        server_name=args.host,
+        server_port=args.port,
+        share=args.share,
+        max_file_size=MAX_FILE_BYTES,  # the same limit the image loader enforces
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        demo = build_demo(args.model, args.examples)
+    except ModelNotFoundError as error:
+        raise SystemExit(f"app.py: {error}") from None  # the message says how to train one; no traceback
+    demo.launch(**launch_options(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""The Gradio app: every kind of upload gets a prediction or a clear message, and every way in agrees."""
+
+import io
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pytest
+from PIL import Image
+
+import app
+from cxr.images import MAX_FILE_BYTES
+from cxr.predict import load_classifier
+
+REPO = Path(__file__).resolve().parents[1]
+LABELS = {"Normal", "Bacterial pneumonia", "Viral pneumonia"}
+
+
+# ---- inputs, generated in tmp_path ------------------------------------------------------------------
+
+
+def chest_like(width=300, height=240) -> np.ndarray:
+    y, x = np.mgrid[0:height, 0:width]
+    return ((np.sin(x / 17.0) + np.cos(y / 11.0) + 2) * 60).astype(np.uint8)
+
+
+def encode(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def dicom_bytes(pixels: np.ndarray) -> bytes:
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    dataset.Rows, dataset.Columns = pixels.shape
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 12, 11, 0
+    dataset.PixelData = pixels.astype(np.uint16).tobytes()
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A small valid PNG whose header claims another size: a decompression bomb as a decoder sees it."""
+    data = bytearray(encode(Image.new("L", (64, 64)), "PNG"))
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+GOOD = {  # file name -> (bytes, (width, height))
+    "gray.jpeg": (lambda: encode(Image.fromarray(chest_like(), "L"), "JPEG"), (300, 240)),
+    "rgb.jpg": (lambda: encode(Image.fromarray(chest_like(), "L").convert("RGB"), "JPEG"), (300, 240)),
+    "gray.png": (lambda: encode(Image.fromarray(chest_like(), "L"), "PNG"), (300, 240)),
+    "rgb.png": (lambda: encode(Image.fromarray(chest_like(), "L").convert("RGB"), "PNG"), (300, 240)),
+    "sixteen-bit.png": (lambda: encode(Image.fromarray(chest_like().astype(np.uint16) * 16), "PNG"), (300, 240)),
+    "rgba.png": (lambda: encode(Image.fromarray(chest_like(), "L").convert("RGBA"), "PNG"), (300, 240)),
+    "large-3000px.jpeg": (lambda: encode(Image.fromarray(chest_like(3000, 2400), "L"), "JPEG"), (3000, 2400)),
+    "scan.dcm": (lambda: dicom_bytes(chest_like(200, 160).astype(np.uint16) * 16), (200, 160)),
+}
+BAD = {  # file name -> (bytes, words the message must contain)
+    "tiny-10px.png": (lambda: encode(Image.new("L", (10, 10)), "PNG"), "at least"),
+    "notes.txt": (lambda: b"this is a text file, not an X-ray\n" * 20, "not an image"),
+    "disguised.png": (lambda: b"this is a text file, not an X-ray\n" * 20, "not an image"),
+    "truncated.jpeg": (lambda: encode(Image.fromarray(chest_like(), "L"), "JPEG")[:600], "truncated"),
+    "bomb.png": (lambda: png_claiming_size(50_000, 50_000), "megapixels"),
+    "empty.png": (lambda: b"", "empty"),
+    "broken.dcm": (lambda: b"\0" * 128 + b"DICM" + b"\x02\x00" * 40, "DICOM"),
+}
+
+
+def write(folder: Path, name: str, table: dict) -> Path:
+    path = folder / name
+    path.write_bytes(table[name][0]())
+    return path
+
+
+# ---- fixtures -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def classifier(tiny_model_dir):
+    return load_classifier(tiny_model_dir)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_model_dir):
+    """The app as `main()` launches it (same options), on a free loopback port, without blocking."""
+    args = app.parse_args(["--model", str(tiny_model_dir), "--port", str(free_port())])
+    demo = app.build_demo(args.model, args.examples)
+    demo.launch(**app.launch_options(args), prevent_thread_lock=True, quiet=True)
+    yield demo
+    demo.close()
+
+
+# ---- predict, in process ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", GOOD)
+def test_every_image_kind_gets_three_labels_and_an_overlay(classifier, tmp_path, name):
+    scores, overlay = app.predict(classifier, str(write(tmp_path, name, GOOD)))
+    assert set(scores) == LABELS
+    assert sum(scores.values()) == pytest.approx(1.0, abs=1e-4)
+    assert list(scores.values()) == sorted(scores.values(), reverse=True)
+    width, height = GOOD[name][1]
+    assert overlay.mode == "RGB" and max(overlay.size) == 512
+    assert overlay.width / overlay.height == pytest.approx(width / height, rel=0.01)
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_bad_uploads_raise_a_clear_ui_error(classifier, tmp_path, name):
+    with pytest.raises(gr.Error, match=BAD[name][1]) as raised:
+        app.predict(classifier, str(write(tmp_path, name, BAD)))
+    assert name in raised.value.message  # says which file
+
+
+def test_no_file_is_a_clear_ui_error(classifier):
+    with pytest.raises(gr.Error, match="upload a chest X-ray"):
+        app.predict(classifier, None)
+
+
+def test_grad_cam_gives_one_value_per_patch_for_any_class(classifier):
+    from cxr.saliency import grad_cam, saliency_overlay
+
+    image = Image.fromarray(chest_like(), "L").convert("RGB")
+    for label in (None, *LABELS):
+        heat = grad_cam(classifier.model, classifier.image_processor, image, label)
+        assert heat.shape == (4, 4)  # scratch-tiny: 32 px input, 8 px patches
+        assert heat.min() >= 0 and heat.max() in (0.0, 1.0)
+    overlay = saliency_overlay(classifier, image)
+    assert overlay.size == (512, 410) and overlay.mode == "RGB"
+
+
+# ---- the served app, through gradio_client ------------------------------------------------------------
+
+
+def test_client_gets_a_prediction_and_a_clear_error_and_the_server_keeps_serving(served, tmp_path):
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    client = Client(served.local_url, verbose=False)
+    good, bad = write(tmp_path, "gray.png", GOOD), write(tmp_path, "disguised.png", BAD)
+
+    label, overlay_path = client.predict(handle_file(str(good)), api_name="/predict")
+    assert {item["label"] for item in label["confidences"]} == LABELS
+    assert Image.open(overlay_path).size == (512, 410)
+
+    with pytest.raises(AppError, match="not an image"):
+        client.predict(handle_file(str(bad)), api_name="/predict")
+    again, _ = client.predict(handle_file(str(write(tmp_path, "scan.dcm", GOOD))), api_name="/predict")
+    assert {item["label"] for item in again["confidences"]} == LABELS
+
+
+def test_served_on_loopback_with_a_bounded_upload_size(served):
+    assert served.local_url.startswith("http://127.0.0.1:")
+    assert served.max_file_size == MAX_FILE_BYTES
+    assert served.share_url is None
+
+
+def test_app_client_and_pipeline_agree(served, classifier, tiny_model_dir, tmp_path):
+    from gradio_client import Client, handle_file
+    from transformers import pipeline
+
+    path = str(write(tmp_path, "gray.png", GOOD))
+    in_app, _ = app.predict(classifier, path)
+    label, _ = Client(served.local_url, verbose=False).predict(handle_file(path), api_name="/predict")
+    via_client = {item["label"]: item["confidence"] for item in label["confidences"]}
+    via_pipeline = {item["label"]: item["score"] for item in pipeline("image-classification", model=str(tiny_model_dir))(path, top_k=3)}
+    for label_name in LABELS:
+        assert via_client[label_name] == pytest.approx(in_app[label_name], abs=1e-5)
+        assert via_pipeline[label_name] == pytest.approx(in_app[label_name], abs=1e-5)
+
+
+# ---- start-up, options and the description ------------------------------------------------------------
+
+
+def test_no_model_exits_with_the_training_command_and_no_traceback(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    env.pop("XRAY_MODEL", None)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "app.py"), "--model", str(tmp_path / "no-model-here")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "No trained model" in result.stderr and "python train_vit.py" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as exited:
+        app.main(["--help"])
+    assert exited.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("--model", "XRAY_MODEL", "Hub id", "--examples", "XRAY_EXAMPLES", "--host", "GRADIO_SERVER_NAME", "127.0.0.1", "--port", "GRADIO_SERVER_PORT", "--share"):
+        assert words in text
+
+
+def test_model_comes_from_the_environment_then_the_default(monkeypatch):
+    monkeypatch.delenv("XRAY_MODEL", raising=False)
+    assert app.parse_args([]).model == "outputs/vit-xray"
+    monkeypatch.setenv("XRAY_MODEL", "someone/vit-xray")
+    assert app.parse_args([]).model == "someone/vit-xray"
+    assert app.parse_args(["--model", "elsewhere"]).model == "elsewhere"
+    options = app.launch_options(app.parse_args([]))
+    assert options["server_name"] is None and options["server_port"] is None and options["share"] is False  # gradio reads GRADIO_SERVER_*
+
+
+def test_description_names_the_model_its_origin_and_held_out_metrics(tiny_model_dir):
+    text = app.describe_model(str(tiny_model_dir))
+    summary = json.loads((tiny_model_dir / "metrics.json").read_text())
+    split = "test" if "test" in summary else "validation"
+    assert "not a medical device" in text
+    assert str(tiny_model_dir) in text and summary["model_origin"]["description"] in text
+    assert f"{split} split" in text
+    for words in ("accuracy", "macro-F1", "sensitivity", "specificity", "SYNTHETIC"):
+        assert words in text
+    assert f"{summary[split]['accuracy']:.1%}" in text
+
+
+def test_description_of_a_hub_model_and_of_a_bare_folder(tiny_model_dir, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    assert "unknown" in app.describe_model(str(tmp_path))  # no metrics.json
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename: str(tiny_model_dir / filename))
+    assert "trained from scratch" in app.describe_model("someone/vit-xray")
+
+    def offline(repo_id, filename):
+        raise OSError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    assert "unknown" in app.describe_model("someone/vit-xray")
+
+
+def test_examples_come_from_a_folder_the_user_names(tiny_model_dir, tmp_path):
+    for name in ("gray.png", "scan.dcm"):
+        write(tmp_path, name, GOOD)
+    (tmp_path / "notes.txt").write_text("not an example")
+    assert app.find_examples(str(tmp_path)) == [[str(tmp_path / "gray.png")], [str(tmp_path / "scan.dcm")]]
+    assert app.find_examples(None) == []
+    with pytest.raises(SystemExit, match="not a folder"):
+        app.find_examples(str(tmp_path / "missing"))
+    assert app.build_demo(str(tiny_model_dir), str(tmp_path)).examples is not None

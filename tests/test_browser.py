@@ -1,0 +1,160 @@
+"""The app in a real (headless) Chromium: upload an X-ray, read the three labels, see the overlay, survive a bad file.
+
+Skips where Chromium or chromedriver is absent (Debian: apt-get install chromium chromium-driver).
+Set SCREENSHOT_DIR to keep the screenshot of the page with a result.
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import app
+from test_app import LABELS, free_port
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+TIMEOUT = 60  # seconds; a result takes about one on two CPU cores
+
+
+@pytest.fixture(scope="module")
+def page_url(tiny_model_dir, tmp_path_factory):
+    """The app as `main()` launches it, with a folder of examples, on a free loopback port."""
+    examples = tmp_path_factory.mktemp("examples")
+    y, x = np.mgrid[0:256, 0:320]
+    Image.fromarray(((np.sin(x / 23.0) * np.cos(y / 19.0) + 1) * 120).astype(np.uint8), "L").save(examples / "example-chest.png")
+    args = app.parse_args(["--model", str(tiny_model_dir), "--examples", str(examples), "--port", str(free_port())])
+    demo = app.build_demo(args.model, args.examples)
+    demo.launch(**app.launch_options(args), prevent_thread_lock=True, quiet=True)
+    yield demo.local_url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    pytest.importorskip("selenium")
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("Chromium or chromedriver not installed (/usr/bin/chromium, /usr/bin/chromedriver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+        "--window-size=1280,1300",
+    ):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    yield driver
+    driver.quit()
+
+
+def open_page(browser, url):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(url)
+    WebDriverWait(browser, TIMEOUT).until(lambda driver: driver.find_elements(By.CSS_SELECTOR, "#xray-file input[type=file]"))
+
+
+def upload_and_submit(browser, path: Path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.find_element(By.CSS_SELECTOR, "#xray-file input[type=file]").send_keys(str(path))
+    WebDriverWait(browser, TIMEOUT).until(lambda driver: path.stem in driver.find_element(By.ID, "xray-file").text)  # stem and suffix are shown apart
+    click_button(browser, "Submit")
+
+
+def click_button(browser, text: str):
+    """The one button with this text (gradio gives the Interface's buttons no stable id)."""
+    from selenium.webdriver.common.by import By
+
+    [button] = [b for b in browser.find_elements(By.TAG_NAME, "button") if b.text.strip() == text]
+    button.click()
+
+
+def label_names(browser) -> set[str]:
+    from selenium.webdriver.common.by import By
+
+    return {element.text for element in browser.find_elements(By.CSS_SELECTOR, "#prediction dt") if element.text}
+
+
+def wait_for_result(browser) -> set[str]:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, TIMEOUT).until(lambda driver: len(label_names(driver)) == 3)
+    return label_names(browser)
+
+
+def overlay_loaded(browser) -> bool:
+    from selenium.webdriver.common.by import By
+
+    images = browser.find_elements(By.CSS_SELECTOR, "#saliency img")
+    return any(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) for image in images)
+
+
+def clear(browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    click_button(browser, "Clear")
+    WebDriverWait(browser, TIMEOUT).until(lambda driver: not label_names(driver))
+
+
+def test_upload_shows_three_labels_and_the_overlay(browser, page_url, tiny_model_dir, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    from transformers import pipeline
+
+    xray = tmp_path / "child-chest.png"
+    y, x = np.mgrid[0:480, 0:600]
+    Image.fromarray(((np.sin(x / 17.0) + np.cos(y / 11.0) + 2) * 60).astype(np.uint8), "L").save(xray)
+
+    open_page(browser, page_url)
+    assert "not a medical device" in browser.page_source
+    upload_and_submit(browser, xray)
+    assert wait_for_result(browser) == LABELS
+    WebDriverWait(browser, TIMEOUT).until(overlay_loaded)
+
+    # The page's bars carry the exact probabilities: the same as Python's pipeline() gives for the same file.
+    shown = {meter.get_attribute("aria-label"): float(meter.get_attribute("value")) for meter in browser.find_elements(By.CSS_SELECTOR, "#prediction meter")}
+    expected = {item["label"]: item["score"] for item in pipeline("image-classification", model=str(tiny_model_dir))(str(xray), top_k=3)}
+    assert shown == pytest.approx(expected, abs=1e-5)
+
+    screenshot_dir = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path)
+    screenshot_dir.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(screenshot_dir / "app_result.png"))
+
+
+def test_a_bad_file_shows_our_message_and_the_next_upload_works(browser, page_url, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    bad = tmp_path / "notes.png"
+    bad.write_text("this is a text file, not an X-ray\n" * 20)
+    open_page(browser, page_url)
+    upload_and_submit(browser, bad)
+    WebDriverWait(browser, TIMEOUT).until(lambda driver: driver.find_elements(By.XPATH, "//*[contains(text(), 'is not an image')]"))
+    assert not label_names(browser)
+
+    clear(browser)
+    good = tmp_path / "after.png"
+    y, x = np.mgrid[0:200, 0:200]
+    Image.fromarray((x + y).astype(np.uint8), "L").save(good)
+    upload_and_submit(browser, good)
+    assert wait_for_result(browser) == LABELS
+
+
+def test_an_example_from_the_users_folder_runs(browser, page_url):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    open_page(browser, page_url)
+    click_button(browser, "example-chest.png")
+    WebDriverWait(browser, TIMEOUT).until(lambda driver: "example-chest" in driver.find_element(By.ID, "xray-file").text)
+    click_button(browser, "Submit")
+    assert wait_for_result(browser) == LABELS
