@@ -1,34 +1,40 @@
-"""Inference speed: the plain one-image-at-a-time pipeline against the project's batched paths.
+"""Inference speed: the plain one-image-at-a-time pipeline against the project's batched paths, and the app's latency.
 
     python -m benchmarks.speed                          # ViT-B/16 (random weights) and scratch-small on ../shared/data/xray_originals
     python -m benchmarks.speed --model outputs/vit-xray # also a trained model folder (top-1 agreement means most here)
 
-Same process, same images (full-resolution JPEGs: decoding and resizing included), side by side:
+Same model, same images (full-resolution JPEGs: decoding and resizing included), one path after another:
   plain pipeline   pipeline("image-classification")(path) one image at a time: where every user starts
-  batched fp32     the project's predictor, same full decode, batched         : must agree 100% with plain
+  batched fp32     the project's predictor, every pixel decoded, batched      : must agree 100% with plain
   + draft decode   JPEGs decoded at reduced scale (Image.draft) before resizing
   + int8           Linear layers dynamically quantized to int8                : must agree >= 99%
-Prints images/s, speed-up over plain, peak memory above the process's start, top-1 agreement with plain,
-and the physical ceiling from this machine's float32 matmul rate.
+Each path runs in its own fresh worker process, so its peak memory (max RSS, torch and the model included)
+is its own. Prints images/s, speed-up over plain, share of the physical ceiling (this machine's float32
+matmul rate / FLOPs per image), peak memory and top-1 agreement with plain. Then single-request latency
+through the running app (gradio_client) against the model's own forward time for one image.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
+import socket
+import statistics
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-import psutil
 import torch
-from transformers import pipeline
+from transformers import AutoConfig
 
 from cxr.models import PRESETS, build_model
-from cxr.predict import classify, load_classifier
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "xray_originals"
 LABELS = {0: "Bacterial pneumonia", 1: "Normal", 2: "Viral pneumonia"}
+PATHS = ["plain pipeline, 1 at a time", "batched fp32", "batched fp32 + draft decode", "batched int8 + draft decode"]
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
@@ -44,7 +50,7 @@ def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
 
 
 def vit_gflops(config) -> float:
-    """Forward FLOPs of one image through a ViT (2 per multiply-add): patch embedding, attention, MLP, head."""
+    """Forward FLOPs of one image through a ViT, counting a multiply-add as 2 FLOPs (the unit of the matmul rate)."""
     tokens = (config.image_size // config.patch_size) ** 2 + 1
     d, m = config.hidden_size, config.intermediate_size
     embedding = 2 * (tokens - 1) * 3 * config.patch_size**2 * d
@@ -52,55 +58,71 @@ def vit_gflops(config) -> float:
     return (embedding + config.num_hidden_layers * per_layer) / 1e9
 
 
-class PeakMemory:
-    """Peak resident memory of this process while the block runs, above what it held when the block began."""
+def worker(model_dir: str, path_name: str, images: list[Path], batch_size: int) -> dict:
+    """Run one path over the images in this (fresh) process: top-1 labels, images/s, peak RSS."""
+    from transformers import pipeline
 
-    def __enter__(self):
-        self.process, self.start, self.peak, self.running = psutil.Process(), psutil.Process().memory_info().rss, 0, True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
+    from cxr.predict import classify, load_classifier
 
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, self.process.memory_info().rss)
-            time.sleep(0.005)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-        self.mib = max(0, self.peak - self.start) / 2**20
-
-
-def timed(run, images):
-    with PeakMemory() as memory:
-        start = time.perf_counter()
-        labels = run(images)
-        seconds = time.perf_counter() - start
-    return labels, len(images) / seconds, memory.mib
+    if path_name == PATHS[0]:
+        plain = pipeline("image-classification", model=model_dir)
+        run = lambda files: [plain(str(f), top_k=1)[0]["label"] for f in files]  # noqa: E731
+    else:
+        classifier = load_classifier(model_dir, int8="int8" in path_name)
+        draft = "draft" in path_name
+        run = lambda files: [p.top_label for p in classify(classifier, files, batch_size=batch_size, draft=draft)]  # noqa: E731
+    run(images[:2])  # warm-up: first calls allocate and pick kernels
+    start = time.perf_counter()
+    labels = run(images)
+    rate = len(images) / (time.perf_counter() - start)
+    return dict(labels=labels, rate=rate, peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
-def benchmark(model_dir: str, images: list[Path], batch_size: int, gflop_rate: float) -> list[dict]:
-    plain = pipeline("image-classification", model=model_dir)
-    config = plain.model.config
-    ceiling = gflop_rate / vit_gflops(config)
-    fp32 = load_classifier(model_dir)
-    int8 = load_classifier(model_dir, int8=True)
-    paths = {
-        "plain pipeline, 1 at a time": lambda files: [plain(str(f), top_k=1)[0]["label"] for f in files],
-        "batched fp32": lambda files: [p.top_label for p in classify(fp32, files, batch_size=batch_size, draft=False)],
-        "batched fp32 + draft decode": lambda files: [p.top_label for p in classify(fp32, files, batch_size=batch_size)],
-        "batched int8 + draft decode": lambda files: [p.top_label for p in classify(int8, files, batch_size=batch_size)],
-    }
-    for run in paths.values():  # warm-up: first calls allocate and pick kernels
-        run(images[:2])
-    rows, reference = [], None
-    for name, run in paths.items():
-        labels, rate, mib = timed(run, images)
-        reference = reference or labels
-        agreement = sum(a == b for a, b in zip(labels, reference)) / len(labels)
-        rows.append(dict(path=name, rate=rate, ceiling=ceiling, mib=mib, agreement=agreement))
-    return rows
+def forward_ms(model_dir: str, repeats: int = 10) -> float:
+    """Median time of the model's own forward pass on one preprocessed image (no decoding)."""
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(model_dir).eval()
+    size = model.config.image_size
+    pixels = torch.randn(1, 3, size, size)
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 2):
+            start = time.perf_counter()
+            model(pixel_values=pixels)
+            times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times[2:])
+
+
+def app_latency(model_dir: str, image: Path, requests: int) -> list[float]:
+    """Milliseconds per request through the running app (gradio_client, one request at a time, loopback)."""
+    from gradio_client import Client, handle_file
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "app.py", "--model", model_dir, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        for _ in range(120):
+            try:
+                client = Client(url, verbose=False)
+                break
+            except Exception:
+                time.sleep(1)
+        else:
+            raise RuntimeError("the app did not start within 2 minutes")
+        for _ in range(2):
+            client.predict(handle_file(str(image)), api_name="/predict")
+        times = []
+        for _ in range(requests):
+            start = time.perf_counter()
+            client.predict(handle_file(str(image)), api_name="/predict")
+            times.append(1000 * (time.perf_counter() - start))
+        return times
+    finally:
+        server.terminate()
+        server.wait()
 
 
 def main() -> None:
@@ -109,36 +131,56 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="Pass over the images this many times (more images, steadier figures).")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--presets", nargs="*", default=["scratch-base", "scratch-small"], help=f"Architectures built with random weights: {', '.join(PRESETS)}.")
-    parser.add_argument("--model", action="append", default=[], help="A trained model folder or Hub id to add (repeatable).")
+    parser.add_argument("--model", action="append", default=[], help="A trained model folder to add (repeatable).")
+    parser.add_argument("--requests", type=int, default=20, help="Single requests sent through the app per model (0 skips the app).")
+    parser.add_argument("--worker", nargs=2, metavar=("MODEL_DIR", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     images = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png")) * args.repeat
     if not images:
         raise SystemExit(f"No images in {args.images}")
+    if args.worker:
+        print(json.dumps(worker(*args.worker, images, args.batch_size)))
+        return
+
     rate = matmul_gflops()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; float32 matmul {rate:.0f} GFLOP/s; {len(images)} images from {args.images}\n")
-
-    models = []
     with tempfile.TemporaryDirectory() as scratch:
+        models = []
         for preset in args.presets:
             model, processor, _ = build_model(preset, LABELS)
-            folder = Path(scratch) / preset
-            model.save_pretrained(folder)
-            processor.save_pretrained(folder)
-            models.append((f"{preset} (random weights)", str(folder)))
-        models += [(name, name) for name in args.model]
+            model.save_pretrained(Path(scratch) / preset)
+            processor.save_pretrained(Path(scratch) / preset)
+            models.append((f"{preset} (random weights)", str(Path(scratch) / preset), model.config))
+        for folder in args.model:
+            models.append((folder, folder, AutoConfig.from_pretrained(folder)))
 
         header = f"{'model':<32} {'path':<30} {'images/s':>9} {'x plain':>8} {'% ceiling':>10} {'peak MiB':>9} {'top-1 agree':>12}"
         print(header + "\n" + "-" * len(header))
-        for label, folder in models:
-            rows = benchmark(folder, images, args.batch_size, rate)
-            base = rows[0]["rate"]
-            for row in rows:
+        latencies = []
+        for label, folder, config in models:
+            ceiling = rate / vit_gflops(config)
+            rows = {}
+            for path_name in PATHS:
+                command = [sys.executable, "-m", "benchmarks.speed", "--images", str(args.images), "--repeat", str(args.repeat), "--batch_size", str(args.batch_size), "--worker", folder, path_name]
+                rows[path_name] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+            plain = rows[PATHS[0]]
+            for path_name, row in rows.items():
+                agreement = sum(a == b for a, b in zip(row["labels"], plain["labels"])) / len(plain["labels"])
                 print(
-                    f"{label:<32} {row['path']:<30} {row['rate']:>9.2f} {row['rate'] / base:>7.2f}x {100 * row['rate'] / row['ceiling']:>9.0f}% "
-                    f"{row['mib']:>9.0f} {100 * row['agreement']:>11.1f}%"
+                    f"{label:<32} {path_name:<30} {row['rate']:>9.2f} {row['rate'] / plain['rate']:>7.2f}x {100 * row['rate'] / ceiling:>9.0f}% "
+                    f"{row['peak_mib']:>9.0f} {100 * agreement:>11.1f}%"
                 )
-            print(f"{'':<32} ceiling = matmul rate / FLOPs per image = {rows[0]['ceiling']:.2f} images/s\n")
+            print(f"{'':<32} ceiling = {rate:.0f} GFLOP/s / {vit_gflops(config):.2f} GFLOP per image = {ceiling:.2f} images/s\n")
+            if args.requests:
+                times = sorted(app_latency(folder, images[0], args.requests))
+                latencies.append((label, config.image_size, forward_ms(folder), statistics.median(times), times[int(0.95 * (len(times) - 1))]))
+
+    if latencies:
+        print(f"App latency, one request at a time through gradio_client ({args.requests} requests of {images[0].name}, prediction + Grad-CAM overlay):")
+        print(f"{'model':<32} {'input':>6} {'forward ms':>11} {'app p50 ms':>11} {'app p95 ms':>11} {'p50 / forward':>14}")
+        for label, size, forward, p50, p95 in latencies:
+            print(f"{label:<32} {size:>6} {forward:>11.0f} {p50:>11.0f} {p95:>11.0f} {p50 / forward:>13.2f}x")
 
 
 if __name__ == "__main__":
