@@ -45,6 +45,7 @@ class DataArguments:
         metadata={"help": "Where to write the imagefolder tree (links to your files, never moves them). Default: data/prepared/<name of data_dir>."},
     )
     validation_fraction: float = field(default=0.1, metadata={"help": "Share of the training patients held out for validation (grouped by patient, stratified by class)."})
+    synthetic_images_per_class: int = field(default=200, metadata={"help": "Images per class generated for --data_dir synthetic."})
     keep_kaggle_val: bool = field(default=False, metadata={"help": "Use Kaggle's 16-image val/ as the validation split instead of folding it into train."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Train on at most this many images (quick experiments)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many images (quick experiments)."})
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Data: the user's folders -> an imagefolder tree of links -> a DatasetDict.
     synthetic = data_args.data_dir == "synthetic"
-    source = make_synthetic_dataset(Path("data/synthetic")) if synthetic else Path(data_args.data_dir).expanduser()
+    source = make_synthetic_dataset(Path("data/synthetic"), images_per_class=data_args.synthetic_images_per_class) if synthetic else Path(data_args.data_dir).expanduser()
     prepared_dir = Path(data_args.prepared_dir or Path("data/prepared") / source.resolve().name)
     report = prepare_dataset(
         source, prepared_dir, validation_fraction=data_args.validation_fraction, seed=training_args.seed, keep_kaggle_val=data_args.keep_kaggle_val

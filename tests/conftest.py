@@ -32,6 +32,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
         train_vit.main(
             [
                 "--data_dir", "synthetic",
+                "--synthetic_images_per_class", "40",
                 "--model", "scratch-tiny",
                 "--output_dir", str(output_dir),
                 "--num_train_epochs", "2",

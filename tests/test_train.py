@@ -11,7 +11,7 @@ from transformers import pipeline
 import train_vit
 from cxr.models import ModelOrigin, build_model
 
-TINY = ["--model", "scratch-tiny", "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--disable_tqdm", "true"]
+TINY = ["--synthetic_images_per_class", "40", "--model", "scratch-tiny", "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--disable_tqdm", "true"]
 
 
 def test_model_folder_has_everything_inference_needs(tiny_model_dir):
