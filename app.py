@@ -6,8 +6,12 @@
 
 A research demo, not a medical device. This file is the Interface only: every upload goes through the
 project's one image loader (`cxr.images.load_image`), the model folder is loaded once by
-`cxr.predict.load_classifier` (the same `pipeline("image-classification")` Python users call), and the
-overlay comes from `cxr.saliency`. Run `python app.py --help` for every option.
+`cxr.predict.load_classifier` (the same `pipeline("image-classification")` Python users call, with the folder's
+out-of-distribution statistics), and the overlay comes from `cxr.saliency`. Run `python app.py --help` for every option.
+
+Outputs, in order (the API at /predict returns the same four): a warning (Markdown, empty unless the upload
+does not look like a pediatric chest X-ray), the three probabilities (Label), the Grad-CAM overlay (Image),
+and the check itself (JSON: looks_like_chest_xray, ood_score, threshold, score).
 """
 
 from __future__ import annotations
@@ -29,15 +33,30 @@ from cxr.saliency import saliency_overlay
 FIGURES = {"accuracy": "accuracy {:.1%}", "macro_f1": "macro-F1 {:.3f}", "pneumonia_sensitivity": "pneumonia sensitivity {:.1%}", "pneumonia_specificity": "specificity {:.1%}"}
 
 ARTICLE = """
-**Reading the output.** The bars are the model's probabilities for the three classes; they always sum to 100 %,
-even for an image that is not a chest X-ray at all. The overlay is Grad-CAM: a coarse map (one value per
-image patch) of where the evidence for the top class came from. It is not an outline of a lesion; a model
-that learned a shortcut (a text marker, the image border) shows that shortcut.
+**Reading the output.** The bars are the model's probabilities for the three classes, calibrated on held-out
+X-rays (temperature scaling); they always sum to 100 %, even for an image that is not a chest X-ray at all.
+So every upload is also checked against the training X-rays (the distance of the model's internal features to
+them): an upload that does not look like a pediatric chest X-ray gets a warning above the bars, and its bars
+mean nothing. The check lets through 95 % of real X-rays, so about one in twenty real ones is flagged too.
+The overlay is Grad-CAM: a coarse map (one value per image patch) of where the evidence for the top class came
+from. It is not an outline of a lesion; a model that learned a shortcut (a text marker, the image border) shows that shortcut.
 """
 
+NOT_AN_XRAY = (
+    "### ⚠ This does not look like a pediatric chest X-ray\n"
+    "The model was trained only on frontal chest X-rays of young children, and this image is unlike all of them "
+    "(out-of-distribution score {score:.4g}, above the threshold {threshold:.4g}). "
+    "The probabilities below mean nothing for it. If it is a chest X-ray, check that it is the right way up, "
+    "not inverted (bones should be bright), and not a photo of a screen."
+)
 
-def predict(classifier: Pipeline, path: str | None) -> tuple[dict[str, float], Image.Image]:
-    """One uploaded file -> ({label: probability} for the three classes, saliency overlay); unreadable files raise gr.Error."""
+
+def predict(classifier: Pipeline, path: str | None) -> tuple[str, dict[str, float], Image.Image, dict]:
+    """One uploaded file -> (warning, {label: probability} for the three classes, saliency overlay, the X-ray check).
+
+    The warning is Markdown, empty unless the upload does not look like a chest X-ray; the check is
+    {looks_like_chest_xray, ood_score, threshold, score}, with None values for a model folder without
+    out-of-distribution statistics. Unreadable files raise gr.Error."""
     if not path:
         raise gr.Error("No file: upload a chest X-ray (JPEG, PNG or DICOM) first.", print_exception=False)
     try:  # decoded once (as `classify` decodes), for both the prediction and the overlay
@@ -47,11 +66,20 @@ def predict(classifier: Pipeline, path: str | None) -> tuple[dict[str, float], I
     [prediction] = classify(classifier, [image], top_k=3, names=[Path(path).name])
     if prediction.error:
         raise gr.Error(prediction.error, print_exception=False)
-    return prediction.scores, saliency_overlay(classifier, image, label=prediction.top_label)
+    detector = getattr(classifier, "ood_detector", None)
+    check = {
+        "looks_like_chest_xray": prediction.looks_like_chest_xray,
+        "ood_score": prediction.ood_score,
+        "threshold": detector.threshold if detector else None,
+        "score": detector.score_name if detector else None,
+    }
+    warning = NOT_AN_XRAY.format(score=prediction.ood_score, threshold=detector.threshold) if prediction.looks_like_chest_xray is False else ""
+    return warning, prediction.scores, saliency_overlay(classifier, image, label=prediction.top_label), check
 
 
-def describe_model(model: str) -> str:
-    """Markdown: the not-a-medical-device notice, which model is served, and its held-out metrics from metrics.json."""
+def describe_model(model: str, has_xray_check: bool | None = None) -> str:
+    """Markdown: the not-a-medical-device notice, which model is served, its held-out metrics from metrics.json,
+    and a note where the model has no chest X-ray check (`has_xray_check`; by default, what metrics.json says)."""
     summary = read_summary(model)
     lines = [
         "**Research demo, not a medical device.** Do not use it to diagnose, treat or triage anyone; "
@@ -67,6 +95,11 @@ def describe_model(model: str) -> str:
         lines.append(f"**Held-out {split} split{images}:** {figures}.")
     else:
         lines.append("**Held-out metrics:** none found with this model, so its accuracy is unknown.")
+    if not (has_xray_check if has_xray_check is not None else summary.get("ood")):
+        lines.append(
+            "**No chest X-ray check with this model** (its folder has no out-of-distribution statistics): any image gets "
+            "three probabilities. Add the check with `python -m cxr.reliability MODEL_DIR --data_dir DATA`."
+        )
     if summary.get("data", {}).get("synthetic"):
         lines.append(
             "**Warning: this model was trained on SYNTHETIC stand-in images, not X-rays.** "
@@ -101,7 +134,7 @@ def build_demo(model: str = DEFAULT_MODEL_DIR, examples: str | None = None) -> g
     """The Interface for `model` (a local folder or Hub id), loaded once here; raises ModelNotFoundError if absent."""
     classifier = load_classifier(model)
 
-    def classify_xray(xray: str | None) -> tuple[dict[str, float], Image.Image]:
+    def classify_xray(xray: str | None) -> tuple[str, dict[str, float], Image.Image, dict]:
         return predict(classifier, xray)
 
     return gr.Interface(
@@ -110,13 +143,15 @@ def build_demo(model: str = DEFAULT_MODEL_DIR, examples: str | None = None) -> g
         # which cannot read DICOM); the loader itself decides what is an image.
         inputs=gr.File(label="Chest X-ray: JPEG, PNG or DICOM (.dcm)", type="filepath", elem_id="xray-file"),
         outputs=[
+            gr.Markdown(elem_id="xray-warning"),
             gr.Label(num_top_classes=3, label="Prediction", elem_id="prediction"),
             gr.Image(type="pil", format="png", label="Regions that drove the top prediction (Grad-CAM, coarse)", elem_id="saliency"),
+            gr.JSON(label="Chest X-ray check (out-of-distribution score; higher = less like the training X-rays)", elem_id="xray-check"),
         ],
         examples=find_examples(examples) or None,
         cache_examples=False,
         title="Pediatric chest X-ray: normal, bacterial or viral pneumonia",
-        description=describe_model(model),
+        description=describe_model(model, has_xray_check=classifier.ood_detector is not None),
         article=ARTICLE,
         flagging_mode="never",
         api_name="predict",

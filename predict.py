@@ -2,6 +2,8 @@
 
     python predict.py path/to/xrays/ more.jpeg --model outputs/vit-xray --output predictions.csv
 
+Each row also says whether the image looks like a pediatric chest X-ray at all (`looks_like_chest_xray`, from the
+model folder's out-of-distribution check, and its `ood_score`); the labels of a row marked false mean nothing.
 Files that cannot be read are kept in the output with their error; the run goes on.
 """
 
@@ -21,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=DEFAULT_MODEL_DIR, help="Model folder written by train_vit.py, or a Hub id.")
     parser.add_argument("--output", type=Path, default=Path("predictions.csv"), help="Where to write the results: .csv or .json.")
     parser.add_argument("--batch_size", type=int, default=16, help="Images per forward pass.")
-    parser.add_argument("--int8", action="store_true", help="Quantize the model's Linear layers to int8: faster on CPU, slightly different scores.")
+    parser.add_argument("--int8", action="store_true", help="Quantize the model's Linear layers to int8: faster on CPU, slightly different scores "
+                        "(and the X-ray check, fitted in float32, flags a few more real X-rays: 7%% instead of 5%% on the scratch-small model).")
     args = parser.parse_args(argv)
 
     paths = find_images(args.inputs)
@@ -32,8 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     except ModelNotFoundError as error:
         print(error, file=sys.stderr)
         return 1
-    count, failed = write_predictions(predict_files(classifier, paths, batch_size=args.batch_size), args.output)
-    print(f"Wrote {count} predictions to {args.output} ({failed} files could not be read; see the error column).")
+    if classifier.ood_detector is None:
+        print(f"Note: {args.model} has no out-of-distribution statistics, so looks_like_chest_xray stays empty "
+              f"(add them with: python -m cxr.reliability {args.model} --data_dir YOUR_DATA).", file=sys.stderr)
+    count, failed, flagged = write_predictions(predict_files(classifier, paths, batch_size=args.batch_size), args.output)
+    print(f"Wrote {count} predictions to {args.output} ({failed} files could not be read; see the error column; "
+          f"{flagged} do not look like a pediatric chest X-ray: looks_like_chest_xray is false).")
     return 0
 
 

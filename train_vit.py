@@ -7,8 +7,9 @@
     python train_vit.py --data_dir ~/Downloads/chest_xray
 
 One `main()`, top to bottom: typed arguments -> prepare the imagefolder tree (hf_data) -> load it -> model
-and image processor -> Trainer (augmentation, class-weighted loss, early stopping) -> train -> evaluate ->
-one model folder: weights (safetensors), image processor, metrics.json, plots and the model card.
+and image processor -> Trainer (augmentation, class-weighted loss, early stopping) -> train -> calibration
+temperature and out-of-distribution statistics (cxr.reliability) -> evaluate -> one model folder: weights
+(safetensors, temperature folded in), image processor, ood.safetensors, metrics.json, plots and the model card.
 Run with --help for every option (ours first, then the standard `TrainingArguments`).
 """
 
@@ -28,6 +29,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from cxr.card import render_model_card
 from cxr.metrics import plot_confusion_matrix, plot_training_curves, softmax, trainer_metrics
 from cxr.models import DEFAULT_CHECKPOINT, DEFAULT_MODEL_DIR, PRESETS, build_model
+from cxr.reliability import describe_reliability, fit_reliability, save_reliability
 from cxr.training import XrayTrainer, class_weights, collate, pixel_transform, weighted_loss
 from hf_data import DISPLAY_NAMES, load_prepared, make_synthetic_dataset, prepare_dataset
 
@@ -135,7 +137,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
 
-    # Evaluate the best checkpoint on every held-out split; the last one (test if present) headlines the card.
+    # The best checkpoint is loaded: fold the calibration temperature into its head and fit the out-of-distribution check.
+    ood_detector, reliability = fit_reliability(trainer.model, processor, dataset, batch_size=training_args.per_device_eval_batch_size)
+    print(describe_reliability(reliability))
+
+    # Evaluate the calibrated model on every held-out split; the last one (test if present) headlines the card.
     results = {}
     for split, split_dataset in eval_splits.items():
         prediction = trainer.predict(split_dataset, metric_key_prefix=split)
@@ -147,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
                 output_dir / f"confusion_matrix_{split}.png", title=f"{split} split ({len(split_dataset)} images)",
             )
 
-    trainer.save_model()  # model (safetensors) + image processor: what pipeline() and app.py load
+    trainer.save_model()  # model (safetensors, calibrated head) + image processor: what pipeline() and app.py load
     (output_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the model folder holds none (settings are in the card)
     if not trainer.is_world_process_zero():
         return results
@@ -162,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
         **results,
     }
     (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
+    save_reliability(output_dir, ood_detector, reliability)  # ood.safetensors, and the calibration figures into metrics.json
     card = render_model_card(
         model=trainer.model,
         origin=origin,
@@ -181,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_runtime_s=train_result.metrics.get("train_runtime", 0.0),
         command=command,
         model_id=training_args.hub_model_id or output_dir.name,
+        reliability=reliability,
     )
     card.save(output_dir / "README.md")
     print(f"\nModel folder: {output_dir}  ({origin.describe()})")

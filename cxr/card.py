@@ -7,6 +7,7 @@ with the measured figures) and renders on the Hub like any other model card.
 from __future__ import annotations
 
 import platform
+import re
 from pathlib import Path
 
 import torch
@@ -38,8 +39,10 @@ def render_model_card(
     train_runtime_s: float,
     command: str,
     model_id: str,
+    reliability: dict | None = None,
 ) -> ModelCard:
-    """Build the card from the figures of one finished run. `metrics` are un-prefixed (`accuracy`, ...)."""
+    """Build the card from the figures of one finished run. `metrics` are un-prefixed (`accuracy`, ...);
+    `reliability` is the summary of `cxr.reliability.fit_reliability` (calibration and out-of-distribution check)."""
     dataset_name = "Synthetic chest X-ray stand-ins (generated)" if synthetic_data else "Pediatric chest X-ray (Kermany et al. 2018)"
     eval_results = [
         EvalResult(
@@ -94,4 +97,53 @@ def render_model_card(
         eval_size=sum(metrics[f"support_{key}"] for key in class_keys),
         headline_metrics=[(label, f"{metrics[key]:.3f}") for key, label in HEADLINE if key in metrics],
         per_class=per_class,
+        reliability=reliability_section(reliability),
     )
+
+
+SECTION_START, SECTION_END = "<!-- reliability -->", "<!-- /reliability -->"
+
+
+def reliability_section(summary: dict | None) -> str:
+    """Markdown for the card: the calibration temperature with ECE and NLL before/after, and the out-of-distribution check."""
+    if not summary:
+        return f"{SECTION_START}\n## Calibration and out-of-distribution check\n\nNot fitted: run `python -m cxr.reliability` on this folder.\n{SECTION_END}"
+    calibration, ood = summary["calibration"], summary["ood"]
+    rows = [
+        f"| {split} | {f['ece_before']:.4f} | {f['ece_after']:.4f} | {f['nll_before']:.4f} | {f['nll_after']:.4f} |"
+        for split, f in calibration["by_split"].items()
+    ]
+    accepted = ", ".join(f"{share:.1%} of {split}" for split, share in ood["accepted"].items())
+    return "\n".join([
+        SECTION_START,
+        "## Calibration and out-of-distribution check",
+        "",
+        f"**Calibrated probabilities.** Temperature scaling: T = {calibration['temperature']:.3f}, fitted on the {calibration['fitted_on']} "
+        "by minimising the negative log-likelihood, and folded into the classifier head (weight and bias divided by T), so the saved "
+        "weights, and plain `pipeline()`, give the calibrated probabilities. T is recorded in `config.json` (`calibration_temperature`).",
+        "",
+        "| split | ECE before | ECE after | NLL before | NLL after |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        "ECE: expected calibration error, 15 equal-width confidence bins. On the validation split, where T was fitted, the figure after is optimistic.",
+        "",
+        f"**Is it a chest X-ray at all?** `ood.safetensors` holds the training split's feature statistics; an image whose "
+        f"`{ood['score']}` score (distance of its penultimate features to the nearest class, shared Ledoit-Wolf covariance) exceeds "
+        f"{ood['threshold']:.4g} is flagged as not looking like a pediatric chest X-ray. The threshold accepts 95% of the validation X-rays "
+        f"(accepted: {accepted}). The project's app and batch predictor (`cxr.predict`) report the flag; plain `pipeline()` does not. "
+        "`python -m benchmarks.ood` measures it on real X-rays, photos, documents, noise and altered X-rays.",
+        SECTION_END,
+    ])
+
+
+def replace_reliability_section(card_text: str, summary: dict) -> str:
+    """The card with its reliability section replaced by a fresh one (added before the Use section where it has none)."""
+    section = reliability_section(summary)
+    pattern = re.compile(re.escape(SECTION_START) + ".*?" + re.escape(SECTION_END), re.DOTALL)
+    if pattern.search(card_text):
+        return pattern.sub(lambda _: section, card_text)
+    anchor = card_text.find("\n## Use")
+    if anchor == -1:
+        return card_text.rstrip() + "\n\n" + section + "\n"
+    return card_text[:anchor] + "\n" + section + "\n" + card_text[anchor:]

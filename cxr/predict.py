@@ -1,8 +1,15 @@
 """Inference on one model folder, shared by app.py, the batch predictor, the benchmarks and the tests.
 
-The model folder written by train_vit.py (or its Hub copy) is loaded with the standard
-`pipeline("image-classification")`, the same call Python users make; images go through the
-project's one loader (`cxr.images.load_image`) first, so every way in sees the same pixels.
+The model folder written by train_vit.py (or its Hub copy) is loaded as the standard
+`pipeline("image-classification")`, the same call Python users make, together with the folder's
+out-of-distribution statistics (`ood.safetensors`, see `cxr.reliability`). One upload:
+
+    file -> load_image (the project's one loader) -> image processor -> model -> logits (the calibration
+    temperature is folded into the head) -> softmax -> top labels
+                                                  + penultimate features -> out-of-distribution score -> flag
+
+`classify` runs that forward pass itself (the same processor and model the pipeline runs, so the same
+probabilities) because the flag needs the features the pipeline does not return.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from transformers import Pipeline, pipeline
 
 from cxr.images import ImageLoadError, ImageSource, load_image
 from cxr.models import DEFAULT_MODEL_DIR, input_size
+from cxr.reliability import OOD_FILE, OodDetector, forward_features
 
 TRAIN_HINT = (
     "Train one first, e.g. offline in a few minutes:\n"
@@ -39,6 +47,8 @@ IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".we
 def load_classifier(model: str | Path, device: str | int | None = None, int8: bool = False) -> Pipeline:
     """The image-classification pipeline for a model folder or Hub id: safetensors weights only, no remote code.
 
+    Its `ood_detector` attribute holds the folder's out-of-distribution statistics (None for a folder without
+    them: run `python -m cxr.reliability`), which `classify` uses to flag inputs that are not chest X-rays.
     `int8=True` quantizes the Linear layers to int8 (dynamic quantization): about twice as fast on a CPU,
     with top-1 agreement measured by `python -m benchmarks.speed`.
     """
@@ -62,16 +72,32 @@ def load_classifier(model: str | Path, device: str | int | None = None, int8: bo
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch 2.13 flags its quantized tensors as deprecated; they still work
             classifier.model = torch.ao.quantization.quantize_dynamic(classifier.model, {torch.nn.Linear}, dtype=torch.qint8)
+    classifier.ood_detector = load_ood_detector(model, looks_local)
     return classifier
+
+
+def load_ood_detector(model: str, local: bool) -> OodDetector | None:
+    """The out-of-distribution statistics saved beside the weights (local folder or Hub copy), or None where there are none."""
+    if local:
+        path = Path(model).expanduser() / OOD_FILE
+        return OodDetector.load(path) if path.is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return OodDetector.load(hf_hub_download(model, OOD_FILE))
+    except Exception:  # a Hub model without the file, or offline: no flag, as for an older folder
+        return None
 
 
 @dataclass
 class Prediction:
-    """Top labels for one input, or the reason it could not be read."""
+    """Top labels for one input and whether it looks like a chest X-ray at all, or the reason it could not be read."""
 
     source: str
     scores: dict[str, float] | None = None  # label -> probability, best first
     error: str | None = None
+    ood_score: float | None = None  # out-of-distribution score: higher = less like the training X-rays
+    looks_like_chest_xray: bool | None = None  # False: the score is above the threshold; None: the model has no statistics
 
     @property
     def top_label(self) -> str | None:
@@ -96,10 +122,19 @@ def classify(
             decoded_index.append(index)
         except ImageLoadError as error:
             predictions[index].error = str(error)
-    if decoded:
-        outputs = classifier(decoded, top_k=top_k, batch_size=batch_size)
-        for index, output in zip(decoded_index, outputs):
-            predictions[index].scores = {item["label"]: float(item["score"]) for item in output}
+    detector = getattr(classifier, "ood_detector", None)
+    id2label = classifier.model.config.id2label
+    for start in range(0, len(decoded), batch_size):
+        pixel_values = classifier.image_processor(decoded[start : start + batch_size], return_tensors="pt")["pixel_values"]
+        outputs = forward_features(classifier.model, pixel_values)
+        probabilities = outputs["logits"].float().softmax(dim=-1).cpu()
+        ood_scores, accepted = detector.check(outputs) if detector else (None, None)
+        for offset, row in enumerate(probabilities):
+            prediction = predictions[decoded_index[start + offset]]
+            top = row.topk(min(top_k, len(row)))
+            prediction.scores = {id2label[int(label)]: float(score) for score, label in zip(top.values, top.indices)}
+            if detector:
+                prediction.ood_score, prediction.looks_like_chest_xray = float(ood_scores[offset]), bool(accepted[offset])
     return predictions
 
 
@@ -131,17 +166,28 @@ def predict_files(classifier: Pipeline, paths: list[Path], top_k: int = 3, batch
             bar.update(len(chunk))
 
 
-def write_predictions(predictions: Iterable[Prediction], output: Path, top_k: int = 3) -> tuple[int, int]:
-    """Write a CSV (one row per file: label_1, score_1, ..., error) or, for a .json path, a JSON list.
+def write_predictions(predictions: Iterable[Prediction], output: Path, top_k: int = 3) -> tuple[int, int, int]:
+    """Write a CSV (one row per file: label_1, score_1, ..., ood_score, looks_like_chest_xray, error) or, for a
+    .json path, a JSON list with the same fields. `looks_like_chest_xray` is true/false, empty (null) where the
+    file could not be read or the model folder has no out-of-distribution statistics.
 
-    Returns (rows written, rows that carry an error)."""
+    Returns (rows written, rows that carry an error, rows that do not look like a chest X-ray)."""
     output.parent.mkdir(parents=True, exist_ok=True)
     if output.suffix.lower() == ".json":
-        rows = [{"file": p.source, "predictions": [{"label": label, "score": score} for label, score in (p.scores or {}).items()], "error": p.error} for p in predictions]
+        rows = [
+            {
+                "file": p.source,
+                "predictions": [{"label": label, "score": score} for label, score in (p.scores or {}).items()],
+                "ood_score": p.ood_score,
+                "looks_like_chest_xray": p.looks_like_chest_xray,
+                "error": p.error,
+            }
+            for p in predictions
+        ]
         output.write_text(json.dumps(rows, indent=2))
-        return len(rows), sum(row["error"] is not None for row in rows)
-    columns = ["file"] + [name for rank in range(1, top_k + 1) for name in (f"label_{rank}", f"score_{rank}")] + ["error"]
-    count = failed = 0
+        return len(rows), sum(row["error"] is not None for row in rows), sum(row["looks_like_chest_xray"] is False for row in rows)
+    columns = ["file"] + [name for rank in range(1, top_k + 1) for name in (f"label_{rank}", f"score_{rank}")] + ["ood_score", "looks_like_chest_xray", "error"]
+    count = failed = flagged = 0
     with output.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
@@ -149,8 +195,11 @@ def write_predictions(predictions: Iterable[Prediction], output: Path, top_k: in
             row = {"file": prediction.source, "error": prediction.error or ""}
             for rank, (label, score) in enumerate((prediction.scores or {}).items(), start=1):
                 row[f"label_{rank}"], row[f"score_{rank}"] = label, f"{score:.6f}"
+            if prediction.looks_like_chest_xray is not None:
+                row["ood_score"], row["looks_like_chest_xray"] = f"{prediction.ood_score:.6g}", str(prediction.looks_like_chest_xray).lower()
             writer.writerow(row)
             handle.flush()  # rows already written survive an interruption
             count += 1
             failed += prediction.error is not None
-    return count, failed
+            flagged += prediction.looks_like_chest_xray is False
+    return count, failed, flagged

@@ -1,4 +1,4 @@
-"""The Gradio app: every kind of upload gets a prediction or a clear message, and every way in agrees."""
+"""The Gradio app: every kind of upload gets a prediction or a clear message, a non-X-ray gets a warning, and every way in agrees."""
 
 import io
 import json
@@ -118,8 +118,12 @@ def served(tiny_model_dir):
 
 
 @pytest.mark.parametrize("name", GOOD)
-def test_every_image_kind_gets_three_labels_and_an_overlay(classifier, tmp_path, name):
-    scores, overlay = app.predict(classifier, str(write(tmp_path, name, GOOD)))
+def test_every_image_kind_gets_three_labels_an_overlay_and_the_xray_check(classifier, tmp_path, name):
+    warning, scores, overlay, check = app.predict(classifier, str(write(tmp_path, name, GOOD)))
+    assert set(check) == {"looks_like_chest_xray", "ood_score", "threshold", "score"}
+    assert isinstance(check["looks_like_chest_xray"], bool) and check["score"] == "mahalanobis"
+    assert check["looks_like_chest_xray"] == (check["ood_score"] <= check["threshold"])
+    assert bool(warning) == (not check["looks_like_chest_xray"])  # the warning shows exactly when the check fails
     assert set(scores) == LABELS
     assert sum(scores.values()) == pytest.approx(1.0, abs=1e-4)
     assert list(scores.values()) == sorted(scores.values(), reverse=True)
@@ -133,6 +137,29 @@ def test_bad_uploads_raise_a_clear_ui_error(classifier, tmp_path, name):
     with pytest.raises(gr.Error, match=BAD[name][1]) as raised:
         app.predict(classifier, str(write(tmp_path, name, BAD)))
     assert name in raised.value.message  # says which file
+
+
+def test_a_non_xray_upload_gets_a_warning_above_the_three_labels(classifier, tmp_path):
+    noise = tmp_path / "holiday-photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(noise)
+    warning, scores, _, check = app.predict(classifier, str(noise))
+    assert "does not look like a pediatric chest X-ray" in warning
+    assert check["looks_like_chest_xray"] is False and check["ood_score"] > check["threshold"]
+    assert f"{check['ood_score']:.4g}" in warning
+    assert set(scores) == LABELS  # the bars stay, under the warning
+
+
+def test_validation_images_mostly_get_no_warning(classifier, tiny_model_dir):
+    """The tiny model's own (synthetic) validation images: the threshold was set to accept 95 % of them."""
+    files = sorted((tiny_model_dir.parent / "data" / "prepared" / "synthetic" / "validation").rglob("*.png"))
+    results = [app.predict(classifier, str(path)) for path in files]
+    assert all(bool(warning) != check["looks_like_chest_xray"] for warning, _, _, check in results)
+    assert sum(check["looks_like_chest_xray"] for _, _, _, check in results) >= 0.8 * len(files)
+
+
+def test_the_warning_comes_first_and_the_check_last(tiny_model_dir):
+    demo = app.build_demo(str(tiny_model_dir))
+    assert [type(component) for component in demo.output_components] == [gr.Markdown, gr.Label, gr.Image, gr.JSON]
 
 
 def test_no_file_is_a_clear_ui_error(classifier):
@@ -162,13 +189,15 @@ def test_client_gets_a_prediction_and_a_clear_error_and_the_server_keeps_serving
     client = Client(served.local_url, verbose=False)
     good, bad = write(tmp_path, "gray.png", GOOD), write(tmp_path, "disguised.png", BAD)
 
-    label, overlay_path = client.predict(handle_file(str(good)), api_name="/predict")
+    warning, label, overlay_path, check = client.predict(handle_file(str(good)), api_name="/predict")
     assert {item["label"] for item in label["confidences"]} == LABELS
     assert Image.open(overlay_path).size == (512, 410)
+    assert isinstance(check["looks_like_chest_xray"], bool) and isinstance(check["ood_score"], float)
+    assert bool(warning) == (not check["looks_like_chest_xray"])
 
     with pytest.raises(AppError, match="not an image"):
         client.predict(handle_file(str(bad)), api_name="/predict")
-    again, _ = client.predict(handle_file(str(write(tmp_path, "scan.dcm", GOOD))), api_name="/predict")
+    _, again, _, _ = client.predict(handle_file(str(write(tmp_path, "scan.dcm", GOOD))), api_name="/predict")
     assert {item["label"] for item in again["confidences"]} == LABELS
 
 
@@ -183,13 +212,14 @@ def test_app_client_and_pipeline_agree(served, classifier, tiny_model_dir, tmp_p
     from transformers import pipeline
 
     path = str(write(tmp_path, "gray.png", GOOD))
-    in_app, _ = app.predict(classifier, path)
-    label, _ = Client(served.local_url, verbose=False).predict(handle_file(path), api_name="/predict")
+    _, in_app, _, check_in_app = app.predict(classifier, path)
+    _, label, _, check = Client(served.local_url, verbose=False).predict(handle_file(path), api_name="/predict")
     via_client = {item["label"]: item["confidence"] for item in label["confidences"]}
     via_pipeline = {item["label"]: item["score"] for item in pipeline("image-classification", model=str(tiny_model_dir))(path, top_k=3)}
     for label_name in LABELS:
         assert via_client[label_name] == pytest.approx(in_app[label_name], abs=1e-5)
         assert via_pipeline[label_name] == pytest.approx(in_app[label_name], abs=1e-5)
+    assert check == pytest.approx(check_in_app)
 
 
 # ---- start-up, options and the description ------------------------------------------------------------
@@ -236,12 +266,14 @@ def test_description_names_the_model_its_origin_and_held_out_metrics(tiny_model_
     for words in ("accuracy", "macro-F1", "sensitivity", "specificity", "SYNTHETIC"):
         assert words in text
     assert f"{summary[split]['accuracy']:.1%}" in text
+    assert "No chest X-ray check" not in text  # the folder has its out-of-distribution statistics
 
 
 def test_description_of_a_hub_model_and_of_a_bare_folder(tiny_model_dir, tmp_path, monkeypatch):
     import huggingface_hub
 
     assert "unknown" in app.describe_model(str(tmp_path))  # no metrics.json
+    assert "No chest X-ray check" in app.describe_model(str(tmp_path)) and "python -m cxr.reliability" in app.describe_model(str(tmp_path))
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename: str(tiny_model_dir / filename))
     assert "trained from scratch" in app.describe_model("someone/vit-xray")
 

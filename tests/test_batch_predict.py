@@ -1,7 +1,8 @@
-"""The batch predictor: whole folders to CSV/JSON, bad files reported, same answers as the plain pipeline."""
+"""The batch predictor: whole folders to CSV/JSON, bad files reported, non-X-rays flagged, same answers as the plain pipeline."""
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -27,10 +28,12 @@ def mixed_folder(tmp_path):
     return folder
 
 
-def test_folder_to_csv_keeps_every_file_and_reports_bad_ones(tiny_model_dir, mixed_folder, tmp_path):
+def test_folder_to_csv_keeps_every_file_and_reports_bad_ones(tiny_model_dir, mixed_folder, tmp_path, capsys):
     output = tmp_path / "out" / "predictions.csv"
     assert predict.main([str(mixed_folder), "--model", str(tiny_model_dir), "--output", str(output), "--batch_size", "4"]) == 0
+    assert "6 do not look like a pediatric chest X-ray" in capsys.readouterr().out
     rows = list(csv.DictReader(output.open()))
+    assert list(rows[0])[-3:] == ["ood_score", "looks_like_chest_xray", "error"]
     assert len(rows) == 8  # 6 images + 2 broken files; readme.txt is not picked up
     by_name = {row["file"].split("/")[-1]: row for row in rows}
     assert "not an image" in by_name["notes.png"]["error"]
@@ -41,6 +44,8 @@ def test_folder_to_csv_keeps_every_file_and_reports_bad_ones(tiny_model_dir, mix
         assert {row["label_1"], row["label_2"], row["label_3"]} == {"Normal", "Bacterial pneumonia", "Viral pneumonia"}
         scores = [float(row[f"score_{rank}"]) for rank in (1, 2, 3)]
         assert scores == sorted(scores, reverse=True) and sum(scores) == pytest.approx(1.0, abs=1e-4)
+        assert row["looks_like_chest_xray"] == "false" and float(row["ood_score"]) > 0  # random noise is no X-ray
+    assert by_name["notes.png"]["looks_like_chest_xray"] == by_name["notes.png"]["ood_score"] == ""
 
 
 def test_json_output(tiny_model_dir, mixed_folder, tmp_path):
@@ -49,6 +54,18 @@ def test_json_output(tiny_model_dir, mixed_folder, tmp_path):
     rows = json.loads(output.read_text())
     assert [row["error"] is None for row in rows] == [True, False]
     assert len(rows[0]["predictions"]) == 3
+    assert rows[0]["looks_like_chest_xray"] is False and isinstance(rows[0]["ood_score"], float)
+    assert rows[1]["looks_like_chest_xray"] is None and rows[1]["ood_score"] is None
+
+
+def test_a_model_without_statistics_leaves_the_flag_empty_and_says_why(tiny_model_dir, mixed_folder, tmp_path, capsys):
+    old_model = tmp_path / "old-model"
+    shutil.copytree(tiny_model_dir, old_model, ignore=shutil.ignore_patterns("checkpoint-*", "ood.safetensors"))
+    output = tmp_path / "predictions.csv"
+    assert predict.main([str(mixed_folder / "xray_0.png"), "--model", str(old_model), "--output", str(output)]) == 0
+    assert "python -m cxr.reliability" in capsys.readouterr().err
+    [row] = list(csv.DictReader(output.open()))
+    assert row["label_1"] and row["looks_like_chest_xray"] == row["ood_score"] == ""
 
 
 def test_batched_scores_equal_one_image_at_a_time_pipeline(tiny_model_dir, mixed_folder):
@@ -59,6 +76,9 @@ def test_batched_scores_equal_one_image_at_a_time_pipeline(tiny_model_dir, mixed
         single = {item["label"]: item["score"] for item in plain(load_image(path, draft_size=32), top_k=3)}
         assert prediction.scores.keys() == single.keys()
         assert all(prediction.scores[label] == pytest.approx(single[label], abs=1e-5) for label in single)
+        assert prediction.looks_like_chest_xray is False  # random noise; the flag is batch-size independent too
+    again = classify(load_classifier(tiny_model_dir), files, batch_size=1)
+    assert [p.ood_score for p in again] == pytest.approx([p.ood_score for p in batched], rel=1e-4)
 
 
 def test_missing_model_is_a_clear_message(mixed_folder, tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""The app in a real (headless) Chromium: upload an X-ray, read the three labels, see the overlay, survive a bad file.
+"""The app in a real (headless) Chromium: upload an X-ray, read the three labels, see the overlay, survive a bad file,
+and see the warning above the labels when the upload is not a chest X-ray.
 
 Skips where Chromium or chromedriver is absent (Debian: apt-get install chromium chromium-driver).
 Set SCREENSHOT_DIR to keep the screenshot of the page with a result.
@@ -90,6 +91,12 @@ def wait_for_result(browser) -> set[str]:
     return label_names(browser)
 
 
+def warning_text(browser) -> str:
+    from selenium.webdriver.common.by import By
+
+    return browser.find_element(By.ID, "xray-warning").text
+
+
 def overlay_loaded(browser) -> bool:
     from selenium.webdriver.common.by import By
 
@@ -110,6 +117,8 @@ def test_upload_shows_three_labels_and_the_overlay(browser, page_url, tiny_model
     from selenium.webdriver.support.ui import WebDriverWait
     from transformers import pipeline
 
+    from cxr.predict import classify, load_classifier
+
     xray = tmp_path / "child-chest.png"
     y, x = np.mgrid[0:480, 0:600]
     Image.fromarray(((np.sin(x / 17.0) + np.cos(y / 11.0) + 2) * 60).astype(np.uint8), "L").save(xray)
@@ -124,6 +133,10 @@ def test_upload_shows_three_labels_and_the_overlay(browser, page_url, tiny_model
     shown = {meter.get_attribute("aria-label"): float(meter.get_attribute("value")) for meter in browser.find_elements(By.CSS_SELECTOR, "#prediction meter")}
     expected = {item["label"]: item["score"] for item in pipeline("image-classification", model=str(tiny_model_dir))(str(xray), top_k=3)}
     assert shown == pytest.approx(expected, abs=1e-5)
+    # The warning is there exactly when the project's predictor flags the file (this one is no real X-ray, the tiny model
+    # has only seen synthetic ones, so either can happen).
+    [prediction] = classify(load_classifier(tiny_model_dir), [xray])
+    assert ("does not look like a pediatric chest X-ray" in warning_text(browser)) == (prediction.looks_like_chest_xray is False)
 
     screenshot_dir = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path)
     screenshot_dir.mkdir(parents=True, exist_ok=True)
@@ -147,6 +160,22 @@ def test_a_bad_file_shows_our_message_and_the_next_upload_works(browser, page_ur
     Image.fromarray((x + y).astype(np.uint8), "L").save(good)
     upload_and_submit(browser, good)
     assert wait_for_result(browser) == LABELS
+
+
+def test_a_photo_gets_the_warning_above_the_labels_and_the_check_says_why(browser, page_url, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    photo = tmp_path / "holiday-photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(photo)
+    open_page(browser, page_url)
+    upload_and_submit(browser, photo)
+    assert wait_for_result(browser) == LABELS  # the bars stay, under the warning
+    WebDriverWait(browser, TIMEOUT).until(lambda driver: "does not look like a pediatric chest X-ray" in warning_text(driver))
+    warning, labels = browser.find_element(By.ID, "xray-warning"), browser.find_element(By.ID, "prediction")
+    assert warning.location["y"] < labels.location["y"]
+    check = browser.find_element(By.ID, "xray-check").text
+    assert "looks_like_chest_xray" in check and "false" in check and "ood_score" in check
 
 
 def test_an_example_from_the_users_folder_runs(browser, page_url):

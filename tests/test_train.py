@@ -85,12 +85,16 @@ def test_help_explains_the_options(capsys):
 
 
 def test_saved_model_is_the_best_checkpoint(tiny_model_dir):
+    import torch
     from safetensors.torch import load_file
 
-    best = json.loads((tiny_model_dir / "metrics.json").read_text())["best_checkpoint"]
-    final, chosen = load_file(tiny_model_dir / "model.safetensors"), load_file(os.path.join(best, "model.safetensors"))
+    summary = json.loads((tiny_model_dir / "metrics.json").read_text())
+    final, chosen = load_file(tiny_model_dir / "model.safetensors"), load_file(os.path.join(summary["best_checkpoint"], "model.safetensors"))
     assert final.keys() == chosen.keys()
-    assert all((final[key] == chosen[key]).all() for key in final)
+    head = {"classifier.weight", "classifier.bias"}  # the calibration temperature is folded into the head (cxr.reliability)
+    assert all((final[key] == chosen[key]).all() for key in final.keys() - head)
+    temperature = summary["calibration"]["temperature"]
+    assert all(torch.allclose(final[key], chosen[key] / temperature, rtol=1e-5, atol=1e-7) for key in head)
 
 
 def test_checkpoint_reload_restores_every_weight(tiny_model_dir, tmp_path):
