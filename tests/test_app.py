@@ -1,13 +1,10 @@
 """The Gradio app: every kind of upload gets a prediction or a clear message, a non-X-ray gets a warning, and every way in agrees."""
 
-import io
 import json
 import os
 import socket
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import gradio as gr
@@ -18,49 +15,13 @@ from PIL import Image
 import app
 from cxr.images import MAX_FILE_BYTES
 from cxr.predict import load_classifier
+from inputs import chest_like, dicom_bytes, encode, png_claiming_size
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = {"Normal", "Bacterial pneumonia", "Viral pneumonia"}
 
 
 # ---- inputs, generated in tmp_path ------------------------------------------------------------------
-
-
-def chest_like(width=300, height=240) -> np.ndarray:
-    y, x = np.mgrid[0:height, 0:width]
-    return ((np.sin(x / 17.0) + np.cos(y / 11.0) + 2) * 60).astype(np.uint8)
-
-
-def encode(image: Image.Image, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def dicom_bytes(pixels: np.ndarray) -> bytes:
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dataset = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
-    dataset.Rows, dataset.Columns = pixels.shape
-    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
-    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 12, 11, 0
-    dataset.PixelData = pixels.astype(np.uint16).tobytes()
-    buffer = io.BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-def png_claiming_size(width: int, height: int) -> bytes:
-    """A small valid PNG whose header claims another size: a decompression bomb as a decoder sees it."""
-    data = bytearray(encode(Image.new("L", (64, 64)), "PNG"))
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    return bytes(data)
 
 
 GOOD = {  # file name -> (bytes, (width, height))

@@ -105,7 +105,6 @@ def overlay_loaded(browser) -> bool:
 
 
 def clear(browser):
-    from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     click_button(browser, "Clear")
