@@ -8,7 +8,7 @@ Same model, same images (full-resolution JPEGs: decoding and resizing included),
   batched fp32     the project's predictor, every pixel decoded, batched      : must agree 100% with plain
   + draft decode   JPEGs decoded at reduced scale (Image.draft) before resizing
   + int8           Linear layers dynamically quantized to int8                : must agree >= 99%
-Each path runs in its own fresh worker process, so its peak memory (max RSS, torch and the model included)
+Each path runs in its own fresh worker process, so its peak memory (peak RSS, torch and the model included)
 is its own. Prints images/s, speed-up over plain, share of the physical ceiling (this machine's float32
 matmul rate / FLOPs per image), peak memory and top-1 agreement with plain. Then single-request latency
 through the running app (gradio_client) against the model's own forward time for one image.
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import socket
 import statistics
 import subprocess
@@ -75,7 +74,15 @@ def worker(model_dir: str, path_name: str, images: list[Path], batch_size: int) 
     start = time.perf_counter()
     labels = run(images)
     rate = len(images) / (time.perf_counter() - start)
-    return dict(labels=labels, rate=rate, peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return dict(labels=labels, rate=rate, peak_mib=peak_rss_mib())
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM; unlike ru_maxrss it does not inherit the parent's peak across exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def forward_ms(model_dir: str, repeats: int = 10) -> float:

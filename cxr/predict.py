@@ -115,17 +115,18 @@ def classify(
     size = input_size(classifier.image_processor) if draft else None
     names = names or [str(image) if isinstance(image, (str, Path)) else f"image {index}" for index, image in enumerate(images)]
     predictions = [Prediction(source=name) for name in names]
-    decoded, decoded_index = [], []
+    # Each image is resized by the processor right after decoding, so only one full-size image is in memory at a time.
+    pixel_rows, decoded_index = [], []
     for index, image in enumerate(images):
         try:
-            decoded.append(load_image(image, draft_size=size))
+            pixel_rows.append(classifier.image_processor(load_image(image, draft_size=size), return_tensors="pt")["pixel_values"][0])
             decoded_index.append(index)
         except ImageLoadError as error:
             predictions[index].error = str(error)
     detector = getattr(classifier, "ood_detector", None)
     id2label = classifier.model.config.id2label
-    for start in range(0, len(decoded), batch_size):
-        pixel_values = classifier.image_processor(decoded[start : start + batch_size], return_tensors="pt")["pixel_values"]
+    for start in range(0, len(pixel_rows), batch_size):
+        pixel_values = torch.stack(pixel_rows[start : start + batch_size])
         outputs = forward_features(classifier.model, pixel_values)
         probabilities = outputs["logits"].float().softmax(dim=-1).cpu()
         ood_scores, accepted = detector.check(outputs) if detector else (None, None)
