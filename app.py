@@ -29,6 +29,22 @@ from cxr.models import DEFAULT_MODEL_DIR, input_size
 from cxr.predict import IMAGE_SUFFIXES, ModelNotFoundError, classify, load_classifier, model_summary
 from cxr.saliency import saliency_overlay
 
+# Serving limits, chosen for a small CPU box (2 cores); see the README's security notes.
+# - One prediction at a time: torch already spreads one forward and Grad-CAM backward pass over every core, and a
+#   worst-case upload (40 megapixels) needs ~0.8 GB while it decodes. With the small scratch model on 2 cores,
+#   two at a time measured ~20 % more requests/s (gradio's own per-request work overlaps; benchmarks/load.py):
+#   worth raising on a machine with more cores and memory, not here.
+# - At most QUEUE_SIZE uploads wait their turn (about 7-10 s of work at 0.2-0.3 s each); one more is refused at once
+#   ("queue is full") rather than queued without bound, holding memory and making every later answer later.
+# - api_open=False closes the REST routes that would skip the queue and its limits; the page and gradio_client
+#   use the queue anyway.
+CONCURRENCY_LIMIT = 1
+QUEUE_SIZE = 32
+# Gradio keeps every upload (and each overlay it sends back) as a file in its cache folder (GRADIO_TEMP_DIR, by default
+# /tmp/gradio). Every DELETE_CACHE[0] seconds the files older than DELETE_CACHE[1] seconds are deleted, and all of
+# them when the server stops; files offered as --examples are kept.
+DELETE_CACHE = (60, 120)
+
 # The held-out figures the description quotes from metrics.json, in order.
 FIGURES = {"accuracy": "accuracy {:.1%}", "macro_f1": "macro-F1 {:.3f}", "pneumonia_sensitivity": "pneumonia sensitivity {:.1%}", "pneumonia_specificity": "specificity {:.1%}"}
 
@@ -131,13 +147,14 @@ def find_examples(folder: str | None) -> list[list[str]]:
 
 
 def build_demo(model: str = DEFAULT_MODEL_DIR, examples: str | None = None) -> gr.Interface:
-    """The Interface for `model` (a local folder or Hub id), loaded once here; raises ModelNotFoundError if absent."""
+    """The Interface for `model` (a local folder or Hub id), loaded once here, with its queue limits (CONCURRENCY_LIMIT,
+    QUEUE_SIZE) and upload clean-up (DELETE_CACHE); raises ModelNotFoundError if the model is absent."""
     classifier = load_classifier(model)
 
     def classify_xray(xray: str | None) -> tuple[str, dict[str, float], Image.Image, dict]:
         return predict(classifier, xray)
 
-    return gr.Interface(
+    demo = gr.Interface(
         fn=classify_xray,
         # gr.File hands the uploaded file to our loader byte for byte (gr.Image would re-open it with Pillow,
         # which cannot read DICOM); the loader itself decides what is an image.
@@ -155,7 +172,10 @@ def build_demo(model: str = DEFAULT_MODEL_DIR, examples: str | None = None) -> g
         article=ARTICLE,
         flagging_mode="never",
         api_name="predict",
+        delete_cache=DELETE_CACHE,
+        analytics_enabled=False,  # no usage telemetry or version check sent to gradio's servers: nothing leaves this machine
     )
+    return demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE, api_open=False)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -191,6 +211,7 @@ def launch_options(args: argparse.Namespace) -> dict:
         server_port=args.port,
         share=args.share,
         max_file_size=MAX_FILE_BYTES,  # the same limit the image loader enforces
+        run_history=False,  # gradio would keep each user's uploads and results in their browser (or a Hub bucket they connect)
     )
 
 

@@ -11,20 +11,26 @@ and image processor -> Trainer (augmentation, class-weighted loss, early stoppin
 temperature and out-of-distribution statistics (cxr.reliability) -> evaluate -> one model folder: weights
 (safetensors, temperature folded in), image processor, ood.safetensors, metrics.json, plots and the model card.
 Run with --help for every option (ours first, then the standard `TrainingArguments`).
+
+Several processes (`torchrun --nproc_per_node N train_vit.py ...` or `accelerate launch --multi_gpu --num_processes N
+train_vit.py ...`, GPUs or not) train one model together (DistributedDataParallel; gloo on CPUs): the data set is
+prepared once, by the process that saves, while the others wait; only that process writes the model folder.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import sys
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import datasets
+import torch
 from transformers import EarlyStoppingCallback, HfArgumentParser, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from cxr.card import render_model_card
 from cxr.metrics import plot_confusion_matrix, plot_training_curves, softmax, trainer_metrics
@@ -83,24 +89,40 @@ class XrayTrainingArguments(TrainingArguments):
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
     logging_steps: float = field(default=10, metadata={"help": "Log the training loss every this many steps."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False: the image column is decoded on the fly."})
+    average_tokens_across_devices: bool = field(
+        default=False,
+        metadata={"help": "Must stay False: the class-weighted loss is already a mean over each process's batch (True would multiply it by the number of processes)."},
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        # Launched as several processes (torchrun, accelerate launch) on a machine without a GPU: join them as CPU
+        # workers over gloo. Without this, accelerate treats each process as a separate run, all writing one folder.
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     parser = HfArgumentParser((DataArguments, ModelArguments, XrayTrainingArguments), description=__doc__.split("\n")[0])
     data_args, model_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
+    if training_args.should_save:
+        check_writable(output_dir)  # before any work: a run that cannot save its model should not start
 
-    # Data: the user's folders -> an imagefolder tree of links -> a DatasetDict.
+    # Data: the user's folders -> an imagefolder tree of links -> a DatasetDict. With several processes, the one that
+    # saves (per node with --save_on_each_node, for disks that are not shared) prepares it while the others wait.
     synthetic = data_args.data_dir == "synthetic"
-    source = make_synthetic_dataset(Path("data/synthetic"), images_per_class=data_args.synthetic_images_per_class) if synthetic else Path(data_args.data_dir).expanduser()
+    source = Path("data/synthetic").resolve() if synthetic else Path(data_args.data_dir).expanduser()
     prepared_dir = Path(data_args.prepared_dir or Path("data/prepared") / source.resolve().name)
-    report = prepare_dataset(
-        source, prepared_dir, validation_fraction=data_args.validation_fraction, seed=training_args.seed, keep_kaggle_val=data_args.keep_kaggle_val
-    )
-    print(report.summary())
-    # Files are decoded by the project's own loader (cxr.images), not by `datasets`: one image path everywhere.
-    dataset = load_prepared(prepared_dir).cast_column("image", datasets.Image(decode=False))
+    report = None  # what prepare found; only the process that prepared has it, and only that one writes metrics.json
+    with training_args.main_process_first(local=training_args.save_on_each_node, desc="data preparation"):
+        if training_args.should_save:
+            if synthetic:
+                make_synthetic_dataset(source, images_per_class=data_args.synthetic_images_per_class)
+            report = prepare_dataset(
+                source, prepared_dir, validation_fraction=data_args.validation_fraction, seed=training_args.seed, keep_kaggle_val=data_args.keep_kaggle_val
+            )
+            print(report.summary())
+        # Files are decoded by the project's own loader (cxr.images), not by `datasets`: one image path everywhere.
+        dataset = load_prepared(prepared_dir).cast_column("image", datasets.Image(decode=False))
     for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
         if limit is not None and limit < len(dataset[split]):
             dataset[split] = dataset[split].shuffle(seed=training_args.seed).select(range(limit))
@@ -111,17 +133,23 @@ def main(argv: list[str] | None = None) -> dict:
     model, processor, origin = build_model(model_args.model, id2label)
     print(f"Model: {type(model).__name__}, {model.num_parameters() / 1e6:.1f} M parameters, {origin.describe()}.")
 
-    train_dataset = dataset["train"].with_transform(pixel_transform(processor, augment=True, seed=training_args.seed))
+    train_dataset = dataset["train"].with_transform(pixel_transform(processor, augment=True))
     eval_splits = {split: dataset[split].with_transform(pixel_transform(processor, augment=False)) for split in dataset if split != "train"}
 
-    last_checkpoint = get_last_checkpoint(output_dir) if output_dir.is_dir() else None
-    if model_args.resume and last_checkpoint is None:
-        raise SystemExit(f"--resume was given but {output_dir} holds no checkpoint to resume from.")
-    if last_checkpoint and not model_args.resume:
-        print(f"Starting afresh: removing the old checkpoints in {output_dir} (pass --resume to continue them instead).")
-        for old in output_dir.glob("checkpoint-*"):
-            shutil.rmtree(old)
-        last_checkpoint = None
+    complete, incomplete = find_checkpoints(output_dir)
+    if model_args.resume and not complete:
+        cut_short = f" (only {len(incomplete)} cut short while saving)" if incomplete else ""
+        raise SystemExit(f"--resume was given but {output_dir} holds no checkpoint to resume from{cut_short}.")
+    last_checkpoint = str(complete[-1]) if model_args.resume else None
+    if training_args.should_save:
+        for folder in incomplete:  # a run killed while saving leaves a checkpoint without its trainer_state.json
+            print(f"Removing {folder}: an interrupted save left it incomplete.")
+            shutil.rmtree(folder)
+        if complete and not model_args.resume:
+            print(f"Starting afresh: removing the old checkpoints in {output_dir} (pass --resume to continue them instead).")
+            for folder in complete:
+                shutil.rmtree(folder)
+        check_free_space(output_dir, model, training_args)
 
     early_stopping = model_args.early_stopping_patience > 0 and training_args.eval_strategy != "no"
     trainer = XrayTrainer(
@@ -135,6 +163,12 @@ def main(argv: list[str] | None = None) -> dict:
         compute_metrics=trainer_metrics(class_keys),
         callbacks=[EarlyStoppingCallback(model_args.early_stopping_patience)] if early_stopping else [],
     )
+    if training_args.world_size > 1:
+        print(
+            f"Process {training_args.process_index + 1} of {training_args.world_size} ({training_args.device}): "
+            f"{training_args.per_device_train_batch_size} of each step's {training_args.train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps} images.",
+            flush=True,
+        )
     train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
 
     # The best checkpoint is loaded: fold the calibration temperature into its head and fit the out-of-distribution check.
@@ -154,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
             )
 
     trainer.save_model()  # model (safetensors, calibrated head) + image processor: what pipeline() and app.py load
-    (output_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the model folder holds none (settings are in the card)
+    if training_args.should_save:
+        (output_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the model folder holds none (settings are in the card)
     if not trainer.is_world_process_zero():
         return results
     plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
@@ -197,6 +232,47 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.push_to_hub()
         card.push_to_hub(trainer.hub_model_id)  # Trainer writes its own generic card; ours has the real figures
     return results
+
+
+def check_writable(output_dir: Path) -> None:
+    """Exit with a clear message unless `output_dir` can be created and a file written in it."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-") as probe:
+            probe.write(b"x")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as error:
+        raise SystemExit(f"Cannot write the model folder {output_dir}: {error.strerror or error}. Choose a writable --output_dir.") from None
+
+
+def find_checkpoints(output_dir: Path) -> tuple[list[Path], list[Path]]:
+    """The checkpoint folders in `output_dir`, oldest first: (complete, incomplete). Trainer writes trainer_state.json
+    last, so a checkpoint without a readable one was cut short (the run was killed or the disk filled while saving)."""
+    complete, incomplete = [], []
+    folders = [path for path in output_dir.glob("checkpoint-*") if path.is_dir() and path.name.split("-")[1].isdigit()]
+    for folder in sorted(folders, key=lambda path: int(path.name.split("-")[1])):
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+            complete.append(folder)
+        except (OSError, ValueError):
+            incomplete.append(folder)
+    return complete, incomplete
+
+
+def check_free_space(output_dir: Path, model, training_args: TrainingArguments) -> None:
+    """Exit with a clear message when the disk cannot hold this run's checkpoints and model folder (an estimate)."""
+    weights = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+    checkpoint = 3 * weights  # the weights and AdamW's two moment estimates
+    kept = 0 if training_args.save_strategy == "no" else (training_args.save_total_limit or 2) + 1  # +1: the newest, before old ones are rotated out
+    needed = kept * checkpoint + weights + 100 * 2**20  # + the final model folder, plots and slack
+    free = shutil.disk_usage(output_dir).free
+    if free < needed:
+        raise SystemExit(
+            f"Not enough free disk space for {output_dir}: {free / 2**20:,.0f} MiB free, this run needs about {needed / 2**20:,.0f} MiB "
+            f"({kept} checkpoints of {checkpoint / 2**20:,.0f} MiB, the model folder and some slack). "
+            "Free some space, choose another --output_dir, or lower --save_total_limit."
+        )
 
 
 if __name__ == "__main__":

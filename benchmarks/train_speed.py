@@ -93,7 +93,7 @@ def main() -> None:
 
         torch.manual_seed(0)
         model, processor, _ = build_model(args.model, id2label)
-        dataset = train.with_transform(pixel_transform(processor, augment=True, seed=0))
+        dataset = train.with_transform(pixel_transform(processor, augment=True))
         plain_rate, data_share = plain_loop(model, dataset, loss_fn, args.batch_size, args.steps, args.warmup)
 
         torch.manual_seed(0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import warnings
 from pathlib import Path
 from typing import Union
@@ -73,12 +74,15 @@ def _read_bytes(source: str | os.PathLike | bytes) -> tuple[bytes, str]:
         path = Path(source)
         name = path.name
         try:
-            size = path.stat().st_size
+            info = path.stat()
+            if not stat.S_ISREG(info.st_mode):  # a folder, a pipe (opening it would wait forever) or a device (/dev/zero never ends)
+                raise ImageLoadError(f"'{name}' is not a regular file.")
+            if info.st_size > MAX_FILE_BYTES:
+                raise ImageLoadError(f"'{name}' is {info.st_size / 2**20:.0f} MiB; the limit is {MAX_FILE_BYTES // 2**20} MiB.")
+            with path.open("rb") as file:
+                data = file.read(MAX_FILE_BYTES + 1)  # never more than the limit, even from a file still growing
         except OSError as error:
             raise ImageLoadError(f"Cannot read '{name}': {error.strerror or error}.") from error
-        if size > MAX_FILE_BYTES:
-            raise ImageLoadError(f"'{name}' is {size / 2**20:.0f} MiB; the limit is {MAX_FILE_BYTES // 2**20} MiB.")
-        data = path.read_bytes()
     if not data:
         raise ImageLoadError(f"'{name}' is empty (0 bytes).")
     if len(data) > MAX_FILE_BYTES:
@@ -132,9 +136,8 @@ def _decode_dicom(data: bytes, name: str) -> Image.Image:
             rows, columns = int(dataset.Rows), int(dataset.Columns)
             if rows * columns > MAX_PIXELS:
                 raise ImageLoadError(f"'{name}' is {columns} x {rows} px; images over {MAX_PIXELS / 1e6:.0f} megapixels are refused.")
+            dataset.pixel_array_options(index=0)  # multi-frame: only the first frame is decoded
             pixels = dataset.pixel_array
-            if pixels.ndim == 3 and pixels.shape[-1] not in (3, 4):
-                pixels = pixels[0]  # multi-frame: the first frame
             if pixels.ndim == 2:
                 pixels = apply_voi_lut(apply_modality_lut(pixels, dataset), dataset)
     except ImageLoadError:

@@ -15,7 +15,7 @@ from cxr.images import load_image
 from cxr.models import input_size
 
 
-def pixel_transform(processor, augment: bool, seed: int | None = None):
+def pixel_transform(processor, augment: bool):
     """A `datasets.Dataset.with_transform` function: image files -> `pixel_values` + `labels`.
 
     Images are decoded by the project's one loader (`load_image`), optionally augmented, then
@@ -23,12 +23,12 @@ def pixel_transform(processor, augment: bool, seed: int | None = None):
     Expects the dataset's `image` column cast to `datasets.Image(decode=False)`.
     """
     size = input_size(processor)
-    rng = random.Random(seed)
 
     def transform(batch):
         images = [load_image(item["path"] or item["bytes"], draft_size=size) for item in batch["image"]]
         if augment:
-            images = [augment_xray(image, size, rng) for image in images]
+            # Python's global generator: Trainer seeds it and saves its state in each checkpoint, so --resume is exact.
+            images = [augment_xray(image, size, random) for image in images]
         pixel_values = processor(images, return_tensors="pt")["pixel_values"]
         return {"pixel_values": pixel_values, "labels": batch["label"]}
 

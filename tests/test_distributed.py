@@ -1,0 +1,66 @@
+"""train_vit.py as two processes (torchrun, gloo on CPU): both train one model, the data is prepared once, one writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch.distributed as dist
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with the gloo backend is not available"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_train_one_model_that_one_process_writes(tiny_model_dir, tmp_path):
+    """The recipe of the `tiny_model_dir` fixture (batch 16, one process), run as 2 processes x 8 images per step."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        str(REPO / "train_vit.py"), "--data_dir", "synthetic", "--synthetic_images_per_class", "40", "--model", "scratch-tiny",
+        "--output_dir", "model", "--num_train_epochs", "2", "--learning_rate", "3e-3", "--per_device_train_batch_size", "8",
+        "--disable_tqdm", "true", "--report_to", "none",
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    log = result.stdout
+    assert result.returncode == 0, log[-4000:]
+
+    # Both processes trained, each on 8 of every step's 16 images; the data was prepared and the folder written once.
+    assert "Process 1 of 2 (cpu" in log and "Process 2 of 2 (cpu" in log, log[-4000:]
+    assert "8 of each step's 16 images" in log
+    assert log.count("Prepared data set in") == 1
+    assert log.count("Model folder:") == 1
+    output = tmp_path / "model"
+    state = json.loads((max(output.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) / "trainer_state.json").read_text())
+    reference_state = json.loads((max(tiny_model_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) / "trainer_state.json").read_text())
+    assert state["train_batch_size"] == 8
+    assert state["global_step"] == reference_state["global_step"]  # 2 x 8 per step: as many steps as one process with 16
+    assert not list(output.glob("*.bin"))
+
+    from transformers import pipeline
+
+    classifier = pipeline("image-classification", model=str(output))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 90), dtype=np.uint8)).convert("RGB")
+    assert len(classifier(image, top_k=3)) == 3
+
+    # The same figures as one process, within noise (the two differ in data order and in how the loss is averaged).
+    summary, reference = (json.loads((folder / "metrics.json").read_text()) for folder in (output, tiny_model_dir))
+    assert summary["data"]["counts"] == reference["data"]["counts"]
+    for split in ("validation", "test"):
+        assert summary[split]["loss"] == pytest.approx(reference[split]["loss"], abs=0.1), split
+        assert summary[split]["accuracy"] == pytest.approx(reference[split]["accuracy"], abs=0.25), split

@@ -1,0 +1,277 @@
+"""Faults a long run or a public demo meets: a killed training run, a hostile data folder, a full or read-only disk,
+uploads left behind, a flood of requests.
+
+Training runs are tiny (scratch-tiny on the synthetic set, seconds each) and happen in tmp_path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import app
+import train_vit
+from hf_data import prepare_dataset
+from inputs import encode, png_claiming_size
+
+REPO = Path(__file__).resolve().parents[1]
+# The recipe of the `tiny_model_dir` fixture (conftest.py), which serves as the uninterrupted reference run.
+RUN = [
+    "--data_dir", "synthetic", "--synthetic_images_per_class", "40", "--model", "scratch-tiny", "--num_train_epochs", "2",
+    "--learning_rate", "3e-3", "--per_device_train_batch_size", "16", "--disable_tqdm", "true", "--report_to", "none",
+]
+
+
+def recipe_of(model_dir: Path) -> list[str]:
+    """The train_vit.py arguments a model folder was made with (from its card), less --output_dir."""
+    command = shlex.split(re.search(r"\*\*Command:\*\* `(.*)`", (model_dir / "README.md").read_text())[1])[2:]
+    at = command.index("--output_dir")
+    return command[:at] + command[at + 2 :]
+
+
+def steps_of(folder: Path) -> int:
+    return int(folder.name.split("-")[1])
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    found = []
+    for state in output_dir.glob("checkpoint-*/trainer_state.json"):
+        with contextlib.suppress(ValueError, OSError):
+            json.loads(state.read_text())  # written last and at once: parseable means the checkpoint is complete
+            found.append(state.parent)
+    return sorted(found, key=steps_of)
+
+
+def weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+# ---- a run killed mid-way resumes ---------------------------------------------------------------------------------
+
+
+def test_a_killed_run_resumes_from_its_last_complete_checkpoint_to_the_same_result(tiny_model_dir, tmp_path):
+    """SIGKILL right after the first checkpoint, then `--resume`: the run ends as the uninterrupted one did.
+
+    What is exact on CPU: two runs with one seed are bit-identical, so the checkpoint written before the kill equals
+    the reference's. After the resume the weights differ in the last digits only because the augmentation generator
+    (`random.Random(seed)` in cxr.training.pixel_transform) is not saved in checkpoints, so the resumed epoch draws
+    other crops than the uninterrupted one; the final figures are compared within noise.
+    """
+    assert recipe_of(tiny_model_dir) == RUN, "conftest's tiny_model_dir recipe changed: update RUN to match it"
+    output = tmp_path / "model"
+    command = [sys.executable, str(REPO / "train_vit.py"), *RUN, "--output_dir", str(output)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    log = (tmp_path / "killed.log").open("w")
+    run = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not complete_checkpoints(output):
+            assert run.poll() is None, f"the run ended before its first checkpoint:\n{(tmp_path / 'killed.log').read_text()[-3000:]}"
+            assert time.monotonic() < deadline, "no checkpoint after 120 s"
+            time.sleep(0.05)
+        run.send_signal(signal.SIGKILL)
+        assert run.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if run.poll() is None:
+            run.kill()
+        log.close()
+    [first] = complete_checkpoints(output)
+    assert not (output / "metrics.json").exists(), "killed after the run had finished"
+    reference_first = min(tiny_model_dir.glob("checkpoint-*"), key=steps_of)
+    assert first.name == reference_first.name
+    before, reference = weights(first / "model.safetensors"), weights(reference_first / "model.safetensors")
+    assert all((before[key] == reference[key]).all() for key in reference), "same seed, same weights up to the kill"
+
+    # As if the kill had come while the next checkpoint was being written: weights cut short, no trainer_state.json.
+    torn = output / f"checkpoint-{2 * steps_of(first)}"
+    torn.mkdir()
+    (torn / "model.safetensors").write_bytes((first / "model.safetensors").read_bytes()[:1000])
+
+    resumed = subprocess.run([*command, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"Removing {torn}: an interrupted save left it incomplete" in resumed.stdout
+
+    final_state = json.loads((complete_checkpoints(output)[-1] / "trainer_state.json").read_text())
+    reference_state = json.loads((max(tiny_model_dir.glob("checkpoint-*"), key=steps_of) / "trainer_state.json").read_text())
+    assert final_state["global_step"] == reference_state["global_step"]
+    evaluations = [entry for entry in final_state["log_history"] if "eval_loss" in entry]
+    reference_evaluations = [entry for entry in reference_state["log_history"] if "eval_loss" in entry]
+    assert [entry["epoch"] for entry in evaluations] == [1.0, 2.0]  # continued, not restarted
+    figures = lambda entry: {key: value for key, value in entry.items() if not key.endswith(("_runtime", "_per_second"))}
+    assert figures(evaluations[0]) == figures(reference_evaluations[0])  # the epoch before the kill, exactly
+
+    summary, reference_summary = (json.loads((folder / "metrics.json").read_text()) for folder in (output, tiny_model_dir))
+    for split in ("validation", "test"):
+        assert summary[split]["loss"] == pytest.approx(reference_summary[split]["loss"], abs=0.1), split
+        assert summary[split]["accuracy"] == pytest.approx(reference_summary[split]["accuracy"], abs=0.2), split
+
+
+# ---- a hostile data folder -----------------------------------------------------------------------------------------
+# tests/test_data_prepare.py already covers zero-byte, truncated and non-image files, unlabelable names, a symlink
+# loop (file and folder) and unchanged checksums for one broken file. Added here: what could hang or exhaust memory
+# (a named pipe, a link to /dev/zero), links and folders posing as images, damaged data behind a valid header, a
+# decompression bomb, all at once, with every source entry checked unchanged afterwards.
+
+
+def fingerprint(folder: Path) -> dict[str, str]:
+    """Every entry under `folder`, never opening anything but regular files: sha256, link target, or kind."""
+    found = {}
+    for parent, subfolders, files in os.walk(folder):
+        for name in subfolders + files:
+            path = Path(parent, name)
+            mode = path.lstat().st_mode
+            key = str(path.relative_to(folder))
+            if stat.S_ISLNK(mode):
+                found[key] = "-> " + os.readlink(path)
+            elif stat.S_ISREG(mode):
+                found[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+            else:
+                found[key] = stat.filemode(mode)
+    return found
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    def hang(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_hostile_data_folder_is_reported_file_by_file_and_left_unchanged(tmp_path):
+    source = tmp_path / "mine"
+    good = {}
+    for folder in ("bacteria", "normal", "viral"):
+        for index in range(12):
+            pixels = np.random.default_rng(index).integers(0, 256, (64, 64), dtype=np.uint8)
+            good[f"{folder}/{folder}_{index}.png"] = encode(Image.fromarray(pixels), "PNG")
+    for relative, data in good.items():
+        (source / relative).parent.mkdir(parents=True, exist_ok=True)
+        (source / relative).write_bytes(data)
+    normal = source / "normal"
+    png = bytearray(good["normal/normal_0.png"])
+    png[len(png) // 2 :: 7] = bytes(len(png[len(png) // 2 :: 7]))  # damaged pixel data behind an intact header
+    (normal / "damaged.png").write_bytes(bytes(png))
+    (normal / "bomb.png").write_bytes(png_claiming_size(60_000, 60_000))
+    os.mkfifo(normal / "pipe.png")  # opening it for reading would wait for a writer forever
+    os.symlink("/dev/zero", normal / "zeros.png")  # reading it would never end
+    os.symlink(tmp_path / "nowhere.png", normal / "dangling.png")
+    (normal / "folder.png").mkdir()  # a folder named like an image
+    expected_skips = {"damaged.png", "bomb.png", "pipe.png", "zeros.png", "dangling.png"}
+    before = fingerprint(source)
+
+    with time_limit(60):
+        report = prepare_dataset(source, tmp_path / "prepared")
+
+    skipped = {Path(path).name: reason for path, reason in report.skipped}
+    assert expected_skips <= set(skipped), f"not reported: {expected_skips - set(skipped)}"
+    assert "not a regular file" in skipped["pipe.png"] and "not a regular file" in skipped["zeros.png"]
+    assert "megapixels" in skipped["bomb.png"]
+    assert sum(sum(per_class.values()) for per_class in report.counts.values()) == len(good)  # every good image kept
+    assert fingerprint(source) == before  # nothing in the source was changed, added or removed
+
+
+# ---- a read-only or full disk --------------------------------------------------------------------------------------
+
+
+def test_an_output_folder_that_cannot_be_created_stops_the_run_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(SystemExit, match="Cannot write the model folder .*a-file/model.*writable --output_dir"):
+        train_vit.main([*RUN, "--output_dir", str(tmp_path / "a-file" / "model")])
+    assert not (tmp_path / "data").exists()  # stopped before preparing any data
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_output_folder_stops_the_run_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        with pytest.raises(SystemExit, match="Cannot write the model folder"):
+            train_vit.main([*RUN, "--output_dir", str(locked)])
+    finally:
+        locked.chmod(0o755)
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_full_disk_stops_the_run_before_training(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    output = tmp_path / "model"
+    real_disk_usage = shutil.disk_usage
+
+    def nearly_full(path):  # only the model folder's disk is full; the data set and its cache are elsewhere
+        usage = real_disk_usage(path)
+        return usage._replace(free=5 * 2**20) if Path(path).resolve() == output.resolve() else usage
+
+    monkeypatch.setattr(shutil, "disk_usage", nearly_full)
+    with pytest.raises(SystemExit, match=r"Not enough free disk space for .*model: 5 MiB free, this run needs about \d+ MiB"):
+        train_vit.main([*RUN, "--output_dir", str(output)])
+    assert not list(output.glob("checkpoint-*"))  # training never started
+
+
+# ---- the served app: uploads are not kept, and the queue is bounded -------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_uploads_are_deleted_and_the_queue_cannot_be_skipped(tiny_model_dir, tmp_path, monkeypatch):
+    import httpx
+    from gradio_client import Client, handle_file
+
+    cache = tmp_path / "gradio-cache"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
+    monkeypatch.setattr(app, "DELETE_CACHE", (1, 1))  # the app's (60, 120), faster
+    demo = app.build_demo(str(tiny_model_dir))
+    assert demo._queue.max_size == app.QUEUE_SIZE and demo._queue.default_concurrency_limit == app.CONCURRENCY_LIMIT
+    [predict] = [fn for fn in demo.fns.values() if fn.api_name == "predict"]
+    assert predict.queue and predict.concurrency_limit == "default" and demo.api_open is False
+    demo.launch(**app.launch_options(app.parse_args(["--port", str(free_port())])), prevent_thread_lock=True, quiet=True)
+    try:
+        upload = tmp_path / "private-scan.png"
+        upload.write_bytes(encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 90), dtype=np.uint8)), "PNG"))
+        client = Client(demo.local_url, verbose=False, download_files=False)
+        client.predict(handle_file(str(upload)), api_name="/predict")
+        assert list(cache.rglob("private-scan.png")), "gradio stores the upload in its cache"
+        # gradio 6.31's gr.File(type="filepath") also leaves one empty tmpXXXXXXXX file per request, which
+        # delete_cache does not track; empty, it holds nothing uploaded, so only files with content must go.
+        kept = lambda: [path for path in cache.rglob("*") if path.is_file() and path.stat().st_size > 0]
+        deadline = time.monotonic() + 15
+        while kept() and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert kept() == [], "uploads and overlays must be deleted"
+
+        # The REST route that would run a prediction outside the queue (and its limits) is closed.
+        response = httpx.post(f"{demo.local_url}gradio_api/run/predict", json={"data": [None]}, timeout=30)
+        assert response.status_code == 404 and "join the queue" in response.text
+    finally:
+        demo.close()
