@@ -28,7 +28,6 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import datasets
 import torch
 from transformers import EarlyStoppingCallback, HfArgumentParser, TrainingArguments, set_seed
 
@@ -121,8 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
                 source, prepared_dir, validation_fraction=data_args.validation_fraction, seed=training_args.seed, keep_kaggle_val=data_args.keep_kaggle_val
             )
             print(report.summary())
-        # Files are decoded by the project's own loader (cxr.images), not by `datasets`: one image path everywhere.
-        dataset = load_prepared(prepared_dir).cast_column("image", datasets.Image(decode=False))
+        dataset = load_prepared(prepared_dir)  # image paths, decoded by the project's one loader in pixel_transform
     for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
         if limit is not None and limit < len(dataset[split]):
             dataset[split] = dataset[split].shuffle(seed=training_args.seed).select(range(limit))

@@ -156,15 +156,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--originals", type=Path, default=ORIGINALS, help="Full-resolution real X-rays (JPEG/PNG/DICOM).")
     args = parser.parse_args(argv)
 
-    import datasets
-
     from hf_data import load_prepared
 
     classifier = load_classifier(args.model)
     detector = classifier.ood_detector
     if detector is None:
         raise SystemExit(f"{args.model} has no out-of-distribution statistics: python -m cxr.reliability {args.model} --data_dir {args.data_dir}")
-    validation = load_prepared(args.data_dir).cast_column("image", datasets.Image(decode=False))["validation"]
+    validation = load_prepared(args.data_dir)["validation"]
     outputs, _ = embed_split(classifier.model, classifier.image_processor, validation, desc="Validation")
     originals = {path.name: path.read_bytes() for path in sorted(args.originals.glob("*")) if path.suffix.lower() in (".jpeg", ".jpg", ".png", ".dcm")}
     files = {"originals": originals, "not X-ray": package_images() | generated_images(), "altered X-ray": altered_xrays(originals)}

@@ -69,7 +69,7 @@ def forward_features(model, pixel_values: torch.Tensor) -> dict[str, torch.Tenso
 def embed_split(model, processor, split, batch_size: int = 64, desc: str = "Features") -> tuple[dict[str, np.ndarray], np.ndarray]:
     """`forward_features` (as numpy arrays) and the labels for every image of a dataset split.
 
-    The split's image column must be cast to `datasets.Image(decode=False)`: images go through the training
+    The split comes from `hf_data.load_prepared` (undecoded image column): images go through the training
     transform (the project's one loader, no augmentation), as in evaluation."""
     from cxr.training import collate, pixel_transform
 
@@ -237,7 +237,7 @@ def fit_reliability(model, processor, dataset, batch_size: int = 64, score_name:
     Folds the temperature into `model`'s head in place (undoing any earlier one first) and returns the detector
     and a summary for metrics.json: the temperature, the calibration error and NLL before and after on every
     held-out split, and the out-of-distribution score, threshold and acceptance rate.
-    `dataset` is the `DatasetDict` of `hf_data.load_prepared` with its image column cast to `Image(decode=False)`.
+    `dataset` is the `DatasetDict` of `hf_data.load_prepared`.
     """
     fold_temperature(model, 1.0 / current_temperature(model))  # back to the uncalibrated head
     held_out = {split: embed_split(model, processor, dataset[split], batch_size, desc=f"Features: {split}") for split in dataset if split != "train"}
@@ -297,8 +297,6 @@ def describe_reliability(summary: dict) -> str:
 
 def load_data(data_dir: str, prepared_dir: str | None, validation_fraction: float, seed: int, synthetic_images_per_class: int):
     """A prepared imagefolder tree as is, or a raw source (Kaggle / class folders / 'synthetic') prepared the way train_vit.py does."""
-    import datasets
-
     from hf_data import load_prepared, make_synthetic_dataset, prepare_dataset
     from hf_data.prepare import MANIFEST_NAME
 
@@ -309,7 +307,7 @@ def load_data(data_dir: str, prepared_dir: str | None, validation_fraction: floa
         source = make_synthetic_dataset(Path("data/synthetic"), images_per_class=synthetic_images_per_class) if data_dir == "synthetic" else path
         prepared = Path(prepared_dir or Path("data/prepared") / source.resolve().name)
         print(prepare_dataset(source, prepared, validation_fraction=validation_fraction, seed=seed).summary())
-    return load_prepared(prepared).cast_column("image", datasets.Image(decode=False))
+    return load_prepared(prepared)
 
 
 def warn_if_other_split(model_dir: Path, dataset) -> None:

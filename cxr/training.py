@@ -20,7 +20,7 @@ def pixel_transform(processor, augment: bool):
 
     Images are decoded by the project's one loader (`load_image`), optionally augmented, then
     resized and normalised by the model's own image processor, exactly as at inference.
-    Expects the dataset's `image` column cast to `datasets.Image(decode=False)`.
+    Expects the `image` column as `hf_data.load_prepared` gives it: undecoded (path or bytes).
     """
     size = input_size(processor)
 

@@ -209,13 +209,15 @@ def load_prepared(output_dir: str | os.PathLike):
 
     Splits: train, validation, and test where the source had one. The label is a `ClassLabel` whose
     names are `CLASS_NAMES`, so the ids are 0, 1, 2 in that order even when a class has no images.
+    The image column is not decoded by `datasets` (`Image(decode=False)`: each row holds the file's path):
+    every consumer decodes with `cxr.images.load_image`, the project's one image path.
     """
     import datasets
 
     output = Path(output_dir).expanduser().resolve()
     if read_manifest(output / MANIFEST_NAME) is None:
         raise ValueError(f"{output} is not a prepared data set (no {MANIFEST_NAME}); run `python -m hf_data prepare` first.")
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list(CLASS_NAMES))})
+    features = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.ClassLabel(names=list(CLASS_NAMES))})
     return datasets.load_dataset("imagefolder", data_dir=str(output), features=features, drop_labels=False)
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cxr.images import load_image
 from hf_data import CLASS_NAMES, DISPLAY_NAMES, load_prepared, make_synthetic_dataset, prepare_dataset
 from hf_data.__main__ import main
 
@@ -317,7 +318,7 @@ def test_load_prepared_gives_splits_and_class_label(kaggle, tmp_path):
     for split, per_class in report.counts.items():
         counted = Counter(label.int2str(i) for i in dataset[split]["label"])
         assert {name: counted[name] for name in CLASS_NAMES} == per_class
-    assert dataset["test"][0]["image"].size == (48, 48)
+    assert load_image(dataset["test"][0]["image"]["path"]).size == (48, 48)
 
     with pytest.raises(ValueError, match="not a prepared data set"):
         load_prepared(source)
