@@ -79,7 +79,7 @@ def predict(classifier: Pipeline, path: str | None) -> tuple[str, dict[str, floa
         image = load_image(path, draft_size=input_size(classifier.image_processor))
     except ImageLoadError as error:
         raise gr.Error(str(error), print_exception=False) from error
-    [prediction] = classify(classifier, [image], top_k=3, names=[Path(path).name])
+    [prediction] = classify(classifier, [image], top_k=3, names=[Path(path).name], saliency=True)
     if prediction.error:
         raise gr.Error(prediction.error, print_exception=False)
     detector = getattr(classifier, "ood_detector", None)
@@ -90,7 +90,7 @@ def predict(classifier: Pipeline, path: str | None) -> tuple[str, dict[str, floa
         "score": detector.score_name if detector else None,
     }
     warning = NOT_AN_XRAY.format(score=prediction.ood_score, threshold=detector.threshold) if prediction.looks_like_chest_xray is False else ""
-    return warning, prediction.scores, saliency_overlay(classifier, image, label=prediction.top_label), check
+    return warning, prediction.scores, saliency_overlay(image, prediction.saliency), check
 
 
 def describe_model(model: str, has_xray_check: bool | None = None) -> str:

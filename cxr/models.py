@@ -20,6 +20,8 @@ PRESETS: dict[str, dict] = {
     "scratch-tiny": dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
     # The offline workhorse: ViT-Tiny width, 6 layers, 128 px (64 patches); an epoch of the Kaggle train split takes minutes on 2 CPU cores.
     "scratch-small": dict(image_size=128, patch_size=16, hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768),
+    # Same width and depth with 8-pixel patches at 96 px (144 patches): smaller patches suit ViTs trained from scratch on few images.
+    "scratch-small-p8": dict(image_size=96, patch_size=8, hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768),
     # The ViT-B/16 architecture at 224 px (the default checkpoint's shape) with random weights: for benchmarks, or GPUs.
     "scratch-base": dict(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
 }

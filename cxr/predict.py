@@ -7,9 +7,10 @@ out-of-distribution statistics (`ood.safetensors`, see `cxr.reliability`). One u
     file -> load_image (the project's one loader) -> image processor -> model -> logits (the calibration
     temperature is folded into the head) -> softmax -> top labels
                                                   + penultimate features -> out-of-distribution score -> flag
+                                                  + (app) gradient at the last block -> Grad-CAM map
 
 `classify` runs that forward pass itself (the same processor and model the pipeline runs, so the same
-probabilities) because the flag needs the features the pipeline does not return.
+probabilities) because the flag (and the app's Grad-CAM map) needs the features the pipeline does not return.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 from transformers import Pipeline, pipeline
@@ -28,6 +30,7 @@ from transformers import Pipeline, pipeline
 from cxr.images import ImageLoadError, ImageSource, load_image
 from cxr.models import DEFAULT_MODEL_DIR, input_size
 from cxr.reliability import OOD_FILE, OodDetector, forward_features
+from cxr.saliency import grad_cam
 
 TRAIN_HINT = (
     "Train one first, e.g. offline in a few minutes:\n"
@@ -68,6 +71,7 @@ def load_classifier(model: str | Path, device: str | int | None = None, int8: bo
         )
     except (OSError, ValueError) as error:
         raise ModelNotFoundError(f"Could not load the model '{model}': {error}\n{TRAIN_HINT}") from error
+    classifier.model.requires_grad_(False)  # inference only; Grad-CAM's gradients then reach no further back than they must
     if int8:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch 2.13 flags its quantized tensors as deprecated; they still work
@@ -98,6 +102,7 @@ class Prediction:
     error: str | None = None
     ood_score: float | None = None  # out-of-distribution score: higher = less like the training X-rays
     looks_like_chest_xray: bool | None = None  # False: the score is above the threshold; None: the model has no statistics
+    saliency: np.ndarray | None = None  # Grad-CAM for the top label over the patch grid, 0..1 (only when asked for)
 
     @property
     def top_label(self) -> str | None:
@@ -105,10 +110,17 @@ class Prediction:
 
 
 def classify(
-    classifier: Pipeline, images: list[ImageSource], top_k: int = 3, batch_size: int = 8, names: list[str] | None = None, draft: bool = True
+    classifier: Pipeline,
+    images: list[ImageSource],
+    top_k: int = 3,
+    batch_size: int = 8,
+    names: list[str] | None = None,
+    draft: bool = True,
+    saliency: bool = False,
 ) -> list[Prediction]:
     """Top-k labels for each image, batched. An input that cannot be decoded gets its error; the rest go on.
 
+    `saliency=True` adds a Grad-CAM map for each top label from the same forward pass (not for int8 models).
     `draft` decodes large JPEGs at a reduced scale that still exceeds the model's input size (much faster;
     `draft=False` decodes every pixel, exactly as the plain pipeline does).
     """
@@ -127,8 +139,9 @@ def classify(
     id2label = classifier.model.config.id2label
     for start in range(0, len(pixel_rows), batch_size):
         pixel_values = torch.stack(pixel_rows[start : start + batch_size])
-        outputs = forward_features(classifier.model, pixel_values)
-        probabilities = outputs["logits"].float().softmax(dim=-1).cpu()
+        outputs = forward_features(classifier.model, pixel_values, saliency=saliency)
+        probabilities = outputs["logits"].detach().float().softmax(dim=-1).cpu()
+        heat = grad_cam(outputs, probabilities.argmax(dim=-1).tolist()) if saliency else None
         ood_scores, accepted = detector.check(outputs) if detector else (None, None)
         for offset, row in enumerate(probabilities):
             prediction = predictions[decoded_index[start + offset]]
@@ -136,6 +149,8 @@ def classify(
             prediction.scores = {id2label[int(label)]: float(score) for score, label in zip(top.values, top.indices)}
             if detector:
                 prediction.ood_score, prediction.looks_like_chest_xray = float(ood_scores[offset]), bool(accepted[offset])
+            if heat is not None:
+                prediction.saliency = heat[offset]
     return predictions
 
 

@@ -49,21 +49,38 @@ DEFAULT_SCORE = "mahalanobis"
 # ---- one forward pass: logits and the features the out-of-distribution scores read --------------------------
 
 
-@torch.no_grad()
-def forward_features(model, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+def forward_features(model, pixel_values: torch.Tensor, saliency: bool = False) -> dict[str, torch.Tensor]:
     """The logits, as `ViTForImageClassification` computes them, and two penultimate feature vectors per image:
 
     - "cls": the final-layernormed CLS token, what the classifier head reads;
     - "tokens": the last encoder block's output before that layernorm, its CLS token and the mean of its patch
       tokens side by side. It keeps the scale the layernorm removes and sees the whole image, not only what
       the head attends to; benchmarks/ood.py measured it as the better detector.
+
+    `saliency=True` also returns "block_input", the tokens entering the last block, with autograd tracking the
+    logits back to them and no further (the model's weights must not require gradients, as in
+    `cxr.predict.load_classifier`). Grad-CAM (`cxr.saliency.grad_cam`) then costs a backward pass through the
+    last block and the head only, instead of a second full forward and backward.
     """
     model.eval()
-    outputs = model.vit(pixel_values.to(model.device, model.dtype), output_hidden_states=True)
-    cls = outputs.last_hidden_state[:, 0]
-    last_block = outputs.hidden_states[-1]
+    kept = {}
+
+    def track_block_input(block, args):
+        kept["block_input"] = args[0].detach().requires_grad_()
+        return (kept["block_input"], *args[1:])
+
+    hook = model.vit.layers[-1].register_forward_pre_hook(track_block_input) if saliency else None
+    try:
+        with torch.set_grad_enabled(saliency):
+            outputs = model.vit(pixel_values.to(model.device, model.dtype), output_hidden_states=True)
+            cls = outputs.last_hidden_state[:, 0]
+            logits = model.classifier(cls)
+    finally:
+        if hook is not None:
+            hook.remove()
+    last_block = outputs.hidden_states[-1].detach()
     tokens = torch.cat([last_block[:, 0], last_block[:, 1:].mean(dim=1)], dim=-1)
-    return {"logits": model.classifier(cls), "cls": cls, "tokens": tokens}
+    return {"logits": logits, "cls": cls.detach(), "tokens": tokens, **kept}
 
 
 def embed_split(model, processor, split, batch_size: int = 64, desc: str = "Features") -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -225,7 +242,7 @@ class OodDetector:
 
 
 def _numpy(values) -> np.ndarray:
-    return values.float().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+    return values.detach().float().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
 
 
 # ---- fitting both on a model ------------------------------------------------------------------------------

@@ -17,19 +17,15 @@ import numpy as np
 import torch
 from matplotlib import colormaps
 from PIL import Image
-from transformers import Pipeline
 
 SIDE = 512  # the overlay's longest side in pixels: plenty for a preview, small to send
 
 
-def saliency_overlay(classifier: Pipeline, image: Image.Image, label: str | None = None, opacity: float = 0.6) -> Image.Image:
-    """The RGB `image` (from `cxr.images.load_image`) with a Grad-CAM heat map for `label` blended on top.
+def saliency_overlay(image: Image.Image, heat: np.ndarray, opacity: float = 0.6) -> Image.Image:
+    """The RGB `image` (from `cxr.images.load_image`) with the heat map `heat` (from `grad_cam`, 0..1) blended on top.
 
-    `classifier` is the image-classification pipeline from `cxr.predict.load_classifier` (only its model and
-    image processor are used). `label` defaults to the model's top class. The result keeps the input's
-    aspect ratio, scaled so that its longest side is `SIDE` pixels.
+    The result keeps the input's aspect ratio, scaled so that its longest side is `SIDE` pixels.
     """
-    heat = grad_cam(classifier.model, classifier.image_processor, image, label)
     scale = SIDE / max(image.size)
     base = image.convert("RGB").resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
     # Patch grid -> image size; bilinear, because a blocky grid looks more precise than it is.
@@ -42,22 +38,21 @@ def saliency_overlay(classifier: Pipeline, image: Image.Image, label: str | None
     return Image.fromarray(np.round(blended * 255).astype(np.uint8), mode="RGB")
 
 
-def grad_cam(model, processor, image: Image.Image, label: str | None = None) -> np.ndarray:
-    """Grad-CAM over the patch grid for `label` (default: the top class), scaled to 0..1 (all zeros if no evidence)."""
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    pixel_values = processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"].to(device, dtype)
-    with torch.enable_grad():
-        outputs = model(pixel_values=pixel_values, output_hidden_states=True)
-        logits = outputs.logits[0]
-        index = int(logits.argmax()) if label is None else model.config.label2id[label]
-        tokens = outputs.hidden_states[-2]  # what the last block reads: patch tokens can still reach the class token
-        (gradient,) = torch.autograd.grad(logits[index], tokens)
-    patch = model.config.patch_size
-    rows, columns = pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch
-    # Patch tokens are the last rows*columns tokens (after the class token, and DeiT's distillation token).
-    activations = tokens[0, -rows * columns :].detach().float()
-    weights = gradient[0, -rows * columns :].float().mean(dim=0)
-    cam = torch.relu(activations @ weights).reshape(rows, columns).cpu().numpy()
-    peak = cam.max()
-    return cam / peak if peak > 0 else np.zeros_like(cam)
+def grad_cam(outputs: dict[str, torch.Tensor], class_indices: list[int]) -> np.ndarray:
+    """Grad-CAM over the patch grid, one map per image of the batch for its class in `class_indices`.
+
+    `outputs` comes from `cxr.reliability.forward_features(..., saliency=True)`. Returns an array
+    (batch, rows, columns), each map scaled to 0..1 (all zeros where there is no evidence).
+    """
+    tokens = outputs["block_input"]  # what the last block reads: patch tokens can still reach the class token
+    logits = outputs["logits"]
+    # Images of a batch do not interact, so one backward pass of the sum gives each image its own gradient.
+    chosen = logits[torch.arange(len(class_indices)), torch.as_tensor(class_indices)].sum()
+    (gradient,) = torch.autograd.grad(chosen, tokens)
+    # Patch tokens are the last rows*columns tokens (after the class token, and DeiT's distillation token); inputs are square.
+    side = int((tokens.shape[1] - 1) ** 0.5)
+    activations = tokens[:, -side * side :].detach().float()
+    weights = gradient[:, -side * side :].float().mean(dim=1, keepdim=True)
+    cam = torch.relu((activations * weights).sum(dim=-1)).reshape(-1, side, side).cpu().numpy()
+    peak = cam.max(axis=(1, 2), keepdims=True)
+    return np.divide(cam, peak, out=np.zeros_like(cam), where=peak > 0)

@@ -1,5 +1,6 @@
 """The Gradio app: every kind of upload gets a prediction or a clear message, a non-X-ray gets a warning, and every way in agrees."""
 
+import copy
 import json
 import os
 import socket
@@ -10,11 +11,12 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import app
 from cxr.images import MAX_FILE_BYTES
-from cxr.predict import load_classifier
+from cxr.predict import classify, load_classifier
 from inputs import chest_like, dicom_bytes, encode, png_claiming_size
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,15 +130,28 @@ def test_no_file_is_a_clear_ui_error(classifier):
         app.predict(classifier, None)
 
 
-def test_grad_cam_gives_one_value_per_patch_for_any_class(classifier):
+def test_grad_cam_from_the_prediction_pass_matches_a_full_backward_pass(classifier):
+    """The app's one-pass Grad-CAM (gradient taken at the last block's input only) equals the textbook one."""
+    from cxr.reliability import forward_features
     from cxr.saliency import grad_cam, saliency_overlay
 
     image = Image.fromarray(chest_like(), "L").convert("RGB")
-    for label in (None, *LABELS):
-        heat = grad_cam(classifier.model, classifier.image_processor, image, label)
-        assert heat.shape == (4, 4)  # scratch-tiny: 32 px input, 8 px patches
-        assert heat.min() >= 0 and heat.max() in (0.0, 1.0)
-    overlay = saliency_overlay(classifier, image)
+    pixel_values = classifier.image_processor(image, return_tensors="pt")["pixel_values"].repeat(len(LABELS), 1, 1, 1)
+    heat = grad_cam(forward_features(classifier.model, pixel_values, saliency=True), list(range(len(LABELS))))
+    assert heat.shape == (len(LABELS), 4, 4)  # scratch-tiny: 32 px input, 8 px patches
+    model = copy.deepcopy(classifier.model).requires_grad_(True)
+    for index in range(len(LABELS)):
+        outputs = model(pixel_values=pixel_values[:1], output_hidden_states=True)
+        (gradient,) = torch.autograd.grad(outputs.logits[0, index], outputs.hidden_states[-2])
+        tokens = outputs.hidden_states[-2][0, 1:].detach()
+        cam = torch.relu(tokens @ gradient[0, 1:].mean(dim=0)).reshape(4, 4).numpy()
+        expected = cam / cam.max() if cam.max() > 0 else cam
+        np.testing.assert_allclose(heat[index], expected, atol=1e-5)
+        assert heat[index].min() >= 0 and heat[index].max() in (0.0, 1.0)
+
+    [prediction] = classify(classifier, [image], saliency=True)
+    np.testing.assert_allclose(prediction.saliency, heat[classifier.model.config.label2id[prediction.top_label]], atol=1e-5)
+    overlay = saliency_overlay(image, prediction.saliency)
     assert overlay.size == (512, 410) and overlay.mode == "RGB"
 
 
