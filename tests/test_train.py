@@ -110,3 +110,29 @@ def test_checkpoint_reload_restores_every_weight(tiny_model_dir, tmp_path):
     trainer._load_from_checkpoint(best)
     expected = ViTForImageClassification.from_pretrained(best).state_dict()
     assert all(torch.equal(fresh.state_dict()[key], value) for key, value in expected.items())
+
+
+def test_weight_averaging_is_what_is_evaluated_saved_and_resumed(tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from cxr.training import TRAINING_WEIGHTS
+
+    monkeypatch.chdir(tmp_path)
+    args = ["--data_dir", "synthetic", *TINY, "--weight_average_decay", "0.9", "--num_train_epochs", "2", "--early_stopping_patience", "0"]
+    train_vit.main([*args, "--output_dir", "straight"])
+    checkpoints = sorted((tmp_path / "straight").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert len(checkpoints) == 2
+    for checkpoint in checkpoints:  # the checkpoint's model is the average; the weights being trained are kept beside it
+        averaged, trained = load_file(checkpoint / "model.safetensors"), load_file(checkpoint / TRAINING_WEIGHTS)
+        assert not torch.equal(averaged["classifier.weight"], trained["classifier.weight"])
+
+    # Resuming after the first epoch ends where the uninterrupted run ended: the average and the trained weights both come back.
+    shutil.copytree(checkpoints[0], tmp_path / "resumed" / checkpoints[0].name)
+    train_vit.main([*args, "--output_dir", "resumed", "--resume"])
+    final, expected = (load_file(tmp_path / run / checkpoints[1].name / TRAINING_WEIGHTS) for run in ("resumed", "straight"))
+    assert all(torch.allclose(final[key], expected[key], atol=1e-6) for key in expected)
+    final, expected = (load_file(tmp_path / run / "model.safetensors") for run in ("resumed", "straight"))
+    assert all(torch.allclose(final[key], expected[key], atol=1e-6) for key in expected)
