@@ -19,12 +19,14 @@ prepared once, by the process that saves, while the others wait; only that proce
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
 import shutil
 import sys
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,6 +39,8 @@ from cxr.models import DEFAULT_CHECKPOINT, DEFAULT_MODEL_DIR, PRESETS, build_mod
 from cxr.reliability import describe_reliability, fit_reliability, save_reliability
 from cxr.training import XrayTrainer, class_weights, collate, pixel_transform, weighted_loss
 from hf_data import DISPLAY_NAMES, load_prepared, make_synthetic_dataset, prepare_dataset
+
+RECIPES = Path(__file__).resolve().parent / "recipes"  # named option sets: --recipe NAME reads recipes/NAME.args
 
 @dataclass
 class DataArguments:
@@ -67,6 +71,13 @@ class ModelArguments:
             f"trained from scratch with random weights, no download: {', '.join(PRESETS)}."
         },
     )
+    recipe: str | None = field(
+        default=None,
+        metadata={
+            "help": "A named set of options from recipes/NAME.args (e.g. vit-offline: the offline real-data recipe in the README); "
+            "options given on the command line override the recipe's."
+        },
+    )
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in --output_dir instead of starting afresh."})
     early_stopping_patience: int = field(default=3, metadata={"help": "Stop after this many evaluations without a better validation macro-F1 (0 disables)."})
     weight_average_decay: float = field(
@@ -76,6 +87,21 @@ class ModelArguments:
             "evaluate, select and save the average instead of the last step's weights: steadier validation scores. 0 disables."
         },
     )
+
+
+@dataclass
+class SearchArguments:
+    search_trials: int = field(
+        default=0,
+        metadata={
+            "help": "Before training, try up to this many settings of learning rate, weight decay and warm-up with Optuna "
+            "(Trainer.hyperparameter_search: TPE sampler, unpromising trials pruned), each scored by its validation macro-F1, "
+            "then train with the best. 0: no search."
+        },
+    )
+    search_minutes: float = field(default=30.0, metadata={"help": "Start no new trial after this many minutes (the running trial finishes)."})
+    search_epochs: float = field(default=3.0, metadata={"help": "Training epochs per trial."})
+    search_train_samples: int | None = field(default=None, metadata={"help": "Train each trial on at most this many images (a random subset)."})
 
 
 @dataclass
@@ -106,8 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
         # Launched as several processes (torchrun, accelerate launch) on a machine without a GPU: join them as CPU
         # workers over gloo. Without this, accelerate treats each process as a separate run, all writing one folder.
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-    parser = HfArgumentParser((DataArguments, ModelArguments, XrayTrainingArguments), description=__doc__.split("\n")[0])
-    data_args, model_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser((DataArguments, ModelArguments, SearchArguments, XrayTrainingArguments), description=__doc__.split("\n")[0])
+    argv = with_recipe(sys.argv[1:] if argv is None else argv)
+    data_args, model_args, search_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     if training_args.should_save:
@@ -156,18 +183,33 @@ def main(argv: list[str] | None = None) -> dict:
                 shutil.rmtree(folder)
         check_free_space(output_dir, model, training_args)
 
-    early_stopping = model_args.early_stopping_patience > 0 and training_args.eval_strategy != "no"
-    trainer = XrayTrainer(
-        model=model,
-        args=training_args,
+    trainer_parts = dict(
         data_collator=collate,
-        train_dataset=train_dataset,
         eval_dataset=eval_splits["validation"],
         processing_class=processor,
         compute_loss_func=weighted_loss(class_weights(dataset["train"]["label"], len(class_keys)), training_args.label_smoothing_factor),
         compute_metrics=trainer_metrics(class_keys),
-        callbacks=[EarlyStoppingCallback(model_args.early_stopping_patience)] if early_stopping else [],
         weight_average_decay=model_args.weight_average_decay,
+    )
+    search = None
+    if search_args.search_trials and not model_args.resume:
+        subset = dataset["train"].shuffle(seed=training_args.seed)
+        subset = subset.select(range(min(len(subset), search_args.search_train_samples or len(subset))))
+        search = search_hyperparameters(
+            search_args, training_args, lambda: build_model(model_args.model, id2label)[0],
+            dict(trainer_parts, train_dataset=subset.with_transform(pixel_transform(processor, augment=True))),
+        )
+        for name, value in search["best"]["hyperparameters"].items():
+            setattr(training_args, name, value)
+        set_seed(training_args.seed)
+
+    early_stopping = model_args.early_stopping_patience > 0 and training_args.eval_strategy != "no"
+    trainer = XrayTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        callbacks=[EarlyStoppingCallback(model_args.early_stopping_patience)] if early_stopping else [],
+        **trainer_parts,
     )
     if training_args.world_size > 1:
         print(
@@ -200,12 +242,13 @@ def main(argv: list[str] | None = None) -> dict:
         return results
     plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
     eval_split = "test" if "test" in results else "validation"
-    command = "python " + shlex.join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])])
+    command = "python " + shlex.join([Path(sys.argv[0]).name, *argv])  # with any --recipe expanded: the card shows every option
     summary = {
         "model_origin": asdict(origin) | {"description": origin.describe()},
         "data": {"source": str(source), "synthetic": synthetic, "counts": report.counts, "skipped": len(report.skipped)},
         "train": train_result.metrics,
         "best_checkpoint": trainer.state.best_model_checkpoint,
+        **({"search": search} if search else {}),
         **results,
     }
     (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
@@ -239,6 +282,73 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.push_to_hub()
         card.push_to_hub(trainer.hub_model_id)  # Trainer writes its own generic card; ours has the real figures
     return results
+
+
+def with_recipe(argv: list[str]) -> list[str]:
+    """`--recipe NAME` -> the options in recipes/NAME.args, put first so that options given on the command line win."""
+    names = [argv[index + 1] for index, arg in enumerate(argv[:-1]) if arg == "--recipe"]
+    recipe_args = []
+    for name in names:
+        path = RECIPES / f"{name}.args"
+        if not path.is_file():
+            raise SystemExit(f"No recipe '{name}' ({path} does not exist). Recipes: {', '.join(sorted(p.stem for p in RECIPES.glob('*.args')))}.")
+        recipe_args += shlex.split(path.read_text(), comments=True)
+    return recipe_args + argv
+
+
+def search_hyperparameters(search_args: SearchArguments, training_args: TrainingArguments, model_init, trainer_parts: dict) -> dict:
+    """Optuna search through `Trainer.hyperparameter_search`, bounded by trials and minutes, on the validation split.
+    Returns every trial (settings, validation macro-F1, state) and the best one's settings."""
+    import optuna
+
+    def hp_space(trial):
+        return {
+            "learning_rate": trial.suggest_float("learning_rate", 1e-4, 2e-3, log=True),
+            "weight_decay": trial.suggest_float("weight_decay", 0.01, 0.3, log=True),
+            "warmup_steps": trial.suggest_float("warmup_steps", 0.0, 0.2),
+        }
+
+    args = dataclasses.replace(
+        training_args,
+        output_dir=str(Path(training_args.output_dir) / "search"),
+        num_train_epochs=search_args.search_epochs,
+        save_strategy="no",
+        load_best_model_at_end=False,
+        push_to_hub=False,
+        report_to="none",
+    )
+    storage = optuna.storages.InMemoryStorage()  # kept here, so every trial can be listed afterwards
+    trainer = XrayTrainer(model_init=model_init, args=args, **trainer_parts)
+    started = time.monotonic()
+    best = trainer.hyperparameter_search(
+        direction="maximize",
+        backend="optuna",
+        hp_space=hp_space,
+        n_trials=search_args.search_trials,
+        compute_objective=lambda metrics: metrics["eval_macro_f1"],
+        timeout=search_args.search_minutes * 60,
+        sampler=optuna.samplers.TPESampler(seed=training_args.seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2),
+        storage=storage,
+        study_name="search",
+    )
+    trials = [
+        {"number": trial.number, "state": trial.state.name, "validation_macro_f1": trial.value, **trial.params}
+        for trial in optuna.load_study(study_name="search", storage=storage).trials
+    ]
+    print(f"\nHyperparameter search: {len(trials)} trials in {(time.monotonic() - started) / 60:.1f} min, validation macro-F1 after {search_args.search_epochs:g} epochs:")
+    for trial in trials:
+        settings = ", ".join(f"{name} {trial[name]:.3g}" for name in ("learning_rate", "weight_decay", "warmup_steps") if name in trial)
+        print(f"  trial {trial['number']}: {trial['state'].lower():<8} macro-F1 {trial['validation_macro_f1'] or float('nan'):.3f}  {settings}")
+    print(f"Training with the best: {best.hyperparameters}\n")
+    shutil.rmtree(args.output_dir, ignore_errors=True)
+    return {
+        "trials": trials,
+        "best": {"trial": int(best.run_id), "validation_macro_f1": best.objective, "hyperparameters": best.hyperparameters},
+        "epochs_per_trial": search_args.search_epochs,
+        "train_samples_per_trial": len(trainer_parts["train_dataset"]),
+        "minutes": (time.monotonic() - started) / 60,
+    }
 
 
 def check_writable(output_dir: Path) -> None:

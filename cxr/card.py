@@ -15,6 +15,14 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "model_card.md"
 
+# What the card calls the network, by `config.model_type`: (opening words, short name); others by their class name.
+NETWORKS = {
+    "vit": ("A Vision Transformer", "ViT"),
+    "deit": ("A Vision Transformer (DeiT)", "ViT"),
+    "resnet": ("A convolutional network (ResNet)", "ResNet"),
+    "convnext": ("A convolutional network (ConvNeXt)", "ConvNeXt"),
+}
+
 HEADLINE = [
     ("accuracy", "Accuracy (3 classes)"),
     ("macro_f1", "Macro-F1 (3 classes)"),
@@ -39,10 +47,12 @@ def render_model_card(
     train_runtime_s: float,
     command: str,
     model_id: str,
+    image_size: int,
     reliability: dict | None = None,
 ) -> ModelCard:
     """Build the card from the figures of one finished run. `metrics` are un-prefixed (`accuracy`, ...);
-    `reliability` is the summary of `cxr.reliability.fit_reliability` (calibration and out-of-distribution check)."""
+    `image_size` is the input side in pixels (the image processor's); `reliability` is the summary of
+    `cxr.reliability.fit_reliability` (calibration and out-of-distribution check)."""
     dataset_name = "Synthetic chest X-ray stand-ins (generated)" if synthetic_data else "Pediatric chest X-ray (Kermany et al. 2018)"
     eval_results = [
         EvalResult(
@@ -62,7 +72,7 @@ def render_model_card(
         license="apache-2.0",
         library_name="transformers",
         pipeline_tag="image-classification",
-        tags=["vision", "image-classification", "vit", "medical-imaging", "chest-x-ray", "pneumonia"],
+        tags=["vision", "image-classification", model.config.model_type, "medical-imaging", "chest-x-ray", "pneumonia"],
         base_model=origin.name if origin.pretrained else None,
         model_name=model_id,
         eval_results=eval_results,
@@ -77,6 +87,7 @@ def render_model_card(
         )
         for index, key in enumerate(class_keys)
     ]
+    network, network_short = NETWORKS.get(model.config.model_type, (f"A `{type(model).__name__}`", "network"))
     hardware = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     return ModelCard.from_template(
         card_data,
@@ -85,9 +96,11 @@ def render_model_card(
         model_id=model_id,
         origin=origin.describe(),
         pretrained=origin.pretrained,
+        network=network,
+        network_short=network_short,
         architecture=type(model).__name__,
         parameters=f"{model.num_parameters() / 1e6:.1f} M",
-        image_size=model.config.image_size,
+        image_size=image_size,
         data_description=data_description,
         recipe=recipe,
         train_runtime=f"{train_runtime_s / 60:.1f} minutes",

@@ -18,8 +18,10 @@ of every run) and both are saved in that folder, so every way of loading it gets
   `cxr.predict.classify` give the same verdict (plain `pipeline()` cannot: it returns no features).
 
 Four candidate scores are fitted and thresholded, and `benchmarks/ood.py` compares them: `mahalanobis` (the
-default) reads the last encoder block's CLS token and mean patch token, before the final layernorm;
-`mahalanobis_cls` the final-layernormed CLS token the head reads; `energy` and `max_softmax` only the logits.
+default) reads the last encoder block's CLS token and mean patch token, before the final layernorm (for a
+convolutional network, the last stage's feature map: mean and standard deviation per channel); `mahalanobis_cls`
+the vector the head reads (the final-layernormed CLS token; a CNN's pooled vector); `energy` and `max_softmax`
+only the logits.
 On the scratch-small model the default flagged every non-X-ray at 95 % acceptance; the head's input missed
 8 % of them, and the logit scores were no better than chance.
 """
@@ -50,19 +52,36 @@ DEFAULT_SCORE = "mahalanobis"
 
 
 def forward_features(model, pixel_values: torch.Tensor, saliency: bool = False) -> dict[str, torch.Tensor]:
-    """The logits, as `ViTForImageClassification` computes them, and two penultimate feature vectors per image:
+    """The logits, as the model's own forward computes them, and two penultimate feature vectors per image.
+
+    For a Vision Transformer (`ViTForImageClassification`):
 
     - "cls": the final-layernormed CLS token, what the classifier head reads;
     - "tokens": the last encoder block's output before that layernorm, its CLS token and the mean of its patch
       tokens side by side. It keeps the scale the layernorm removes and sees the whole image, not only what
       the head attends to; benchmarks/ood.py measured it as the better detector.
 
-    `saliency=True` also returns "block_input", the tokens entering the last block, with autograd tracking the
-    logits back to them and no further (the model's weights must not require gradients, as in
-    `cxr.predict.load_classifier`). Grad-CAM (`cxr.saliency.grad_cam`) then costs a backward pass through the
-    last block and the head only, instead of a second full forward and backward.
+    For a convolutional network (ResNet, ConvNeXt: a base model with `encoder.stages` and a pooled output):
+
+    - "cls": the pooled vector the classifier head reads;
+    - "tokens": the last stage's feature map, its spatial mean and spatial standard deviation per channel side
+      by side (before any normalisation of the pooled vector, as for the ViT). The standard deviation adds the
+      second-order statistics of each channel (texture, contrast), in which noise, documents and photos
+      differ most from an X-ray, at the cost of one more vector of the same size.
+
+    `saliency=True` also returns "block_input", with autograd tracking the logits back to it and no further (the
+    model's weights must not require gradients, as in `cxr.predict.load_classifier`): for a ViT the tokens
+    entering the last block (batch, tokens, features), for a convolutional network the last stage's feature
+    map (batch, channels, height, width). Grad-CAM (`cxr.saliency.grad_cam`) then costs a backward pass through
+    the last block (or the pooling) and the head only, instead of a second full forward and backward.
     """
     model.eval()
+    if hasattr(model, "vit"):
+        return _transformer_features(model, pixel_values, saliency)
+    return _convolutional_features(model, pixel_values, saliency)
+
+
+def _transformer_features(model, pixel_values: torch.Tensor, saliency: bool) -> dict[str, torch.Tensor]:
     kept = {}
 
     def track_block_input(block, args):
@@ -80,6 +99,28 @@ def forward_features(model, pixel_values: torch.Tensor, saliency: bool = False) 
             hook.remove()
     last_block = outputs.hidden_states[-1].detach()
     tokens = torch.cat([last_block[:, 0], last_block[:, 1:].mean(dim=1)], dim=-1)
+    return {"logits": logits, "cls": cls.detach(), "tokens": tokens, **kept}
+
+
+def _convolutional_features(model, pixel_values: torch.Tensor, saliency: bool) -> dict[str, torch.Tensor]:
+    base = getattr(model, model.base_model_prefix)  # model.resnet, model.convnext, ...
+    kept = {}
+
+    def track_feature_map(stage, args, output):
+        kept["block_input"] = output.detach().requires_grad_()
+        return kept["block_input"]
+
+    hook = base.encoder.stages[-1].register_forward_hook(track_feature_map) if saliency else None
+    try:
+        with torch.set_grad_enabled(saliency):
+            outputs = base(pixel_values.to(model.device, model.dtype))
+            cls = outputs.pooler_output.flatten(1)  # ResNet pools to (batch, channels, 1, 1); its head flattens the same way
+            logits = model.classifier(cls)
+    finally:
+        if hook is not None:
+            hook.remove()
+    feature_map = outputs.last_hidden_state.detach()
+    tokens = torch.cat([feature_map.mean(dim=(2, 3)), feature_map.std(dim=(2, 3), correction=0)], dim=-1)
     return {"logits": logits, "cls": cls.detach(), "tokens": tokens, **kept}
 
 
@@ -128,9 +169,15 @@ def fold_temperature(model, temperature: float) -> None:
 
     The applied total is kept in `model.config.calibration_temperature` (saved in config.json), so a later
     refit starts from the uncalibrated head instead of stacking temperatures."""
-    model.classifier.weight.div_(temperature)
-    model.classifier.bias.div_(temperature)
+    head = classifier_head(model)
+    head.weight.div_(temperature)
+    head.bias.div_(temperature)
     model.config.calibration_temperature = current_temperature(model) * temperature
+
+
+def classifier_head(model) -> torch.nn.Linear:
+    """The Linear layer that gives the logits: `model.classifier` itself (ViT, ConvNeXt) or its last Linear (ResNet's is Flatten + Linear)."""
+    return [module for module in model.classifier.modules() if isinstance(module, torch.nn.Linear)][-1]
 
 
 def current_temperature(model) -> float:

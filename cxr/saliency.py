@@ -1,12 +1,13 @@
-"""Where the evidence for a prediction came from: Grad-CAM on a ViT's patch tokens, blended over the X-ray.
+"""Where the evidence for a prediction came from: Grad-CAM on the network's last feature grid, blended over the X-ray.
 
-Grad-CAM (Selvaraju et al. 2017) adapted to a Vision Transformer: take the patch tokens that enter the
-last transformer block, weight each feature channel by the mean gradient of the chosen class's logit
-with respect to it, sum over channels, keep the positive part. The result is one value per patch
-(a 14 x 14 grid for a 224 px, 16 px-patch ViT; 8 x 8 for the `scratch-small` preset), stretched back
-over the image.
+Grad-CAM (Selvaraju et al. 2017): take a late grid of activations, weight each feature channel by the mean
+gradient of the chosen class's logit with respect to it, sum over channels, keep the positive part.
+For a convolutional network (ResNet, ConvNeXt) the grid is the classic one, the last stage's feature map
+(4 x 4 for the `scratch-resnet` preset). For a Vision Transformer it is the patch tokens that enter the last
+transformer block: one value per patch (a 14 x 14 grid for a 224 px, 16 px-patch ViT; 8 x 8 for the
+`scratch-small` preset). Either grid is stretched back over the image.
 
-What it shows, honestly: a coarse hint of which patches pushed the model towards that class. It is not a
+What it shows, honestly: a coarse hint of which regions pushed the model towards that class. It is not a
 lesion outline, not a diagnosis, and a model that learned a shortcut (a text marker, the image border)
 will show exactly that shortcut, which is the main reason to look at it.
 """
@@ -28,7 +29,7 @@ def saliency_overlay(image: Image.Image, heat: np.ndarray, opacity: float = 0.6)
     """
     scale = SIDE / max(image.size)
     base = image.convert("RGB").resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
-    # Patch grid -> image size; bilinear, because a blocky grid looks more precise than it is.
+    # Feature grid -> image size; bilinear, because a blocky grid looks more precise than it is.
     heat_image = Image.fromarray((heat * 255).astype(np.uint8), mode="L").resize(base.size, Image.BILINEAR)
     heat = np.asarray(heat_image, dtype=np.float32)[..., None] / 255.0
     colour = colormaps["jet"](heat[..., 0])[..., :3]
@@ -39,20 +40,26 @@ def saliency_overlay(image: Image.Image, heat: np.ndarray, opacity: float = 0.6)
 
 
 def grad_cam(outputs: dict[str, torch.Tensor], class_indices: list[int]) -> np.ndarray:
-    """Grad-CAM over the patch grid, one map per image of the batch for its class in `class_indices`.
+    """Grad-CAM over the feature grid, one map per image of the batch for its class in `class_indices`.
 
-    `outputs` comes from `cxr.reliability.forward_features(..., saliency=True)`. Returns an array
+    `outputs` comes from `cxr.reliability.forward_features(..., saliency=True)`: its "block_input" is a ViT's
+    tokens (batch, tokens, features) or a CNN's feature map (batch, channels, rows, columns). Returns an array
     (batch, rows, columns), each map scaled to 0..1 (all zeros where there is no evidence).
     """
-    tokens = outputs["block_input"]  # what the last block reads: patch tokens can still reach the class token
+    activations = outputs["block_input"]
     logits = outputs["logits"]
     # Images of a batch do not interact, so one backward pass of the sum gives each image its own gradient.
     chosen = logits[torch.arange(len(class_indices)), torch.as_tensor(class_indices)].sum()
-    (gradient,) = torch.autograd.grad(chosen, tokens)
-    # Patch tokens are the last rows*columns tokens (after the class token, and DeiT's distillation token); inputs are square.
-    side = int((tokens.shape[1] - 1) ** 0.5)
-    activations = tokens[:, -side * side :].detach().float()
-    weights = gradient[:, -side * side :].float().mean(dim=1, keepdim=True)
-    cam = torch.relu((activations * weights).sum(dim=-1)).reshape(-1, side, side).cpu().numpy()
+    (gradient,) = torch.autograd.grad(chosen, activations)
+    if activations.dim() == 4:  # a CNN's feature map: one weight per channel, the gradient's spatial mean
+        weights = gradient.float().mean(dim=(2, 3), keepdim=True)
+        cam = torch.relu((activations.detach().float() * weights).sum(dim=1)).cpu().numpy()
+    else:
+        # ViT tokens entering the last block: patch tokens can still reach the class token there. They are the last
+        # rows*columns tokens (after the class token, and DeiT's distillation token); inputs are square.
+        side = int((activations.shape[1] - 1) ** 0.5)
+        tokens = activations[:, -side * side :].detach().float()
+        weights = gradient[:, -side * side :].float().mean(dim=1, keepdim=True)
+        cam = torch.relu((tokens * weights).sum(dim=-1)).reshape(-1, side, side).cpu().numpy()
     peak = cam.max(axis=(1, 2), keepdims=True)
     return np.divide(cam, peak, out=np.zeros_like(cam), where=peak > 0)

@@ -153,6 +153,7 @@ class XrayTrainer(Trainer):
             save_file({name: value.contiguous() for name, value in self.stashed_weights.items()}, folder / TRAINING_WEIGHTS)
 
     def train(self, *args, **kwargs):
+        self.averaged_weights, self.averaged_step = None, 0  # a fresh average for each run (and each search trial)
         result = super().train(*args, **kwargs)
         if self.averaged_weights is not None and not self.args.load_best_model_at_end:
             self._unwrapped().load_state_dict(self.averaged_weights, strict=True)  # the average is the model we keep

@@ -1,6 +1,7 @@
 """End to end: train_vit.py writes one model folder that pipeline() loads; resume; fine-tuning a local checkpoint."""
 
 import json
+import re
 import os
 
 import numpy as np
@@ -136,3 +137,28 @@ def test_weight_averaging_is_what_is_evaluated_saved_and_resumed(tmp_path, monke
     assert all(torch.allclose(final[key], expected[key], atol=1e-6) for key in expected)
     final, expected = (load_file(tmp_path / run / "model.safetensors") for run in ("resumed", "straight"))
     assert all(torch.allclose(final[key], expected[key], atol=1e-6) for key in expected)
+
+
+def test_hyperparameter_search_tries_settings_and_trains_with_the_best(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train_vit.main(["--data_dir", "synthetic", *TINY, "--output_dir", "searched", "--num_train_epochs", "1", "--search_trials", "2", "--search_epochs", "1"])
+    summary = json.loads((tmp_path / "searched" / "metrics.json").read_text())
+    trials = summary["search"]["trials"]
+    assert len(trials) == 2 and len({trial["learning_rate"] for trial in trials}) == 2
+    assert all(0.0 <= trial["validation_macro_f1"] <= 1.0 for trial in trials if trial["state"] == "COMPLETE")
+    best = summary["search"]["best"]
+    assert best["validation_macro_f1"] == max(trial["validation_macro_f1"] or 0 for trial in trials)
+    assert f"learning rate {best['hyperparameters']['learning_rate']:g}" in (tmp_path / "searched" / "README.md").read_text()
+    assert not (tmp_path / "searched" / "search").exists()
+
+
+def test_a_recipe_supplies_options_and_the_command_line_overrides_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train_vit.main(["--data_dir", "synthetic", "--recipe", "vit-offline", *TINY, "--output_dir", "recipe", "--num_train_epochs", "1"])
+    command = re.search(r"\*\*Command:\*\* `(.*)`", (tmp_path / "recipe" / "README.md").read_text())[1]
+    assert "--lr_scheduler_type cosine" in command and "--label_smoothing_factor 0.1" in command  # from the recipe
+    summary = json.loads((tmp_path / "recipe" / "metrics.json").read_text())
+    assert summary["model_origin"]["name"] == "scratch-tiny"  # the command line's --model wins over the recipe's
+    assert summary["train"]["epoch"] == 1.0
+    with pytest.raises(SystemExit, match="No recipe 'no-such'.*vit-offline"):
+        train_vit.main(["--data_dir", "synthetic", "--recipe", "no-such"])
