@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from transformers import EarlyStoppingCallback, HfArgumentParser, TrainingArguments, set_seed
 
 from cxr.card import render_model_card
@@ -146,7 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
     source = Path("data/synthetic").resolve() if synthetic else Path(data_args.data_dir).expanduser()
     prepared_dir = Path(data_args.prepared_dir or Path("data/prepared") / source.resolve().name)
     report = None  # what prepare found; only the process that prepared has it, and only that one writes metrics.json
-    with training_args.main_process_first(local=training_args.save_on_each_node, desc="data preparation"):
+    # The file lock: two runs started at once on one data folder (a sweep, a comparison) take turns, instead of one
+    # reading the tree while the other rewrites it.
+    with training_args.main_process_first(local=training_args.save_on_each_node, desc="data preparation"), FileLock(f"{prepared_dir}.lock"):
         if training_args.should_save:
             if synthetic:
                 make_synthetic_dataset(source, images_per_class=data_args.synthetic_images_per_class)

@@ -141,7 +141,8 @@ def prepare_dataset(
     The validation split is about `validation_fraction` of the training images, chosen by patient
     (deterministic for `seed`). A source `val/` folder (Kaggle's has 16 images) is folded into train,
     unless `keep_kaggle_val` keeps it as the validation split. Images are symlinked (absolute targets),
-    or copied when `copy` is true. Re-running replaces a tree an earlier run wrote; any other non-empty
+    or copied when `copy` is true. Re-running updates a tree an earlier run wrote, touching only entries that
+    changed (each replaced atomically), so a run training from the tree is not disturbed; any other non-empty
     `output_dir` is refused.
     """
     source = Path(source_dir).expanduser().resolve()
@@ -184,19 +185,26 @@ def prepare_dataset(
                          + (f" {len(skipped)} file(s) were skipped, e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""))
 
     splits = assign_splits(images, validation_fraction, seed, keep_kaggle_val)
-    for path in previous_output_files:
-        path.unlink(missing_ok=True)
-    remove_empty_split_folders(output)
     rows = plan_output_files(images, splits)
+    planned = {output / row["file"] for row in rows}
+    for path in previous_output_files:
+        if path not in planned:
+            path.unlink(missing_ok=True)
+    remove_empty_split_folders(output)
     write_csv(output / MANIFEST_NAME, MANIFEST_COLUMNS, rows)  # first, so even an interrupted run is recognised as ours
     write_csv(output / SKIPPED_NAME, SKIPPED_COLUMNS, [{"source": path, "reason": reason} for path, reason in skipped])
     for row in rows:
         destination = output / row["file"]
+        if not copy and destination.is_symlink() and os.readlink(destination) == row["source"]:
+            continue  # already there: a re-run leaves the tree as it was, so a training run reading it is not disturbed
         destination.parent.mkdir(parents=True, exist_ok=True)
+        staged = destination.with_name(f".{destination.name}.partial")
+        staged.unlink(missing_ok=True)
         if copy:
-            shutil.copyfile(row["source"], destination)
+            shutil.copyfile(row["source"], staged)
         else:
-            os.symlink(row["source"], destination)
+            os.symlink(row["source"], staged)
+        os.replace(staged, destination)  # atomic: a reader sees the old entry or the new one, never none
 
     counts = {split: dict.fromkeys(CLASS_NAMES, 0) for split in OUTPUT_SPLITS if split in splits}
     for image, split in zip(images, splits):
@@ -421,7 +429,11 @@ def files_written_by_previous_prepare(output: Path) -> list[Path]:
         for name in subfolders:
             if Path(folder, name).is_symlink():
                 foreign.append(Path(folder, name))
-        foreign += [Path(folder, name) for name in file_names if Path(folder, name) not in ours]
+        for name in file_names:
+            if name.startswith(".") and name.endswith(".partial"):
+                ours.add(Path(folder, name))  # staged by a run interrupted mid-write; removed below
+            elif Path(folder, name) not in ours:
+                foreign.append(Path(folder, name))
     if foreign:
         listed = ", ".join(str(path) for path in foreign[:5])
         raise ValueError(

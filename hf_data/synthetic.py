@@ -48,10 +48,7 @@ def make_synthetic_dataset(output_dir: str | os.PathLike, *, images_per_class: i
     output = Path(output_dir).expanduser().resolve()
     if output.exists() and any(output.iterdir()) and not (output / README_NAME).exists():
         raise ValueError(f"{output} is not empty and holds no synthetic data set; choose a new or empty folder.")
-    for split in ("train", "test"):
-        for folder_name in SYNTHETIC_FOLDERS.values():
-            for old_image in (output / split / folder_name).glob("synthetic_*.png"):
-                old_image.unlink()
+    old_images = {path for split in ("train", "test") for folder_name in SYNTHETIC_FOLDERS.values() for path in (output / split / folder_name).glob("synthetic_*.png")}
 
     rng = np.random.default_rng(seed)
     output.mkdir(parents=True, exist_ok=True)
@@ -68,10 +65,15 @@ def make_synthetic_dataset(output_dir: str | os.PathLike, *, images_per_class: i
                 pixels = draw_chest(rng, size, class_name, anatomy)
                 path = output / split / folder_name / f"synthetic_person{next_patient:04d}_{k}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(pixels).save(path)  # uint8 2-D array: grayscale
+                staged = path.with_name(f".{path.name}.partial")
+                Image.fromarray(pixels).save(staged, format="PNG")  # uint8 2-D array: grayscale
+                os.replace(staged, path)  # atomic: a training run reading the same folder never finds the file missing
+                old_images.discard(path)
             made += images_of_patient
             in_test += images_of_patient if split == "test" else 0
             next_patient += 1
+    for stale in old_images:  # from an earlier run with more images per class
+        stale.unlink()
     return output
 
 

@@ -256,9 +256,12 @@ def test_rerun_is_idempotent_and_leaves_nothing_stale(kaggle, tmp_path):
     output = tmp_path / "prepared"
     first = prepare_dataset(source, output)
     before = checksums(output)
+    links = {path: os.lstat(path).st_ino for path in output.rglob("*") if path.is_symlink()}
     second = prepare_dataset(source, output)
     assert second == first
     assert checksums(output) == before
+    # Not even rewritten: a training run reading the tree while another run prepares it finds every file in place.
+    assert links and all(os.lstat(path).st_ino == inode for path, inode in links.items())
 
     prepare_dataset(source / "train", output, seed=5)  # different arguments: the old tree is replaced
     rows = read_csv(output / "manifest.csv")

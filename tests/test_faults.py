@@ -124,6 +124,19 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint_to_the_same_resu
         assert summary[split]["accuracy"] == pytest.approx(reference_summary[split]["accuracy"], abs=0.2), split
 
 
+def test_two_runs_started_at_once_on_one_data_folder_both_finish(tmp_path):
+    """A sweep or a comparison launched in parallel: both prepare the same data folder; they take turns (a file lock)
+    instead of one reading the imagefolder tree while the other rewrites it."""
+    command = [sys.executable, str(REPO / "train_vit.py"), *RUN, "--num_train_epochs", "1", "--synthetic_images_per_class", "120"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    runs = [subprocess.Popen([*command, "--output_dir", f"run{index}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for index in range(2)]
+    for run in runs:
+        output, _ = run.communicate(timeout=300)
+        assert run.returncode == 0, output[-3000:]
+    counts = [json.loads((tmp_path / f"run{index}" / "metrics.json").read_text())["data"]["counts"] for index in range(2)]
+    assert counts[0] == counts[1] and sum(counts[0]["train"].values()) > 0
+
+
 # ---- a hostile data folder -----------------------------------------------------------------------------------------
 # tests/test_data_prepare.py already covers zero-byte, truncated and non-image files, unlabelable names, a symlink
 # loop (file and folder) and unchanged checksums for one broken file. Added here: what could hang or exhaust memory
