@@ -54,11 +54,15 @@ def class_weights(labels, num_classes: int) -> torch.Tensor:
 
 
 def weighted_loss(weights: torch.Tensor, label_smoothing: float = 0.0):
-    """A `compute_loss_func` for `Trainer`: cross-entropy with per-class weights."""
+    """A `compute_loss_func` for `Trainer`: cross-entropy with per-class weights, averaged over the images of a step."""
 
     def compute_loss(outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"]
-        return F.cross_entropy(logits, labels, weight=weights.to(logits.device), label_smoothing=label_smoothing)
+        total = F.cross_entropy(logits, labels, weight=weights.to(logits.device), label_smoothing=label_smoothing, reduction="sum")
+        # Given a compute_loss_func, Trainer leaves the division to it and passes the number of images in the whole
+        # (gradient-accumulated) step: summing per micro-batch and dividing by that total makes 2 x 16 images with
+        # --gradient_accumulation_steps 2 the same step as 32 at once. Evaluation passes no count: average the batch.
+        return total / (num_items_in_batch if num_items_in_batch is not None else len(labels))
 
     return compute_loss
 
