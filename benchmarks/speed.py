@@ -8,6 +8,10 @@ Same model, same images (full-resolution JPEGs: decoding and resizing included),
   batched fp32     the project's predictor, every pixel decoded, batched      : must agree 100% with plain
   + draft decode   JPEGs decoded at reduced scale (Image.draft) before resizing
   + int8           Linear layers dynamically quantized to int8                : must agree >= 99%
+  ORT fp32         draft decode, the forward pass run by ONNX Runtime         : must agree 100% with plain
+  ORT int8         the same with ONNX Runtime's int8 quantization             : must agree >= 99%
+The ONNX graphs (cxr.onnx_runtime) are exported into the model folder before any path is timed, as a second
+run of the predictor finds them, so no row includes the export.
 Each path runs in its own fresh worker process, so its peak memory (peak RSS, torch and the model included)
 is its own. Prints images/s, speed-up over plain, share of the physical ceiling (this machine's float32
 matmul rate / FLOPs per image), peak memory and top-1 agreement with plain. Then single-request latency
@@ -33,7 +37,14 @@ from cxr.models import PRESETS, build_model
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "xray_originals"
 LABELS = {0: "Bacterial pneumonia", 1: "Normal", 2: "Viral pneumonia"}
-PATHS = ["plain pipeline, 1 at a time", "batched fp32", "batched fp32 + draft decode", "batched int8 + draft decode"]
+PATHS = [
+    "plain pipeline, 1 at a time",
+    "batched fp32",
+    "batched fp32 + draft decode",
+    "batched int8 + draft decode",
+    "ORT fp32 + draft decode",
+    "ORT int8 + draft decode",
+]
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
@@ -67,7 +78,7 @@ def worker(model_dir: str, path_name: str, images: list[Path], batch_size: int) 
         plain = pipeline("image-classification", model=model_dir)
         run = lambda files: [plain(str(f), top_k=1)[0]["label"] for f in files]  # noqa: E731
     else:
-        classifier = load_classifier(model_dir, int8="int8" in path_name)
+        classifier = load_classifier(model_dir, int8="int8" in path_name, onnx=path_name.startswith("ORT"))
         draft = "draft" in path_name
         run = lambda files: [p.top_label for p in classify(classifier, files, batch_size=batch_size, draft=draft)]  # noqa: E731
     run(images[:2])  # warm-up: first calls allocate and pick kernels
@@ -75,6 +86,14 @@ def worker(model_dir: str, path_name: str, images: list[Path], batch_size: int) 
     labels = run(images)
     rate = len(images) / (time.perf_counter() - start)
     return dict(labels=labels, rate=rate, peak_mib=peak_rss_mib())
+
+
+def export_onnx(model_dir: str) -> None:
+    """Write the folder's cached ONNX graphs (float32 and int8), so the ORT rows time and measure the memory of a
+    load that finds them, as every load after the first does. In a process of its own, like the paths (its
+    progress bars stay out of the table)."""
+    code = f"from cxr.predict import load_classifier\nfor int8 in (False, True): load_classifier({model_dir!r}, onnx=True, int8=int8)"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
 def peak_rss_mib() -> float:
@@ -167,6 +186,7 @@ def main() -> None:
         latencies = []
         for label, folder, config in models:
             ceiling = rate / vit_gflops(config)
+            export_onnx(folder)
             rows = {}
             for path_name in PATHS:
                 command = [sys.executable, "-m", "benchmarks.speed", "--images", str(args.images), "--repeat", str(args.repeat), "--batch_size", str(args.batch_size), "--worker", folder, path_name]

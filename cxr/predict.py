@@ -11,6 +11,7 @@ out-of-distribution statistics (`ood.safetensors`, see `cxr.reliability`). One u
 
 `classify` runs that forward pass itself (the same processor and model the pipeline runs, so the same
 probabilities) because the flag (and the app's Grad-CAM map) needs the features the pipeline does not return.
+With `load_classifier(..., onnx=True)` ONNX Runtime computes the same logits and features (`cxr.onnx_runtime`).
 """
 
 from __future__ import annotations
@@ -47,14 +48,19 @@ class ModelNotFoundError(RuntimeError):
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom"}
 
 
-def load_classifier(model: str | Path, device: str | int | None = None, int8: bool = False) -> Pipeline:
+def load_classifier(model: str | Path, device: str | int | None = None, int8: bool = False, onnx: bool = False) -> Pipeline:
     """The image-classification pipeline for a model folder or Hub id: safetensors weights only, no remote code.
 
     Its `ood_detector` attribute holds the folder's out-of-distribution statistics (None for a folder without
     them: run `python -m cxr.reliability`), which `classify` uses to flag inputs that are not chest X-rays.
     `int8=True` quantizes the Linear layers to int8 (dynamic quantization): about twice as fast on a CPU,
     with top-1 agreement measured by `python -m benchmarks.speed`.
+    `onnx=True` makes `classify` run the forward pass with ONNX Runtime on the CPU (the `onnx_features`
+    attribute; with `int8=True`, ONNX Runtime's own int8 quantization instead of PyTorch's), exported into the
+    model folder on first use: see `cxr.onnx_runtime`. The pipeline itself, called directly, still runs PyTorch.
     """
+    if onnx and device not in (None, "cpu", -1):
+        raise ValueError("onnx=True runs on the CPU: leave device unset")
     model = str(model)
     path = Path(model).expanduser()
     # A Hub id is "owner/name"; anything else, or a path whose first folder exists here, is a local folder.
@@ -72,7 +78,12 @@ def load_classifier(model: str | Path, device: str | int | None = None, int8: bo
     except (OSError, ValueError) as error:
         raise ModelNotFoundError(f"Could not load the model '{model}': {error}\n{TRAIN_HINT}") from error
     classifier.model.requires_grad_(False)  # inference only; Grad-CAM's gradients then reach no further back than they must
-    if int8:
+    classifier.onnx_features = None
+    if onnx:
+        from cxr.onnx_runtime import load_onnx_features  # imports onnxruntime only for those who ask for it
+
+        classifier.onnx_features = load_onnx_features(classifier.model, input_size(classifier.image_processor), int8, path if looks_local else None)
+    elif int8:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch 2.13 flags its quantized tensors as deprecated; they still work
             classifier.model = torch.ao.quantization.quantize_dynamic(classifier.model, {torch.nn.Linear}, dtype=torch.qint8)
@@ -120,7 +131,7 @@ def classify(
 ) -> list[Prediction]:
     """Top-k labels for each image, batched. An input that cannot be decoded gets its error; the rest go on.
 
-    `saliency=True` adds a Grad-CAM map for each top label from the same forward pass (not for int8 models).
+    `saliency=True` adds a Grad-CAM map for each top label from the same forward pass (not for int8 or ONNX models).
     `draft` decodes large JPEGs at a reduced scale that still exceeds the model's input size (much faster;
     `draft=False` decodes every pixel, exactly as the plain pipeline does).
     """
@@ -136,10 +147,13 @@ def classify(
         except ImageLoadError as error:
             predictions[index].error = str(error)
     detector = getattr(classifier, "ood_detector", None)
+    onnx_features = getattr(classifier, "onnx_features", None)
+    if saliency and onnx_features:
+        raise ValueError("Grad-CAM needs the PyTorch model's gradients: load the classifier without onnx=True")
     id2label = classifier.model.config.id2label
     for start in range(0, len(pixel_rows), batch_size):
         pixel_values = torch.stack(pixel_rows[start : start + batch_size])
-        outputs = forward_features(classifier.model, pixel_values, saliency=saliency)
+        outputs = onnx_features(pixel_values) if onnx_features else forward_features(classifier.model, pixel_values, saliency=saliency)
         probabilities = outputs["logits"].detach().float().softmax(dim=-1).cpu()
         heat = grad_cam(outputs, probabilities.argmax(dim=-1).tolist()) if saliency else None
         ood_scores, accepted = detector.check(outputs) if detector else (None, None)

@@ -1,0 +1,98 @@
+"""The ONNX Runtime path: the float32 graph computes what PyTorch computes, int8 keeps the answers and the X-ray
+check, and the graph cached in the model folder follows the weights."""
+
+import csv
+import shutil
+
+import onnx
+import pytest
+import torch
+from transformers import AutoModelForImageClassification
+
+import predict
+from cxr import onnx_runtime
+from cxr.onnx_runtime import FINGERPRINT_KEY, ONNX_FILES, load_onnx_features
+from cxr.predict import classify, load_classifier
+from cxr.reliability import fold_temperature, forward_features
+
+
+@pytest.fixture
+def model_dir(tiny_model_dir, tmp_path):
+    """A copy of the tiny model folder, so the graphs cached into it stay out of the shared fixture."""
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, copy, ignore=shutil.ignore_patterns("checkpoint-*"))
+    return copy
+
+
+@pytest.fixture
+def xrays(tiny_model_dir):
+    """The tiny model's own (synthetic) validation images: what it was trained for, so its answers are not coin flips."""
+    files = sorted((tiny_model_dir.parent / "data" / "prepared" / "synthetic" / "validation").rglob("*.png"))
+    return files[::2][:16]
+
+
+def test_float32_graph_computes_what_torch_computes(model_dir):
+    reference, exported = load_classifier(model_dir), load_classifier(model_dir, onnx=True)
+    assert (model_dir / ONNX_FILES[False]).is_file()
+    size = reference.model.config.image_size
+    for batch in (1, 5):  # the batch axis is dynamic (traced with 2)
+        pixels = torch.randn(batch, 3, size, size)
+        expected, actual = forward_features(reference.model, pixels), exported.onnx_features(pixels)
+        for name in ("logits", "cls", "tokens"):
+            torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-5)
+
+
+def test_int8_keeps_the_top_label_and_the_xray_check(model_dir, xrays):
+    reference = classify(load_classifier(model_dir), xrays)
+    quantized = classify(load_classifier(model_dir, onnx=True, int8=True), xrays)
+    operators = {node.op_type for node in onnx.load(str(model_dir / ONNX_FILES[True])).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= operators  # really int8, not the float32 graph under another name
+    decided = 0
+    for int8, float32 in zip(quantized, reference):
+        assert int8.scores.keys() == float32.scores.keys()
+        assert all(int8.scores[label] == pytest.approx(float32.scores[label], abs=0.02) for label in float32.scores)
+        best, second = sorted(float32.scores.values(), reverse=True)[:2]
+        if best - second > 0.04:  # not a near tie (this tiny model has some), so int8 must pick the same label
+            assert int8.top_label == float32.top_label
+            decided += 1
+        assert isinstance(int8.ood_score, float) and isinstance(int8.looks_like_chest_xray, bool)
+        assert int8.ood_score == pytest.approx(float32.ood_score, rel=0.2)
+    assert decided >= len(xrays) // 2
+
+
+def test_cached_graph_is_reused_until_the_weights_change(model_dir, monkeypatch):
+    exports = []
+    real_export = onnx_runtime.export
+    monkeypatch.setattr(onnx_runtime, "export", lambda *args: exports.append(args) or real_export(*args))
+    load_classifier(model_dir, onnx=True)
+    load_classifier(model_dir, onnx=True)
+    assert len(exports) == 1
+
+    # Recalibrate as `python -m cxr.reliability` does: new head weights in the same folder.
+    model = AutoModelForImageClassification.from_pretrained(model_dir)
+    fold_temperature(model, 2.0)
+    model.save_pretrained(model_dir)
+    classifier = load_classifier(model_dir, onnx=True)
+    assert len(exports) == 2
+    size = model.config.image_size
+    pixels = torch.randn(3, 3, size, size)
+    torch.testing.assert_close(classifier.onnx_features(pixels)["logits"], forward_features(model, pixels)["logits"], rtol=1e-4, atol=1e-5)
+
+
+def test_without_a_writable_folder_nothing_is_cached(model_dir):
+    classifier = load_classifier(model_dir)
+    features = load_onnx_features(classifier.model, classifier.model.config.image_size, int8=False, folder=None)  # as for a Hub id
+    assert FINGERPRINT_KEY in features.session.get_modelmeta().custom_metadata_map
+    assert not any(model_dir.glob("*.onnx"))
+
+
+def test_grad_cam_asks_for_the_torch_model(model_dir, xrays):
+    with pytest.raises(ValueError, match="Grad-CAM"):
+        classify(load_classifier(model_dir, onnx=True), xrays[:1], saliency=True)
+
+
+def test_batch_predictor_option(model_dir, xrays, tmp_path):
+    output = tmp_path / "predictions.csv"
+    assert predict.main([*map(str, xrays[:4]), "--model", str(model_dir), "--output", str(output), "--onnx", "--int8"]) == 0
+    rows = list(csv.DictReader(output.open()))
+    assert len(rows) == 4 and all(row["label_1"] and row["looks_like_chest_xray"] in ("true", "false") for row in rows)
