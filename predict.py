@@ -10,8 +10,11 @@ Files that cannot be read are kept in the output with their error; the run goes 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep instead of spinning: see app.py
 
 from cxr.models import DEFAULT_MODEL_DIR
 from cxr.predict import ModelNotFoundError, find_images, load_classifier, predict_files, write_predictions

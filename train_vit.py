@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
 import shlex
 import shutil
 import sys
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "model_origin": asdict(origin) | {"description": origin.describe()},
         "data": {"source": str(source), "synthetic": synthetic, "counts": report.counts, "skipped": len(report.skipped)},
-        "train": train_result.metrics,
+        "train": train_result.metrics | {"peak_memory_mib": peak_memory_mib()},
         "best_checkpoint": trainer.state.best_model_checkpoint,
         **({"search": search} if search else {}),
         **results,
@@ -352,6 +353,12 @@ def search_hyperparameters(search_args: SearchArguments, training_args: Training
         "train_samples_per_trial": len(trainer_parts["train_dataset"]),
         "minutes": (time.monotonic() - started) / 60,
     }
+
+
+def peak_memory_mib() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def check_writable(output_dir: Path) -> None:

@@ -4,7 +4,7 @@
     python -m benchmarks.ood --model outputs/quick --data_dir data/prepared/synthetic
 
 The model folder must hold the statistics `python -m cxr.reliability` (or train_vit.py) writes; every threshold
-is the stored one, set so that 95 % of the validation X-rays are accepted.
+is the stored one, set so that ACCEPT_RATE (97 %) of the validation X-rays are accepted.
 
 In distribution:  the validation split (patient-grouped, never trained on) and the 24 full-resolution originals
                   in ../shared/data/xray_originals, decoded as the app decodes them.

@@ -21,6 +21,7 @@ through the running app (gradio_client) against the model's own forward time for
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import socket
 import statistics
@@ -30,7 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep instead of spinning: see app.py
+
+import torch  # noqa: E402
 from transformers import AutoConfig
 
 from cxr.models import PRESETS, build_model

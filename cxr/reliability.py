@@ -12,8 +12,8 @@ of every run) and both are saved in that folder, so every way of loading it gets
   before and after, in `metrics.json`.
 - **Out-of-distribution statistics** (`ood.safetensors`). The penultimate features of the training images give
   one mean per class and a shared covariance (Ledoit-Wolf shrinkage). An image's score is the squared
-  Mahalanobis distance of its features to the nearest class mean; the threshold accepts 95 % of the
-  patient-grouped validation X-rays, and anything above it is flagged as "does not look like a pediatric chest
+  Mahalanobis distance of its features to the nearest class mean; the threshold accepts 97 % of the
+  patient-grouped validation X-rays (ACCEPT_RATE), and anything above it is flagged as "does not look like a pediatric chest
   X-ray". `cxr.predict.load_classifier` loads the file with the weights, so the app, the batch predictor and
   `cxr.predict.classify` give the same verdict (plain `pipeline()` cannot: it returns no features).
 
@@ -24,6 +24,12 @@ the vector the head reads (the final-layernormed CLS token; a CNN's pooled vecto
 only the logits.
 On the scratch-small model the default flagged every non-X-ray at 95 % acceptance; the head's input missed
 8 % of them, and the logit scores were no better than chance.
+
+Why the threshold accepts 97 % and not 95 % of the validation X-rays: the validation copies are 224 px, while real
+uploads are full-resolution files, which score higher. On the offline-recipe ViT, a 95 % threshold accepted only
+79 % of the 24 full-resolution originals in ../shared/data/xray_originals (94.3 % of all real X-rays); at 97 %, 92 %
+of them (96.9 % of all), with every non-X-ray still flagged: the lowest non-X-ray score was 275 against a threshold
+of 234 (benchmarks/ood.py prints this sweep).
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ from tqdm import tqdm
 from cxr.metrics import expected_calibration_error, softmax
 
 OOD_FILE = "ood.safetensors"
-ACCEPT_RATE = 0.95  # share of real validation X-rays the threshold lets through
+ACCEPT_RATE = 0.97  # share of real validation X-rays the threshold lets through (why 97 and not 95: see the module docstring)
 SCORES = ("mahalanobis", "mahalanobis_cls", "energy", "max_softmax")  # candidate out-of-distribution scores; higher = less like the training X-rays
 DEFAULT_SCORE = "mahalanobis"
 
@@ -225,7 +231,7 @@ MAHALANOBIS_FEATURES = {"mahalanobis": "tokens", "mahalanobis_cls": "cls"}
 
 @dataclass
 class OodDetector:
-    """Training-split feature statistics, and the 95 %-accept threshold of every candidate score.
+    """Training-split feature statistics, and the ACCEPT_RATE threshold of every candidate score.
 
     `class_means[kind]` is (classes, features) and `precision[kind]` the inverse of the shared, shrunk covariance,
     for each feature kind of `forward_features` ("tokens", "cls"). `score_name` is the score that decides."""
@@ -326,6 +332,7 @@ def fit_reliability(model, processor, dataset, batch_size: int = 64, score_name:
         "threshold": detector.threshold,
         "thresholds": detector.thresholds,
         "fitted_on": f"train split ({len(train_labels)} images); threshold accepts {ACCEPT_RATE:.0%} of the validation split",
+        "accept_rate": ACCEPT_RATE,
         "accepted": {split: float(detector.check(outputs)[1].mean()) for split, (outputs, _) in held_out.items()},
         "file": OOD_FILE,
     }

@@ -13,7 +13,7 @@ import app
 from cxr import reliability
 from cxr.metrics import expected_calibration_error, softmax
 from cxr.predict import classify, load_classifier
-from cxr.reliability import OOD_FILE, SCORES, OodDetector, accept_threshold, fit_temperature, fold_temperature, forward_features
+from cxr.reliability import ACCEPT_RATE, OOD_FILE, SCORES, OodDetector, accept_threshold, fit_temperature, fold_temperature, forward_features
 
 
 def prepared_data(tiny_model_dir):
@@ -102,7 +102,8 @@ def test_a_fresh_model_folder_is_calibrated_and_says_so(tiny_model_dir):
 
 def test_accept_threshold_lets_through_the_asked_share():
     scores = np.random.default_rng(1).normal(size=522)
-    assert (scores <= accept_threshold(scores)).mean() == pytest.approx(0.95, abs=0.002)
+    assert (scores <= accept_threshold(scores)).mean() == pytest.approx(ACCEPT_RATE, abs=0.002)
+    assert (scores <= accept_threshold(scores, 0.95)).mean() == pytest.approx(0.95, abs=0.002)
     few = np.array([3.0, 1.0, 2.0])
     assert (few <= accept_threshold(few)).all()  # fewer than 20: all of them
 
@@ -119,7 +120,7 @@ def test_detector_flags_points_far_from_every_class():
     train, train_labels = sample(600)
     validation, _ = sample(400)
     detector = OodDetector.fit(train, train_labels, validation)
-    assert detector.check(validation)[1].mean() == pytest.approx(0.95, abs=0.003)
+    assert detector.check(validation)[1].mean() == pytest.approx(ACCEPT_RATE, abs=0.003)
     far = {key: value[:5] + (20.0 if key != "logits" else 0.0) for key, value in validation.items()}
     score, accepted = detector.check(far)
     assert not accepted.any() and (score > detector.threshold).all()

@@ -1,0 +1,56 @@
+"""The README's results table: one row per trained model folder, from the metrics.json that train_vit.py wrote.
+
+    python -m benchmarks.results outputs/vit-xray outputs/resnet-xray
+
+Validation figures are on the patient-grouped validation split (never trained on; it also picked the checkpoint and
+fitted the calibration temperature, so they flatter a little); a test split's figures are shown when the data had one.
+Wall time is Trainer's train_runtime (training and the per-epoch evaluations); peak memory is the training process's
+peak resident memory, recorded by train_vit.py (folders from before that recording show "-").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+COLUMNS = [
+    ("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("f1_bacterial_pneumonia", "F1 bacterial"), ("f1_normal", "F1 normal"),
+    ("f1_viral_pneumonia", "F1 viral"), ("pneumonia_accuracy", "pneumonia acc."), ("pneumonia_sensitivity", "sensitivity"),
+    ("pneumonia_specificity", "specificity"), ("roc_auc_ovr", "ROC-AUC"), ("expected_calibration_error", "ECE"),
+]
+
+
+def recipe_of(folder: Path) -> str:
+    """The options the run was started with, from its model card (less --data_dir and --output_dir)."""
+    card = (folder / "README.md").read_text() if (folder / "README.md").is_file() else ""
+    found = re.search(r"\*\*Command:\*\* `python train_vit.py (.*?)`", card)
+    if not found:
+        return "?"
+    options = re.sub(r"--(data_dir|output_dir|prepared_dir|save_total_limit) \S+ ?", "", found[1]).strip()
+    return options
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+", type=Path, help="Model folders written by train_vit.py.")
+    args = parser.parse_args(argv)
+    print("| model folder | split | " + " | ".join(title for _, title in COLUMNS) + " | wall time | peak memory |")
+    print("|---|---|" + "---:|" * (len(COLUMNS) + 2))
+    for folder in args.folders:
+        summary = json.loads((folder / "metrics.json").read_text())
+        train = summary["train"]
+        memory = f"{train['peak_memory_mib'] / 1024:.1f} GiB" if "peak_memory_mib" in train else "-"
+        for split in ("validation", "test"):
+            if split in summary:
+                figures = " | ".join(f"{summary[split][key]:.3f}" for key, _ in COLUMNS)
+                print(f"| `{folder.name}` | {split} | {figures} | {train['train_runtime'] / 60:.0f} min | {memory} |")
+    print()
+    for folder in args.folders:
+        summary = json.loads((folder / "metrics.json").read_text())
+        print(f"- `{folder.name}`: {summary['model_origin']['description']}; epochs run {summary['train']['epoch']:g}; options: `{recipe_of(folder)}`")
+
+
+if __name__ == "__main__":
+    main()
