@@ -19,12 +19,10 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A model folder written by a real (tiny, seconds-long) train_vit.py run on the synthetic data set."""
+def train_tiny_model(workdir: Path, preset: str) -> Path:
+    """Run train_vit.py for real (tiny, seconds long) on the synthetic data set with `preset`; return the model folder."""
     import train_vit
 
-    workdir = tmp_path_factory.mktemp("tiny_run")
     output_dir = workdir / "model"
     previous = Path.cwd()
     os.chdir(workdir)  # synthetic and prepared data go under ./data of the run
@@ -33,7 +31,7 @@ def tiny_model_dir(tmp_path_factory) -> Path:
             [
                 "--data_dir", "synthetic",
                 "--synthetic_images_per_class", "40",
-                "--model", "scratch-tiny",
+                "--model", preset,
                 "--output_dir", str(output_dir),
                 "--num_train_epochs", "2",
                 "--learning_rate", "3e-3",
@@ -45,3 +43,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     finally:
         os.chdir(previous)
     return output_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A model folder written by a real (tiny, seconds-long) train_vit.py run of the scratch-tiny ViT."""
+    return train_tiny_model(tmp_path_factory.mktemp("tiny_run"), "scratch-tiny")
+
+
+@pytest.fixture(scope="session")
+def cnn_model_dir(tmp_path_factory) -> Path:
+    """The same for the scratch-tiny-resnet preset (tests/test_cnn.py)."""
+    return train_tiny_model(tmp_path_factory.mktemp("tiny_cnn_run"), "scratch-tiny-resnet")

@@ -4,7 +4,6 @@ check and Grad-CAM, and their model folder loads in pipeline() and the project's
 import copy
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +11,6 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageClassification, ConvNextConfig, TrainingArguments, pipeline
 
-import train_vit
 from cxr.models import PRESETS, build_model
 from cxr.predict import classify, load_classifier
 from cxr.reliability import OOD_FILE, OodDetector, classifier_head, fold_temperature, forward_features
@@ -20,32 +18,6 @@ from cxr.saliency import grad_cam
 from inputs import chest_like
 
 LABELS = {0: "Bacterial pneumonia", 1: "Normal", 2: "Viral pneumonia"}
-
-
-@pytest.fixture(scope="module")
-def cnn_model_dir(tmp_path_factory) -> Path:
-    """A model folder written by a real (tiny, seconds-long) train_vit.py run of the scratch-tiny-resnet preset."""
-    workdir = tmp_path_factory.mktemp("tiny_cnn_run")
-    output_dir = workdir / "model"
-    previous = Path.cwd()
-    os.chdir(workdir)  # synthetic and prepared data go under ./data of the run
-    try:
-        train_vit.main(
-            [
-                "--data_dir", "synthetic",
-                "--synthetic_images_per_class", "40",
-                "--model", "scratch-tiny-resnet",
-                "--output_dir", str(output_dir),
-                "--num_train_epochs", "2",
-                "--learning_rate", "3e-3",
-                "--per_device_train_batch_size", "16",
-                "--disable_tqdm", "true",
-                "--report_to", "none",
-            ]
-        )
-    finally:
-        os.chdir(previous)
-    return output_dir
 
 
 def tiny_convnext():
