@@ -22,47 +22,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import resource
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 from transformers import EarlyStoppingCallback, HfArgumentParser, TrainingArguments, set_seed
 
 from cxr.card import render_model_card
+from cxr.data import DataArguments, prepare_and_load
 from cxr.metrics import plot_confusion_matrix, plot_training_curves, softmax, trainer_metrics
 from cxr.models import DEFAULT_CHECKPOINT, DEFAULT_MODEL_DIR, PRESETS, build_model, input_size
 from cxr.reliability import describe_reliability, fit_reliability, save_reliability
-from cxr.training import XrayTrainer, class_weights, collate, pixel_transform, weighted_loss
-from hf_data import DISPLAY_NAMES, load_prepared, make_synthetic_dataset, prepare_dataset
+from cxr.training import XrayTrainer, check_writable, class_weights, collate, peak_memory_mib, pixel_transform, weighted_loss
+from hf_data import DISPLAY_NAMES
 
 RECIPES = Path(__file__).resolve().parent / "recipes"  # named option sets: --recipe NAME reads recipes/NAME.args
-
-@dataclass
-class DataArguments:
-    data_dir: str = field(
-        metadata={
-            "help": "Your chest X-ray folder: the Kaggle download (chest_xray/ with train/, val/, test/ and NORMAL/, "
-            "PNEUMONIA/ inside) or folders split by class ({train,test}/{bacteria,normal,viral}/). "
-            "'synthetic' generates a small stand-in data set (not X-rays) so everything runs offline."
-        }
-    )
-    prepared_dir: str | None = field(
-        default=None,
-        metadata={"help": "Where to write the imagefolder tree (links to your files, never moves them). Default: data/prepared/<name of data_dir>."},
-    )
-    validation_fraction: float = field(default=0.1, metadata={"help": "Share of the training patients held out for validation (grouped by patient, stratified by class)."})
-    synthetic_images_per_class: int = field(default=200, metadata={"help": "Images per class generated for --data_dir synthetic."})
-    keep_kaggle_val: bool = field(default=False, metadata={"help": "Use Kaggle's 16-image val/ as the validation split instead of folding it into train."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Train on at most this many images (quick experiments)."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many images (quick experiments)."})
-
 
 @dataclass
 class ModelArguments:
@@ -142,26 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
     if training_args.should_save:
         check_writable(output_dir)  # before any work: a run that cannot save its model should not start
 
-    # Data: the user's folders -> an imagefolder tree of links -> a DatasetDict. With several processes, the one that
-    # saves (per node with --save_on_each_node, for disks that are not shared) prepares it while the others wait.
-    synthetic = data_args.data_dir == "synthetic"
-    source = Path("data/synthetic").resolve() if synthetic else Path(data_args.data_dir).expanduser()
-    prepared_dir = Path(data_args.prepared_dir or Path("data/prepared") / source.resolve().name)
-    report = None  # what prepare found; only the process that prepared has it, and only that one writes metrics.json
-    # The file lock: two runs started at once on one data folder (a sweep, a comparison) take turns, instead of one
-    # reading the tree while the other rewrites it.
-    with training_args.main_process_first(local=training_args.save_on_each_node, desc="data preparation"), FileLock(f"{prepared_dir}.lock"):
-        if training_args.should_save:
-            if synthetic:
-                make_synthetic_dataset(source, images_per_class=data_args.synthetic_images_per_class)
-            report = prepare_dataset(
-                source, prepared_dir, validation_fraction=data_args.validation_fraction, seed=training_args.seed, keep_kaggle_val=data_args.keep_kaggle_val
-            )
-            print(report.summary())
-        dataset = load_prepared(prepared_dir)  # image paths, decoded by the project's one loader in pixel_transform
-    for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
-        if limit is not None and limit < len(dataset[split]):
-            dataset[split] = dataset[split].shuffle(seed=training_args.seed).select(range(limit))
+    # Data: the user's folders -> an imagefolder tree of links -> a DatasetDict (train and validation split by patient).
+    dataset, report = prepare_and_load(data_args, training_args)
     class_keys = dataset["train"].features["label"].names
     id2label = {index: DISPLAY_NAMES[key] for index, key in enumerate(class_keys)}
 
@@ -249,7 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python " + shlex.join([Path(sys.argv[0]).name, *argv])  # with any --recipe expanded: the card shows every option
     summary = {
         "model_origin": asdict(origin) | {"description": origin.describe()},
-        "data": {"source": str(source), "synthetic": synthetic, "counts": report.counts, "skipped": len(report.skipped)},
+        "data": {"source": str(data_args.source), "synthetic": data_args.synthetic, "counts": report.counts, "skipped": len(report.skipped)},
         "train": train_result.metrics | {"peak_memory_mib": peak_memory_mib()},
         "best_checkpoint": trainer.state.best_model_checkpoint,
         **({"search": search} if search else {}),
@@ -265,10 +225,10 @@ def main(argv: list[str] | None = None) -> dict:
         class_keys=class_keys,
         data_description=(
             "SYNTHETIC generated stand-in images (not X-rays), for pipeline checks only; these figures say nothing about X-rays."
-            if synthetic
-            else f"{sum(report.counts['train'].values())} training images from `{source}` (Kermany et al. 2018 pediatric chest X-rays, CC BY 4.0)."
+            if data_args.synthetic
+            else f"{sum(report.counts['train'].values())} training images from `{data_args.source}` (Kermany et al. 2018 pediatric chest X-rays, CC BY 4.0)."
         ),
-        synthetic_data=synthetic,
+        synthetic_data=data_args.synthetic,
         recipe=(
             f"AdamW, learning rate {training_args.learning_rate:g}, weight decay {training_args.weight_decay:g}, batch {training_args.per_device_train_batch_size}, "
             f"up to {training_args.num_train_epochs:g} epochs with early stopping, class-weighted cross-entropy, crop/rotation/exposure augmentation"
@@ -353,24 +313,6 @@ def search_hyperparameters(search_args: SearchArguments, training_args: Training
         "train_samples_per_trial": len(trainer_parts["train_dataset"]),
         "minutes": (time.monotonic() - started) / 60,
     }
-
-
-def peak_memory_mib() -> float:
-    """This process's peak resident memory so far, in MiB (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
-
-
-def check_writable(output_dir: Path) -> None:
-    """Exit with a clear message unless `output_dir` can be created and a file written in it."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-") as probe:
-            probe.write(b"x")
-            probe.flush()
-            os.fsync(probe.fileno())
-    except OSError as error:
-        raise SystemExit(f"Cannot write the model folder {output_dir}: {error.strerror or error}. Choose a writable --output_dir.") from None
 
 
 def find_checkpoints(output_dir: Path) -> tuple[list[Path], list[Path]]:

@@ -1,9 +1,14 @@
-"""The pieces `train_vit.py` hands to `Trainer`: pixel transforms, the batch collator, the class-weighted loss, and a
-`Trainer` that reloads checkpoints correctly and can evaluate, select and save a moving average of the weights."""
+"""The pieces `train_vit.py` (and `pretrain_mae.py`) hand to `Trainer`: pixel transforms, the batch collator, the
+class-weighted loss, a `Trainer` that reloads checkpoints correctly and can evaluate, select and save a moving average
+of the weights, and two checks on the run itself (a writable output folder up front, peak memory at the end)."""
 
 from __future__ import annotations
 
+import os
 import random
+import resource
+import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -162,3 +167,21 @@ class XrayTrainer(Trainer):
         if self.averaged_weights is not None and not self.args.load_best_model_at_end:
             self._unwrapped().load_state_dict(self.averaged_weights, strict=True)  # the average is the model we keep
         return result
+
+
+def check_writable(output_dir: Path) -> None:
+    """Exit with a clear message unless `output_dir` can be created and a file written in it."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-test-") as probe:
+            probe.write(b"x")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as error:
+        raise SystemExit(f"Cannot write the model folder {output_dir}: {error.strerror or error}. Choose a writable --output_dir.") from None
+
+
+def peak_memory_mib() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
