@@ -73,7 +73,7 @@ def render_model_card(
         library_name="transformers",
         pipeline_tag="image-classification",
         tags=["vision", "image-classification", model.config.model_type, "medical-imaging", "chest-x-ray", "pneumonia"],
-        base_model=origin.name if origin.pretrained else None,
+        base_model=origin.name if origin.pretrained and not origin.pretraining else None,  # a Hub id or folder it was fine-tuned from
         model_name=model_id,
         eval_results=eval_results,
     )
@@ -96,6 +96,7 @@ def render_model_card(
         model_id=model_id,
         origin=origin.describe(),
         pretrained=origin.pretrained,
+        in_domain_pretraining=bool(origin.pretraining),
         network=network,
         network_short=network_short,
         architecture=type(model).__name__,

@@ -3,12 +3,15 @@
 Offline, no weights can be downloaded, so the presets below build a network with random weights from a config
 alone: Vision Transformers (`ViTConfig`) and, for comparison, small ResNets (`ResNetConfig`), all through
 `AutoModelForImageClassification` and the same image processor. `build_model` always says which of the two
-(pretrained or preset) it did, so the outputs can be honest.
+(pretrained or preset) it did, so the outputs can be honest; a folder written by `pretrain_mae.py` (a ViT pretrained
+on the X-rays themselves, no downloads) says so in its pretraining.json, and that goes into the description too.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from transformers import AutoImageProcessor, AutoModelForImageClassification, PretrainedConfig, ResNetConfig, ViTConfig
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
@@ -36,14 +39,20 @@ PRESETS: dict[str, tuple[type[PretrainedConfig], dict]] = {
 }
 
 
+PRETRAINING_FILE = "pretraining.json"  # written by pretrain_mae.py beside the encoder's weights
+
+
 @dataclass
 class ModelOrigin:
     """Where a model's starting weights came from; written into metrics.json and the model card."""
 
     name: str  # the --model value
     pretrained: bool
+    pretraining: str | None = None  # for a pretrain_mae.py folder: how its weights were made (in-domain, no downloads)
 
     def describe(self) -> str:
+        if self.pretraining:
+            return f"fine-tuned from `{self.name}`, {self.pretraining}"
         if self.pretrained:
             return f"fine-tuned from pretrained weights `{self.name}`"
         return f"trained from scratch (random initialisation, no pretrained weights) with the `{self.name}` preset"
@@ -55,11 +64,7 @@ def build_model(name: str, id2label: dict[int, str]):
     if name in PRESETS:
         config_class, arguments = PRESETS[name]
         config = config_class(**arguments, num_labels=len(id2label), id2label=id2label, label2id=label2id)
-        size = arguments["image_size"]
-        # Same resize and normalisation as Google's ViT checkpoints for every preset, convolutional ones included,
-        # so a scratch model and a fine-tuned one read pixels alike and a comparison differs only in the network.
-        processor = ViTImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-        return AutoModelForImageClassification.from_config(config), processor, ModelOrigin(name, pretrained=False)
+        return AutoModelForImageClassification.from_config(config), preset_image_processor(name), ModelOrigin(name, pretrained=False)
     try:
         processor = AutoImageProcessor.from_pretrained(name)
         model = AutoModelForImageClassification.from_pretrained(
@@ -71,7 +76,19 @@ def build_model(name: str, id2label: dict[int, str]):
             "Without network access no pretrained weights can be downloaded. Train from scratch instead with "
             f"one of the presets: --model {' | '.join(PRESETS)} (see README)."
         ) from error
-    return model, processor, ModelOrigin(name, pretrained=True)
+    pretraining = Path(name) / PRETRAINING_FILE
+    description = json.loads(pretraining.read_text())["description"] if pretraining.is_file() else None
+    return model, processor, ModelOrigin(name, pretrained=True, pretraining=description)
+
+
+def preset_image_processor(name: str) -> ViTImageProcessorPil:
+    """The image processor of a preset: resize to its `image_size` and scale to [-1, 1].
+
+    Same resize and normalisation as Google's ViT checkpoints for every preset, convolutional ones included,
+    so a scratch model and a fine-tuned one read pixels alike and a comparison differs only in the network.
+    """
+    size = PRESETS[name][1]["image_size"]
+    return ViTImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
 
 
 def input_size(processor) -> int:

@@ -1,0 +1,85 @@
+"""pretrain_mae.py: masked-autoencoder pretraining on the training split, then train_vit.py fine-tunes the encoder."""
+
+import csv
+import json
+
+import pytest
+import torch
+from transformers import TrainingArguments, ViTModel
+
+import pretrain_mae
+import train_vit
+from cxr.data import DataArguments, prepare_and_load
+from cxr.models import build_model
+
+TINY_DATA = ["--data_dir", "synthetic", "--synthetic_images_per_class", "40", "--disable_tqdm", "true"]
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("mae")
+    previous = pytest.MonkeyPatch()
+    previous.chdir(workdir)
+    try:
+        pretrain_mae.main([*TINY_DATA, "--model", "scratch-tiny", "--output_dir", "encoder", "--num_train_epochs", "8",
+                           "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--logging_steps", "1"])
+    finally:
+        previous.undo()
+    return workdir / "encoder"
+
+
+def test_pretraining_learns_to_paint_back_hidden_patches(encoder_dir):
+    record = json.loads((encoder_dir / "pretraining.json").read_text())
+    losses = [entry["loss"] for entry in record["loss_history"]]
+    assert len(losses) >= 20
+    # Each patch's pixels are normalised (norm_pix_loss), so guessing the mean scores about 1.0 (the random start
+    # scores a little worse); the tiny model on 82 stand-in images learns little, but it must learn.
+    early, late = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert late < 0.97 * early and late < 1.0
+    assert (encoder_dir / "reconstructions.png").stat().st_size > 0
+
+
+def test_pretraining_sees_only_the_training_split(encoder_dir):
+    record = json.loads((encoder_dir / "pretraining.json").read_text())
+    with open(encoder_dir.parent / "data" / "prepared" / "synthetic" / "manifest.csv") as manifest:
+        splits = [row["split"] for row in csv.DictReader(manifest)]
+    assert record["train_images"] == splits.count("train") < len(splits)
+    assert record["split_seed"] == 42 and "without labels or downloaded weights" in record["description"]
+
+
+def test_the_encoder_is_a_plain_vit_that_fine_tuning_starts_from(encoder_dir):
+    model, _, origin = build_model(str(encoder_dir), {0: "a", 1: "b", 2: "c"})
+    encoder = ViTModel.from_pretrained(encoder_dir, add_pooling_layer=False).state_dict()
+    started = model.vit.state_dict()
+    assert set(started) == set(encoder)
+    assert all(torch.equal(started[name], encoder[name]) for name in encoder)  # every encoder weight, only the head is new
+    assert origin.pretraining and "masked autoencoding" in origin.describe()
+
+
+def test_the_fine_tuned_model_says_how_its_encoder_was_pretrained(encoder_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train_vit.main([*TINY_DATA, "--recipe", "vit-mae", "--model", str(encoder_dir), "--output_dir", "fine-tuned",
+                    "--num_train_epochs", "1", "--per_device_train_batch_size", "16"])
+    summary = json.loads((tmp_path / "fine-tuned" / "metrics.json").read_text())
+    assert "pretrained by masked autoencoding" in summary["model_origin"]["description"]
+    card = (tmp_path / "fine-tuned" / "README.md").read_text()
+    assert "pretrained by masked autoencoding" in card and "pretrained without labels on the same training X-rays" in card
+    assert "base_model:" not in card  # a local folder made here, not a model on the Hub
+
+
+def test_only_vit_presets_can_be_pretrained(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="must be a ViT preset"):
+        pretrain_mae.main([*TINY_DATA, "--model", "scratch-resnet"])
+
+
+def test_the_validation_split_does_not_depend_on_the_training_seed(tmp_path, monkeypatch):
+    """Runs with different --seed are scored on the same children (and never rewrite each other's data tree)."""
+    monkeypatch.chdir(tmp_path)
+    validation = []
+    for seed in (1, 2):
+        dataset, _ = prepare_and_load(DataArguments(data_dir="synthetic", synthetic_images_per_class=40), TrainingArguments(output_dir="out", seed=seed))
+        validation.append(sorted(item["path"] for item in dataset["validation"]["image"]))
+    assert validation[0] == validation[1]
+    dataset, _ = prepare_and_load(DataArguments(data_dir="synthetic", synthetic_images_per_class=40, split_seed=7), TrainingArguments(output_dir="out"))
+    assert sorted(item["path"] for item in dataset["validation"]["image"]) != validation[0]
