@@ -1,11 +1,14 @@
 """The README's results table: one row per trained model folder, from the metrics.json that train_vit.py wrote.
 
     python -m benchmarks.results outputs/vit-xray outputs/resnet-xray
+    python -m benchmarks.results outputs/vit-offline-seed*     # runs that differ only in --seed: also mean +- spread
 
 Validation figures are on the patient-grouped validation split (never trained on; it also picked the checkpoint and
 fitted the calibration temperature, so they flatter a little); a test split's figures are shown when the data had one.
 Wall time is Trainer's train_runtime (training and the per-epoch evaluations); peak memory is the training process's
-peak resident memory, recorded by train_vit.py (folders from before that recording show "-").
+peak resident memory, recorded by train_vit.py (folders from before that recording show "-"). A model fine-tuned from
+a pretrain_mae.py encoder shows both times, pretraining + fine-tuning. Folders whose runs differ only in --seed are
+summarised together below the table: mean, standard deviation and range of each figure.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
+from collections import defaultdict
 from pathlib import Path
 
 COLUMNS = [
@@ -32,6 +37,15 @@ def recipe_of(folder: Path) -> str:
     return options
 
 
+def wall_minutes(summary: dict) -> str:
+    """Training time; for a model fine-tuned from a pretrain_mae.py encoder, pretraining + fine-tuning."""
+    minutes = f"{summary['train']['train_runtime'] / 60:.0f} min"
+    pretraining = Path(summary["model_origin"]["name"]) / "pretraining.json"
+    if summary["model_origin"].get("pretrained") and pretraining.is_file():
+        minutes = f"{json.loads(pretraining.read_text())['train']['train_runtime'] / 60:.0f} + {minutes}"
+    return minutes
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", type=Path, help="Model folders written by train_vit.py.")
@@ -45,11 +59,23 @@ def main(argv: list[str] | None = None) -> None:
         for split in ("validation", "test"):
             if split in summary:
                 figures = " | ".join(f"{summary[split][key]:.3f}" for key, _ in COLUMNS)
-                print(f"| `{folder.name}` | {split} | {figures} | {train['train_runtime'] / 60:.0f} min | {memory} |")
+                print(f"| `{folder.name}` | {split} | {figures} | {wall_minutes(summary)} | {memory} |")
     print()
     for folder in args.folders:
         summary = json.loads((folder / "metrics.json").read_text())
         print(f"- `{folder.name}`: {summary['model_origin']['description']}; epochs run {summary['train']['epoch']:g}; options: `{recipe_of(folder)}`")
+
+    seeds = defaultdict(list)  # the same options but --seed (and --resume, which changes nothing) -> those folders
+    for folder in args.folders:
+        seeds[re.sub(r"--seed \S+ ?|--resume( [Tt]rue)? ?", "", recipe_of(folder)).strip()].append(folder)
+    for options, folders in seeds.items():
+        if len(folders) < 2:
+            continue
+        print(f"\nAcross {len(folders)} seeds of `{options}` (validation split; mean ± standard deviation, range):\n")
+        validation = [json.loads((folder / "metrics.json").read_text())["validation"] for folder in folders]
+        for key, title in COLUMNS:
+            values = [figures[key] for figures in validation]
+            print(f"- {title}: {statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} ({min(values):.3f}-{max(values):.3f})")
 
 
 if __name__ == "__main__":
