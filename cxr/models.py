@@ -71,9 +71,12 @@ def build_model(name: str, id2label: dict[int, str]):
             name, num_labels=len(id2label), id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True
         )
     except OSError as error:
+        # A Hub id is owner/name; anything else that is not a folder here was meant as a local folder.
+        missing_folder = not Path(name).expanduser().exists() and (name.count("/") != 1 or name.startswith((".", "/", "~")) or Path(name.split("/")[0]).is_dir())
         raise SystemExit(
             f"Could not load the checkpoint '{name}': {error}\n"
-            "Without network access no pretrained weights can be downloaded. Train from scratch instead with "
+            + (f"There is no folder '{name}' here (an encoder for --recipe vit-mae is written by `python pretrain_mae.py`).\n" if missing_folder else "")
+            + "Without network access no pretrained weights can be downloaded. Train from scratch instead with "
             f"one of the presets: --model {' | '.join(PRESETS)} (see README)."
         ) from error
     pretraining = Path(name) / PRETRAINING_FILE

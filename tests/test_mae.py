@@ -67,6 +67,12 @@ def test_the_fine_tuned_model_says_how_its_encoder_was_pretrained(encoder_dir, t
     assert "base_model:" not in card  # a local folder made here, not a model on the Hub
 
 
+def test_the_recipe_without_its_encoder_says_how_to_make_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="no folder 'outputs/mae-encoder'.*pretrain_mae.py"):
+        train_vit.main([*TINY_DATA, "--recipe", "vit-mae"])
+
+
 def test_only_vit_presets_can_be_pretrained(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="must be a ViT preset"):
