@@ -3,7 +3,8 @@
     python -m benchmarks.load --model outputs/vit-xray --requests 500 --clients 20
 
 Starts `python app.py --model M --host 127.0.0.1 --port P` as a subprocess (with its own gradio cache folder) and
-drives it through gradio_client, as a script or a notebook would:
+drives it through gradio_client, as a script or a notebook would (over loopback HTTP, without gradio_client's
+per-request TLS set-up: see `loopback_client`; --verify_tls keeps it):
   1. warm-up, then --single requests one at a time: the latency of one upload with nobody else waiting;
   2. --clients threads, each with its own Client, each sending its next image as soon as its last answer came,
      until --requests answers (or --max-seconds) are reached.
@@ -79,16 +80,32 @@ def busy_seconds(process: psutil.Process) -> float:
     return times.user + times.system
 
 
-def drive(url: str, images: list[Path], total: int, clients: int, max_seconds: float, timeout: float, downloads: Path) -> list[tuple[float, str | None]]:
+def loopback_client(url: str, verify_tls: bool = False, **kwargs):
+    """A gradio_client `Client` for an app served over plain HTTP on this machine.
+
+    gradio_client opens a new httpx client for each of the 4 HTTP requests of a prediction (upload, join, events,
+    overlay download), and each one loads the certifi CA bundle into a fresh TLS context, unless told not to
+    verify certificates: about 60 ms of CPU apiece here, more than the small model's whole prediction, and a cost no
+    browser pays. Over http:// there is no TLS to verify, so `ssl_verify=False` changes nothing else.
+    `verify_tls=True` keeps gradio_client's default, to see what it costs (--verify_tls).
+    """
+    from gradio_client import Client
+
+    if not url.startswith(("http://127.0.0.1", "http://localhost")):
+        raise ValueError(f"benchmarks drive loopback HTTP only, not {url}")
+    return Client(url, verbose=False, ssl_verify=verify_tls, **kwargs)
+
+
+def drive(url: str, images: list[Path], total: int, clients: int, max_seconds: float, timeout: float, downloads: Path, verify_tls: bool = False) -> list[tuple[float, str | None]]:
     """`total` requests from `clients` threads, each waiting for its answer before sending the next: (seconds, error)."""
-    from gradio_client import Client, handle_file
+    from gradio_client import handle_file
 
     numbers, lock, results = itertools.count(), threading.Lock(), []
     deadline = time.monotonic() + max_seconds
 
     def one_client() -> None:
         try:
-            client = Client(url, verbose=False, download_files=str(downloads))
+            client = loopback_client(url, verify_tls, download_files=str(downloads))
         except Exception as error:  # noqa: BLE001 - counted, like any failed request
             with lock:
                 results.append((0.0, f"connect: {type(error).__name__}: {str(error)[:80]}"))
@@ -141,6 +158,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=120, help="Seconds one request may take before it counts as an error.")
     parser.add_argument("--port", type=int, default=0, help="Loopback port for the app (0: a free one).")
     parser.add_argument("--data", type=Path, default=SHARED_DATA, help="The shared data folder (xray_originals/, chest_xray/train/).")
+    parser.add_argument("--verify_tls", action="store_true", help="gradio_client's default: load the CA bundle for every HTTP request, though loopback HTTP has no TLS (see loopback_client).")
     args = parser.parse_args()
 
     images = find_images(args.data / "xray_originals", args.data / "chest_xray" / "train", args.sample)
@@ -167,9 +185,9 @@ def main() -> None:
             print(f"{len(images)} images, cycled: {originals} full-resolution originals + {len(images) - originals} Kaggle training images (224 px)")
             print(f"machine: {psutil.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run; clients run in this process\n")
 
-            drive(url, images[:3], 3, 1, 120, args.timeout, scratch / "downloads")  # warm-up: first calls allocate and pick kernels
+            drive(url, images[:3], 3, 1, 120, args.timeout, scratch / "downloads", args.verify_tls)  # warm-up: first calls allocate and pick kernels
             start = time.perf_counter()
-            single = drive(url, images, args.single, 1, args.max_seconds, args.timeout, scratch / "downloads")
+            single = drive(url, images, args.single, 1, args.max_seconds, args.timeout, scratch / "downloads", args.verify_tls)
             single_seconds = time.perf_counter() - start
             rss_warm = rss_mib(process)
 
@@ -183,7 +201,7 @@ def main() -> None:
 
             watcher = threading.Thread(target=watch, daemon=True)
             watcher.start()
-            load = drive(url, images, args.requests, args.clients, args.max_seconds, args.timeout, scratch / "downloads")
+            load = drive(url, images, args.requests, args.clients, args.max_seconds, args.timeout, scratch / "downloads", args.verify_tls)
             load_seconds = time.perf_counter() - load_start
             cpu_server, cpu_clients = busy_seconds(process) - cpu_before[0], busy_seconds(psutil.Process()) - cpu_before[1]
             stop.set()

@@ -15,7 +15,8 @@ run of the predictor finds them, so no row includes the export.
 Each path runs in its own fresh worker process, so its peak memory (peak RSS, torch and the model included)
 is its own. Prints images/s, speed-up over plain, share of the physical ceiling (this machine's float32
 matmul rate / FLOPs per image), peak memory and top-1 agreement with plain. Then single-request latency
-through the running app (gradio_client) against the model's own forward time for one image.
+through the running app (gradio_client, without its per-request TLS set-up: benchmarks.load.loopback_client) against
+the model's own forward time for one image, the app's own work, and the same app answering at once.
 """
 
 from __future__ import annotations
@@ -149,10 +150,12 @@ app.main(["--model", sys.argv[1], "--port", sys.argv[2]])
 """
 
 
-def app_latency(model_dir: str, image: Path, requests: int, no_work: bool = False) -> list[float]:
+def app_latency(model_dir: str, image: Path, requests: int, no_work: bool = False, verify_tls: bool = False) -> list[float]:
     """Milliseconds per request through the running app (gradio_client, one request at a time, loopback);
     `no_work`: through the same app answering at once (NO_WORK_APP)."""
-    from gradio_client import Client, handle_file
+    from gradio_client import handle_file
+
+    from benchmarks.load import loopback_client
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -163,7 +166,7 @@ def app_latency(model_dir: str, image: Path, requests: int, no_work: bool = Fals
         url = f"http://127.0.0.1:{port}/"
         for _ in range(120):
             try:
-                client = Client(url, verbose=False)
+                client = loopback_client(url, verify_tls)
                 break
             except Exception:
                 time.sleep(1)
@@ -190,6 +193,7 @@ def main() -> None:
     parser.add_argument("--presets", nargs="*", default=["scratch-base", "scratch-small"], help=f"Architectures built with random weights: {', '.join(PRESETS)}.")
     parser.add_argument("--model", action="append", default=[], help="A trained model folder to add (repeatable).")
     parser.add_argument("--requests", type=int, default=20, help="Single requests sent through the app per model (0 skips the app).")
+    parser.add_argument("--verify_tls", action="store_true", help="gradio_client's default: load the CA bundle for every HTTP request, though loopback HTTP has no TLS (see benchmarks.load.loopback_client).")
     parser.add_argument("--worker", nargs=2, metavar=("MODEL_DIR", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -231,10 +235,10 @@ def main() -> None:
                 )
             print(f"{'':<32} ceiling = {rate:.0f} GFLOP/s / {vit_gflops(config):.2f} GFLOP per image = {ceiling:.2f} images/s\n")
             if args.requests:
-                times = sorted(app_latency(folder, images[0], args.requests))
+                times = sorted(app_latency(folder, images[0], args.requests, verify_tls=args.verify_tls))
                 latencies.append((label, config.image_size, forward_ms(folder), app_work_ms(folder, images[0]), statistics.median(times), times[int(0.95 * (len(times) - 1))]))
         if latencies:  # the model loaded behind the no-work app does not matter: it never runs
-            floor = sorted(app_latency(models[-1][1], images[0], args.requests, no_work=True))
+            floor = sorted(app_latency(models[-1][1], images[0], args.requests, no_work=True, verify_tls=args.verify_tls))
 
     if latencies:
         print(f"App latency, one request at a time through gradio_client ({args.requests} requests of {images[0].name}, prediction + Grad-CAM overlay):")
