@@ -6,8 +6,10 @@
 `ViTMAEForPreTraining` hides most of each image's patches and learns to paint them back from the rest; no labels are
 used. It predicts raw pixels: with the MAE paper's per-patch normalised targets (--norm_pix_loss) the loss on these
 X-rays stayed at 0.98, barely under the 1.0 of guessing each patch's mean, while raw pixels fell from 0.25 to 0.18 in
-the same 80 steps (smooth, low-contrast 8-pixel patches normalised to unit variance are mostly noise). It sees only the training split: the same patient-grouped split (by --split_seed) that `train_vit.py` validates
-on, so the validation scores stay honest. The encoder is saved as a plain ViT folder (config, safetensors weights,
+the same 80 steps (smooth, low-contrast 8-pixel patches normalised to unit variance are mostly noise).
+
+It sees only the training split: the same patient-grouped split (by --split_seed) that `train_vit.py` validates on,
+so the validation scores stay honest. The encoder is saved as a plain ViT folder (config, safetensors weights,
 image processor) that `train_vit.py --model FOLDER` fine-tunes with a new 3-class head. Its pretraining.json says how
 it was made, and the fine-tuned model's card and metrics.json repeat it. Also written: reconstructions.png, a few
 validation X-rays with their hidden patches painted back. Run with --help for every option.
@@ -16,6 +18,7 @@ validation X-rays with their hidden patches painted back. Run with --help for ev
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> Path:
         for folder in output_dir.glob("checkpoint-*"):
             shutil.rmtree(folder)
 
-    dataset, report = prepare_and_load(data_args, training_args)
+    dataset, _ = prepare_and_load(data_args, training_args)
     processor = preset_image_processor(mae_args.model)
     encoder_arguments = PRESETS[mae_args.model][1]
     model = ViTMAEForPreTraining(
@@ -136,7 +139,7 @@ def main(argv: list[str] | None = None) -> Path:
         "epochs": epochs,
         "train": train_result.metrics | {"peak_memory_mib": peak_memory_mib()},
         "loss_history": [{"epoch": entry["epoch"], "loss": entry["loss"]} for entry in trainer.state.log_history if "loss" in entry],
-        "command": "python " + " ".join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
+        "command": "python " + shlex.join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
     }
     (output_dir / PRETRAINING_FILE).write_text(json.dumps(record, indent=2))
     validation = dataset["validation"].with_transform(pixel_transform(processor, augment=False))
