@@ -45,7 +45,21 @@ def test_pretraining_on_real_xrays_learns_to_paint_back_hidden_patches(shared_da
     pretrain_mae.main(["--data_dir", str(tmp_path / "xrays"), "--output_dir", "encoder", "--num_train_epochs", "4",
                        "--per_device_train_batch_size", "16", "--logging_steps", "4", "--disable_tqdm", "true", "--save_strategy", "no"])
     losses = [entry["loss"] for entry in json.loads((tmp_path / "encoder" / "pretraining.json").read_text())["loss_history"]]
-    assert losses[-1] < 0.85 * losses[0]
+    # Painting every hidden patch the image's mean grey scores about 0.75 of the first loss here; a model that does
+    # that (as one without position tables must) has learned nothing an X-ray classifier could use.
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_every_patch_knows_where_it_is():
+    """The fixed sin-cos position tables of encoder and decoder are filled (transformers 5.23 leaves them at zero)."""
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    from cxr.models import PRESETS
+
+    model = ViTMAEForPreTraining(ViTMAEConfig(**PRESETS["scratch-tiny"][1]))
+    pretrain_mae.add_position_tables(model)
+    for table in (model.vit.embeddings.position_embeddings[0, 1:], model.decoder.decoder_pos_embed[0, 1:]):
+        assert len(torch.unique(table, dim=0)) == len(table)  # a different vector for every patch position
 
 
 def test_pretraining_sees_only_the_training_split(encoder_dir):
