@@ -31,7 +31,7 @@ from transformers import HfArgumentParser, TrainingArguments, ViTConfig, ViTMAEC
 from transformers.trainer_utils import get_last_checkpoint
 
 from cxr.data import DataArguments, prepare_and_load
-from cxr.models import PRESETS, PRETRAINING_FILE, preset_image_processor
+from cxr.models import DEFAULT_ENCODER_DIR, PRESETS, PRETRAINING_FILE, preset_image_processor
 from cxr.training import XrayTrainer, check_writable, peak_memory_mib, pixel_transform
 
 VIT_PRESETS = [name for name, (config_class, _) in PRESETS.items() if config_class is ViTConfig]
@@ -55,7 +55,7 @@ class MaeArguments:
 class MaeTrainingArguments(TrainingArguments):
     """`TrainingArguments` with MAE's usual settings (AdamW betas 0.9/0.95, weight decay 0.05, cosine schedule)."""
 
-    output_dir: str = field(default="outputs/mae-encoder", metadata={"help": "The encoder folder to write (and its checkpoints)."})
+    output_dir: str = field(default=DEFAULT_ENCODER_DIR, metadata={"help": "The encoder folder to write (and its checkpoints)."})
     num_train_epochs: float = field(default=10.0, metadata={"help": "Pretraining epochs over the training split (10: about 10 minutes for the Kermany train split on 2 CPU cores)."})
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Batch size per device."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})

@@ -18,6 +18,7 @@ from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPi
 
 DEFAULT_CHECKPOINT = "google/vit-base-patch16-224-in21k"
 DEFAULT_MODEL_DIR = "outputs/vit-xray"  # where train_vit.py writes and app.py reads, unless told otherwise
+DEFAULT_ENCODER_DIR = "outputs/mae-encoder"  # where pretrain_mae.py writes and --recipe vit-mae reads
 
 # Architectures trained from scratch (random init): name -> (config class, its arguments). Keys are what `--model`
 # accepts; `image_size` is the input side in pixels the image processor resizes to.
@@ -71,8 +72,7 @@ def build_model(name: str, id2label: dict[int, str]):
             name, num_labels=len(id2label), id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True
         )
     except OSError as error:
-        # A Hub id is owner/name; anything else that is not a folder here was meant as a local folder.
-        missing_folder = not Path(name).expanduser().exists() and (name.count("/") != 1 or name.startswith((".", "/", "~")) or Path(name.split("/")[0]).is_dir())
+        missing_folder = is_local_path(name) and not Path(name).expanduser().exists()
         raise SystemExit(
             f"Could not load the checkpoint '{name}': {error}\n"
             + (f"There is no folder '{name}' here (an encoder for --recipe vit-mae is written by `python pretrain_mae.py`).\n" if missing_folder else "")
@@ -82,6 +82,17 @@ def build_model(name: str, id2label: dict[int, str]):
     pretraining = Path(name) / PRETRAINING_FILE
     description = json.loads(pretraining.read_text())["description"] if pretraining.is_file() else None
     return model, processor, ModelOrigin(name, pretrained=True, pretraining=description)
+
+
+def is_local_path(name: str) -> bool:
+    """Whether a model name means a folder on this machine rather than a Hub id ("owner/name"): this project's
+    default folders, a path starting with . / or ~, any other number of slashes, or a path whose first folder exists here."""
+    return (
+        name in (DEFAULT_MODEL_DIR, DEFAULT_ENCODER_DIR)
+        or name.startswith((".", "/", "~"))
+        or name.count("/") != 1
+        or Path(name).expanduser().parent.exists()
+    )
 
 
 def preset_image_processor(name: str) -> ViTImageProcessorPil:

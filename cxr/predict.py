@@ -29,7 +29,7 @@ from tqdm import tqdm
 from transformers import Pipeline, pipeline
 
 from cxr.images import ImageLoadError, ImageSource, load_image
-from cxr.models import DEFAULT_MODEL_DIR, input_size
+from cxr.models import input_size, is_local_path
 from cxr.reliability import OOD_FILE, OodDetector, forward_features
 from cxr.saliency import grad_cam
 
@@ -63,8 +63,7 @@ def load_classifier(model: str | Path, device: str | int | None = None, int8: bo
         raise ValueError("onnx=True runs on the CPU: leave device unset")
     model = str(model)
     path = Path(model).expanduser()
-    # A Hub id is "owner/name"; anything else, or a path whose first folder exists here, is a local folder.
-    looks_local = model == DEFAULT_MODEL_DIR or model.startswith((".", "/", "~")) or model.count("/") != 1 or path.parent.exists()
+    looks_local = is_local_path(model)
     if looks_local and not (path / "config.json").is_file():
         raise ModelNotFoundError(f"No trained model at '{model}' (no config.json there).\n{TRAIN_HINT}")
     try:

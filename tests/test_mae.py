@@ -93,7 +93,7 @@ def test_the_fine_tuned_model_says_how_its_encoder_was_pretrained(encoder_dir, t
 def test_the_recipe_without_its_encoder_says_how_to_make_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit, match="no folder 'outputs/mae-encoder'.*pretrain_mae.py"):
-        train_vit.main([*TINY_DATA, "--recipe", "vit-mae"])
+        train_vit.main([*TINY_DATA, "--recipe", "vit-mae", "--output_dir", "model"])  # no outputs/ folder here at all
 
 
 def test_only_vit_presets_can_be_pretrained(tmp_path, monkeypatch):
