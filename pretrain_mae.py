@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +27,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 from transformers import HfArgumentParser, TrainingArguments, ViTConfig, ViTMAEConfig, ViTMAEForPreTraining, ViTModel, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
 from cxr.data import DataArguments, prepare_and_load
 from cxr.models import DEFAULT_ENCODER_DIR, PRESETS, PRETRAINING_FILE, preset_image_processor
-from cxr.training import XrayTrainer, check_writable, peak_memory_mib, pixel_transform
+from cxr.training import XrayTrainer, check_writable, checkpoint_to_resume, peak_memory_mib, pixel_transform
 
 VIT_PRESETS = [name for name, (config_class, _) in PRESETS.items() if config_class is ViTConfig]
 
@@ -78,13 +76,7 @@ def main(argv: list[str] | None = None) -> Path:
     output_dir = Path(training_args.output_dir)
     if training_args.should_save:
         check_writable(output_dir)
-    last_checkpoint = get_last_checkpoint(output_dir) if output_dir.is_dir() else None
-    if mae_args.resume and last_checkpoint is None:
-        raise SystemExit(f"--resume was given but {output_dir} holds no checkpoint to resume from.")
-    if last_checkpoint and not mae_args.resume and training_args.should_save:
-        print(f"Starting afresh: removing the old checkpoints in {output_dir} (pass --resume to continue them instead).")
-        for folder in output_dir.glob("checkpoint-*"):
-            shutil.rmtree(folder)
+    last_checkpoint = checkpoint_to_resume(output_dir, mae_args.resume, training_args.should_save)
 
     dataset, _ = prepare_and_load(data_args, training_args)
     processor = preset_image_processor(mae_args.model)
@@ -110,7 +102,7 @@ def main(argv: list[str] | None = None) -> Path:
         train_dataset=dataset["train"].with_transform(pixel_transform(processor, augment=True)),
         data_collator=lambda examples: {"pixel_values": torch.stack([example["pixel_values"] for example in examples])},
     )
-    train_result = trainer.train(resume_from_checkpoint=last_checkpoint if mae_args.resume else None)
+    train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
     if not trainer.is_world_process_zero():
         return output_dir
 

@@ -37,7 +37,7 @@ from cxr.data import DataArguments, prepare_and_load
 from cxr.metrics import plot_confusion_matrix, plot_training_curves, softmax, trainer_metrics
 from cxr.models import DEFAULT_CHECKPOINT, DEFAULT_MODEL_DIR, PRESETS, build_model, input_size
 from cxr.reliability import describe_reliability, fit_reliability, save_reliability
-from cxr.training import XrayTrainer, check_writable, class_weights, collate, peak_memory_mib, pixel_transform, weighted_loss
+from cxr.training import XrayTrainer, check_writable, checkpoint_to_resume, class_weights, collate, peak_memory_mib, pixel_transform, weighted_loss
 from hf_data import DISPLAY_NAMES
 
 RECIPES = Path(__file__).resolve().parent / "recipes"  # named option sets: --recipe NAME reads recipes/NAME.args
@@ -132,19 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     train_dataset = dataset["train"].with_transform(pixel_transform(processor, augment=True))
     eval_splits = {split: dataset[split].with_transform(pixel_transform(processor, augment=False)) for split in dataset if split != "train"}
 
-    complete, incomplete = find_checkpoints(output_dir)
-    if model_args.resume and not complete:
-        cut_short = f" (only {len(incomplete)} cut short while saving)" if incomplete else ""
-        raise SystemExit(f"--resume was given but {output_dir} holds no checkpoint to resume from{cut_short}.")
-    last_checkpoint = str(complete[-1]) if model_args.resume else None
+    last_checkpoint = checkpoint_to_resume(output_dir, model_args.resume, training_args.should_save)
     if training_args.should_save:
-        for folder in incomplete:  # a run killed while saving leaves a checkpoint without its trainer_state.json
-            print(f"Removing {folder}: an interrupted save left it incomplete.")
-            shutil.rmtree(folder)
-        if complete and not model_args.resume:
-            print(f"Starting afresh: removing the old checkpoints in {output_dir} (pass --resume to continue them instead).")
-            for folder in complete:
-                shutil.rmtree(folder)
         check_free_space(output_dir, model, training_args)
 
     trainer_parts = dict(
@@ -313,20 +302,6 @@ def search_hyperparameters(search_args: SearchArguments, training_args: Training
         "train_samples_per_trial": len(trainer_parts["train_dataset"]),
         "minutes": (time.monotonic() - started) / 60,
     }
-
-
-def find_checkpoints(output_dir: Path) -> tuple[list[Path], list[Path]]:
-    """The checkpoint folders in `output_dir`, oldest first: (complete, incomplete). Trainer writes trainer_state.json
-    last, so a checkpoint without a readable one was cut short (the run was killed or the disk filled while saving)."""
-    complete, incomplete = [], []
-    folders = [path for path in output_dir.glob("checkpoint-*") if path.is_dir() and path.name.split("-")[1].isdigit()]
-    for folder in sorted(folders, key=lambda path: int(path.name.split("-")[1])):
-        try:
-            json.loads((folder / "trainer_state.json").read_text())
-            complete.append(folder)
-        except (OSError, ValueError):
-            incomplete.append(folder)
-    return complete, incomplete
 
 
 def check_free_space(output_dir: Path, model, training_args: TrainingArguments) -> None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import random
+import json
 import resource
+import shutil
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -185,3 +187,35 @@ def peak_memory_mib() -> float:
     """This process's peak resident memory so far, in MiB (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def find_checkpoints(output_dir: Path) -> tuple[list[Path], list[Path]]:
+    """The checkpoint folders in `output_dir`, oldest first: (complete, incomplete). Trainer writes trainer_state.json
+    last, so a checkpoint without a readable one was cut short (the run was killed or the disk filled while saving)."""
+    complete, incomplete = [], []
+    folders = [path for path in output_dir.glob("checkpoint-*") if path.is_dir() and path.name.split("-")[1].isdigit()]
+    for folder in sorted(folders, key=lambda path: int(path.name.split("-")[1])):
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+            complete.append(folder)
+        except (OSError, ValueError):
+            incomplete.append(folder)
+    return complete, incomplete
+
+
+def checkpoint_to_resume(output_dir: Path, resume: bool, should_save: bool) -> str | None:
+    """The checkpoint a run continues from: the newest complete one with `resume` (none is a clear error), else None.
+    The saving process removes checkpoints an interrupted save left incomplete and, starting afresh, the old ones."""
+    complete, incomplete = find_checkpoints(output_dir)
+    if resume and not complete:
+        cut_short = f" (only {len(incomplete)} cut short while saving)" if incomplete else ""
+        raise SystemExit(f"--resume was given but {output_dir} holds no checkpoint to resume from{cut_short}.")
+    if should_save:
+        for folder in incomplete:  # a run killed while saving leaves a checkpoint without its trainer_state.json
+            print(f"Removing {folder}: an interrupted save left it incomplete.")
+            shutil.rmtree(folder)
+        if complete and not resume:
+            print(f"Starting afresh: removing the old checkpoints in {output_dir} (pass --resume to continue them instead).")
+            for folder in complete:
+                shutil.rmtree(folder)
+    return str(complete[-1]) if resume else None
