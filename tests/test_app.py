@@ -155,6 +155,20 @@ def test_grad_cam_from_the_prediction_pass_matches_a_full_backward_pass(classifi
     assert overlay.size == (512, 410) and overlay.mode == "RGB"
 
 
+def test_overlay_tints_only_where_the_evidence_is():
+    from cxr.saliency import saliency_overlay
+
+    image = Image.fromarray(chest_like(), "L").convert("RGB")
+    heat = np.zeros((4, 4))
+    heat[:, 0] = 1.0  # all the evidence in the left quarter
+    overlay = np.asarray(saliency_overlay(image, heat, opacity=0.6), dtype=float)
+    assert overlay.shape == (410, 512, 3)
+    base = np.asarray(image.resize((512, 410), Image.BILINEAR), dtype=float)
+    np.testing.assert_array_equal(overlay[:, -200:], base[:, -200:])  # no evidence: the X-ray as it was
+    dark_red = np.array([127.5, 0.0, 0.0])  # the jet colour map at its top
+    np.testing.assert_allclose(overlay[:, :40], 0.4 * base[:, :40] + 0.6 * dark_red, atol=2)
+
+
 # ---- the served app, through gradio_client ------------------------------------------------------------
 
 
