@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning. When other programs want the cores (a load test's clients on the
@@ -26,6 +27,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import gradio as gr  # noqa: E402 (after the environment setting above)
+from gradio import processing_utils
 from PIL import Image
 from transformers import Pipeline
 
@@ -70,6 +72,31 @@ NOT_AN_XRAY = (
     "The probabilities below mean nothing for it. If it is a chest X-ray, check that it is the right way up, "
     "not inverted (bones should be bright), and not a photo of a screen."
 )
+
+
+def save_pil_to_cache(image: Image.Image, cache_dir: str, name: str = "image", format: str = "webp") -> str:
+    """Gradio's `processing_utils.save_pil_to_cache`, made safe for identical answers at the same time.
+
+    Gradio 6.31 names a cached image after the hash of its bytes and rewrites that file in place on every answer.
+    Two users uploading the same X-ray (a class clicking one example) get byte-identical overlays, so one user's
+    download could read the file while the other's answer had just truncated it: 6 of 300 requests failed that
+    way with 20 clients sending one image (benchmarks.load). Here an existing copy is reused, and a new one is
+    written under a temporary name and renamed into place, as Gradio already does for files
+    (`processing_utils.save_file_to_cache`)."""
+    data = processing_utils.encode_pil_to_bytes(image, format)
+    folder = Path(cache_dir) / processing_utils.hash_bytes(data)
+    folder.mkdir(exist_ok=True, parents=True)
+    path = (folder / f"{name}.{format}").resolve()
+    if path.exists():
+        os.utime(path)  # the cache clean-up ages files by their time: this answer needs the copy for a while yet
+        return str(path)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{name}.", delete=False) as staging:
+        staging.write(data)
+    os.replace(staging.name, path)
+    return str(path)
+
+
+processing_utils.save_pil_to_cache = save_pil_to_cache  # gr.Image outputs call it through this module attribute
 
 
 def predict(classifier: Pipeline, path: str | None) -> tuple[str, dict[str, float], Image.Image, dict]:

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import gradio as gr
@@ -167,6 +168,33 @@ def test_overlay_tints_only_where_the_evidence_is():
     np.testing.assert_array_equal(overlay[:, -200:], base[:, -200:])  # no evidence: the X-ray as it was
     dark_red = np.array([127.5, 0.0, 0.0])  # the jet colour map at its top
     np.testing.assert_allclose(overlay[:, :40], 0.4 * base[:, :40] + 0.6 * dark_red, atol=2)
+
+
+def test_an_overlay_being_downloaded_is_never_seen_half_written(tmp_path):
+    """Identical answers (two users, one X-ray) share one cached file: saving it again must not truncate it
+    under a download in progress (Gradio 6.31's own save rewrites it in place: see app.save_pil_to_cache)."""
+    import gradio.processing_utils
+
+    assert gradio.processing_utils.save_pil_to_cache is app.save_pil_to_cache  # what gr.Image outputs call
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 500, 3), dtype=np.uint8))
+    path = Path(app.save_pil_to_cache(image, str(tmp_path), format="jpeg"))
+    size = path.stat().st_size
+    stop = threading.Event()
+
+    def answer_again_and_again():
+        while not stop.is_set():
+            assert app.save_pil_to_cache(image, str(tmp_path), format="jpeg") == str(path)
+
+    writer = threading.Thread(target=answer_again_and_again)
+    writer.start()
+    try:
+        sizes_read = {len(path.read_bytes()) for _ in range(2000)}
+    finally:
+        stop.set()
+        writer.join()
+    assert sizes_read == {size}
+    other = Image.fromarray(np.zeros((400, 500, 3), dtype=np.uint8))
+    assert app.save_pil_to_cache(other, str(tmp_path), format="jpeg") != str(path)
 
 
 # ---- the served app, through gradio_client ------------------------------------------------------------
