@@ -51,10 +51,24 @@ def find_images(originals: Path, kaggle_train: Path, sample: int, seed: int = 0)
     return images
 
 
-def start_server(model: str, port: int, cache: Path, log: Path, timeout: float = 180) -> subprocess.Popen:
+# app.py with its work replaced by a ready answer (the overlay an upload of the image in argv[1] gets): the same
+# Interface, queue and transport, so its latency is the floor that Gradio and gradio_client set, whatever the model.
+NO_WORK_APP = """
+import sys, numpy, app
+from cxr.images import load_image
+from cxr.saliency import saliency_overlay
+overlay = saliency_overlay(load_image(sys.argv[1], draft_size=224), numpy.zeros((14, 14)))
+app.predict = lambda classifier, path: ("", {"Normal": 0.5, "Bacterial pneumonia": 0.3, "Viral pneumonia": 0.2}, overlay, {})
+app.main(sys.argv[2:])
+"""
+
+
+def start_server(model: str, port: int, cache: Path, log: Path, timeout: float = 180, no_work_image: Path | None = None) -> subprocess.Popen:
+    """`python app.py --model M` on loopback port `port`, once its page answers; with `no_work_image`, NO_WORK_APP."""
     env = dict(os.environ, GRADIO_TEMP_DIR=str(cache), GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
+    program = ["-c", NO_WORK_APP, str(no_work_image)] if no_work_image else [str(REPO / "app.py")]
     server = subprocess.Popen(
-        [sys.executable, str(REPO / "app.py"), "--model", model, "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, *program, "--model", model, "--host", "127.0.0.1", "--port", str(port)],
         cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + timeout
@@ -158,6 +172,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=120, help="Seconds one request may take before it counts as an error.")
     parser.add_argument("--port", type=int, default=0, help="Loopback port for the app (0: a free one).")
     parser.add_argument("--data", type=Path, default=SHARED_DATA, help="The shared data folder (xray_originals/, chest_xray/train/).")
+    parser.add_argument("--no_work", action="store_true", help="Serve the same app with predict() replaced by a ready answer: what Gradio, gradio_client and this machine allow whatever the model (the floor under every figure).")
     parser.add_argument("--verify_tls", action="store_true", help="gradio_client's default: load the CA bundle for every HTTP request, though loopback HTTP has no TLS (see loopback_client).")
     args = parser.parse_args()
 
@@ -174,13 +189,14 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="xray-load-") as scratch:
         scratch = Path(scratch)
-        server = start_server(args.model, args.port, scratch / "server-cache", scratch / "server.log")
+        server = start_server(args.model, args.port, scratch / "server-cache", scratch / "server.log", no_work_image=images[0] if args.no_work else None)
         process = psutil.Process(server.pid)
         samples: list[tuple[float, float]] = []  # (seconds since the load began, RSS MiB)
         try:
             import app
 
-            print(f"Load test of {args.model} at {url} (app.py: {app.CONCURRENCY_LIMIT} prediction at a time, queue of {app.QUEUE_SIZE})")
+            served = "app.py answering at once (--no_work: a ready answer, no model run)" if args.no_work else f"{args.model}"
+            print(f"Load test of {served} at {url} (app.py: {app.CONCURRENCY_LIMIT} prediction at a time, queue of {app.QUEUE_SIZE})")
             originals = sum(path.parent.name == "xray_originals" for path in images)
             print(f"{len(images)} images, cycled: {originals} full-resolution originals + {len(images) - originals} Kaggle training images (224 px)")
             print(f"machine: {psutil.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run; clients run in this process\n")

@@ -173,29 +173,18 @@ def app_work_ms(model_dir: str, image: Path, repeats: int = 10) -> float:
     return 1000 * statistics.median(times[2:])
 
 
-# The app with its work replaced by a ready answer (the overlay an upload of that image gets): the same Interface,
-# queue and transport, so its latency is the floor that Gradio and gradio_client set, whatever the model.
-NO_WORK_APP = """
-import sys, app
-from cxr.images import load_image
-overlay = load_image(sys.argv[3], draft_size=224)
-app.predict = lambda classifier, path: ("", {"Normal": 0.5, "Bacterial pneumonia": 0.3, "Viral pneumonia": 0.2}, overlay, {})
-app.main(["--model", sys.argv[1], "--port", sys.argv[2]])
-"""
-
-
 def app_latency(model_dir: str, image: Path, requests: int, no_work: bool = False, verify_tls: bool = False) -> list[float]:
     """Milliseconds per request through the running app (gradio_client, one request at a time, loopback);
-    `no_work`: through the same app answering at once (NO_WORK_APP)."""
+    `no_work`: through the same app answering at once (benchmarks.load.NO_WORK_APP)."""
     from gradio_client import handle_file
 
-    from benchmarks.load import loopback_client
+    from benchmarks.load import NO_WORK_APP, loopback_client
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    command = ["-c", NO_WORK_APP, model_dir, str(port), str(image)] if no_work else ["app.py", "--model", model_dir, "--port", str(port)]
-    server = subprocess.Popen([sys.executable, *command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = ["-c", NO_WORK_APP, str(image)] if no_work else ["app.py"]
+    server = subprocess.Popen([sys.executable, *command, "--model", model_dir, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}/"
         for _ in range(120):
