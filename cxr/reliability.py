@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,6 +81,7 @@ def forward_features(model, pixel_values: torch.Tensor, saliency: bool = False) 
     entering the last block (batch, tokens, features), for a convolutional network the last stage's feature
     map (batch, channels, height, width). Grad-CAM (`cxr.saliency.grad_cam`) then costs a backward pass through
     the last block (or the pooling) and the head only, instead of a second full forward and backward.
+    Several threads may call it on one model at once (the app's parallel requests): each gets its own tensors.
     """
     model.eval()
     if hasattr(model, "vit"):
@@ -88,9 +90,11 @@ def forward_features(model, pixel_values: torch.Tensor, saliency: bool = False) 
 
 
 def _transformer_features(model, pixel_values: torch.Tensor, saliency: bool) -> dict[str, torch.Tensor]:
-    kept = {}
+    kept, caller = {}, threading.get_ident()
 
     def track_block_input(block, args):
+        if threading.get_ident() != caller:  # another thread's pass through the same model (parallel requests)
+            return None
         kept["block_input"] = args[0].detach().requires_grad_()
         return (kept["block_input"], *args[1:])
 
@@ -110,9 +114,11 @@ def _transformer_features(model, pixel_values: torch.Tensor, saliency: bool) -> 
 
 def _convolutional_features(model, pixel_values: torch.Tensor, saliency: bool) -> dict[str, torch.Tensor]:
     base = getattr(model, model.base_model_prefix)  # model.resnet, model.convnext, ...
-    kept = {}
+    kept, caller = {}, threading.get_ident()
 
     def track_feature_map(stage, args, output):
+        if threading.get_ident() != caller:  # another thread's pass through the same model (parallel requests)
+            return None
         kept["block_input"] = output.detach().requires_grad_()
         return kept["block_input"]
 

@@ -156,6 +156,20 @@ def test_grad_cam_from_the_prediction_pass_matches_a_full_backward_pass(classifi
     assert overlay.size == (512, 410) and overlay.mode == "RGB"
 
 
+def test_predictions_with_grad_cam_in_parallel_threads_match_one_at_a_time(classifier):
+    """The app may serve several requests at once (CONCURRENCY_LIMIT): each one's Grad-CAM must be its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = [Image.fromarray(np.roll(chest_like(), 40 * shift, axis=1), "L").convert("RGB") for shift in range(4)]
+    alone = [classify(classifier, [image], saliency=True)[0] for image in images]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda index: classify(classifier, [images[index % 4]], saliency=True)[0], range(200)))
+    for index, prediction in enumerate(together):
+        expected = alone[index % 4]
+        assert prediction.scores == pytest.approx(expected.scores, abs=1e-5)
+        np.testing.assert_allclose(prediction.saliency, expected.saliency, atol=1e-5)
+
+
 def test_overlay_tints_only_where_the_evidence_is():
     from cxr.saliency import saliency_overlay
 
