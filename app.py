@@ -37,15 +37,16 @@ from cxr.predict import IMAGE_SUFFIXES, ModelNotFoundError, classify, load_class
 from cxr.saliency import saliency_overlay
 
 # Serving limits, chosen for a small CPU box (2 cores); see the README's security notes.
-# - One prediction at a time: torch already spreads one forward and Grad-CAM backward pass over every core, and a
-#   worst-case upload (40 megapixels) needs ~0.8 GB while it decodes. With the small scratch model on 2 cores,
-#   two at a time measured ~20 % more requests/s (gradio's own per-request work overlaps; benchmarks/load.py):
-#   worth raising on a machine with more cores and memory, not here.
+# - Two predictions at a time: while one is in Python (decoding, the overlay, Gradio's own per-request work), the
+#   other keeps torch busy. With the small scratch model on 2 cores and 20 clients (benchmarks.load) that answered
+#   16.1 requests/s against 13.6 for one at a time, p95 1.4 s against 1.7 s, with server memory 708 MiB at the end.
+#   More would not help on 2 cores; a worst-case upload (40 megapixels) needs ~0.8 GB while it decodes, so each
+#   extra slot is that much memory in the worst case. Raise it on a machine with more cores.
 # - At most QUEUE_SIZE uploads wait their turn (about 7-10 s of work at 0.2-0.3 s each); one more is refused at once
 #   ("queue is full") rather than queued without bound, holding memory and making every later answer later.
 # - api_open=False closes the REST routes that would skip the queue and its limits; the page and gradio_client
 #   use the queue anyway.
-CONCURRENCY_LIMIT = 1
+CONCURRENCY_LIMIT = 2
 QUEUE_SIZE = 32
 # Gradio keeps every upload (and each overlay it sends back) as a file in its cache folder (GRADIO_TEMP_DIR, by default
 # /tmp/gradio). Every DELETE_CACHE[0] seconds the files older than DELETE_CACHE[1] seconds are deleted, and all of

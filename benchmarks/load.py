@@ -14,10 +14,10 @@ the page does.
 
 Prints requests/s, latency percentiles and errors of both phases; the server's resident memory (psutil) after
 warm-up, half-way through the load and at the end; and how the latency under load compares with one request
-alone. app.py runs one prediction at a time (CONCURRENCY_LIMIT) with a bounded queue (QUEUE_SIZE), so with C
-clients always waiting, each request waits for the C - 1 ahead of it: latency under load ~ C x the service time
-(Little's law), whatever the server does. The figure to watch is requests/s, which should match one request's
-service time, and an error count of 0.
+alone. app.py runs CONCURRENCY_LIMIT predictions at a time with a bounded queue (QUEUE_SIZE), so with C clients
+always waiting, each request waits for those ahead of it: mean latency under load = C / requests per second
+(Little's law), whatever the server does. The figures to watch are requests/s and an error count of 0.
+--no_work serves the same app answering at once (NO_WORK_APP): the floor under every figure, whatever the model.
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ def main() -> None:
             import app
 
             served = "app.py answering at once (--no_work: a ready answer, no model run)" if args.no_work else f"{args.model}"
-            print(f"Load test of {served} at {url} (app.py: {app.CONCURRENCY_LIMIT} prediction at a time, queue of {app.QUEUE_SIZE})")
+            print(f"Load test of {served} at {url} (app.py: {app.CONCURRENCY_LIMIT} predictions at a time, queue of {app.QUEUE_SIZE})")
             originals = sum(path.parent.name == "xray_originals" for path in images)
             print(f"{len(images)} images, cycled: {originals} full-resolution originals + {len(images) - originals} Kaggle training images (224 px)")
             print(f"machine: {psutil.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run; clients run in this process\n")
@@ -258,7 +258,7 @@ def main() -> None:
         service = 1000 * load_seconds / max(len(load_ok), 1)
         print(
             f"\nload p95 / single p50 = {load_p95 / single_p50:.1f}x (target under 5x). With {args.clients} clients always waiting and "
-            f"{app.CONCURRENCY_LIMIT} prediction at a time, each request waits for the others: Little's law gives a mean latency of "
+            f"{app.CONCURRENCY_LIMIT} predictions at a time, each request waits for the others: Little's law gives a mean latency of "
             f"{args.clients} x {service:.0f} ms (the measured time per answer under load) = {args.clients * service:.0f} ms; "
             f"measured mean {statistics.mean(load_ok):.0f} ms. Throughput under load is {1000 / service:.2f} req/s against "
             f"{1000 / single_p50:.2f} req/s for one client alone."
