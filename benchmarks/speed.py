@@ -17,9 +17,9 @@ is its own. Prints images/s, speed-up over plain, share of the physical ceiling 
 machine's float32 matmul rate for float32 rows, its int8 matmul rate under ONNX Runtime for int8 rows), peak
 memory and top-1 agreement with plain. Agreement is counted, untimed, over the distinct timed images plus
 --agreement_images training X-rays (224 px copies: 24 originals alone cannot show 99%, one image is 4%).
-Then single-request latency
-through the running app (gradio_client, without its per-request TLS set-up: benchmarks.load.loopback_client) against
-the model's own forward time for one image, the app's own work, and the same app answering at once.
+Then single-request latency through the running app (gradio_client, without its per-request TLS set-up:
+benchmarks.load.loopback_client) against the model's own forward time for one image, the app's own work, and the
+same app answering at once.
 """
 
 from __future__ import annotations
