@@ -26,6 +26,7 @@ import argparse
 import itertools
 import os
 import random
+import socket
 import statistics
 import subprocess
 import sys
@@ -83,6 +84,13 @@ def start_server(model: str, port: int, cache: Path, log: Path, timeout: float =
         time.sleep(0.5)
     server.kill()
     raise SystemExit(f"app.py did not answer within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def rss_mib(process: psutil.Process) -> float:
@@ -179,12 +187,7 @@ def main() -> None:
     images = find_images(args.data / "xray_originals", args.data / "chest_xray" / "train", args.sample)
     if not images:
         raise SystemExit(f"No images under {args.data}")
-    if not args.port:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            args.port = sock.getsockname()[1]
+    args.port = args.port or free_port()
     url = f"http://127.0.0.1:{args.port}/"
 
     with tempfile.TemporaryDirectory(prefix="xray-load-") as scratch:

@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     print("| model folder | split | " + " | ".join(title for _, title in COLUMNS) + " | wall time | peak memory |")
     print("|---|---|" + "---:|" * (len(COLUMNS) + 2))
-    for folder in args.folders:
-        summary = json.loads((folder / "metrics.json").read_text())
+    summaries = {folder: json.loads((folder / "metrics.json").read_text()) for folder in args.folders}
+    for folder, summary in summaries.items():
         train = summary["train"]
         memory = f"{train['peak_memory_mib'] / 1024:.1f} GiB" if "peak_memory_mib" in train else "-"
         for split in ("validation", "test"):
@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> None:
                 figures = " | ".join(f"{summary[split][key]:.3f}" for key, _ in COLUMNS)
                 print(f"| `{folder.name}` | {split} | {figures} | {wall_minutes(summary)} | {memory} |")
     print()
-    for folder in args.folders:
-        summary = json.loads((folder / "metrics.json").read_text())
+    for folder, summary in summaries.items():
         print(f"- `{folder.name}`: {summary['model_origin']['description']}; epochs run {summary['train']['epoch']:g}; options: `{recipe_of(folder)}`")
 
     seeds = defaultdict(list)  # the same options but --seed (and --resume, which changes nothing) -> those folders
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         if len(folders) < 2:
             continue
         print(f"\nAcross {len(folders)} seeds of `{options}` (validation split; mean ± standard deviation, range):\n")
-        validation = [json.loads((folder / "metrics.json").read_text())["validation"] for folder in folders]
+        validation = [summaries[folder]["validation"] for folder in folders]
         for key, title in COLUMNS:
             values = [figures[key] for figures in validation]
             print(f"- {title}: {statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} ({min(values):.3f}-{max(values):.3f})")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import os
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -178,34 +177,24 @@ def app_latency(model_dir: str, image: Path, requests: int, no_work: bool = Fals
     `no_work`: through the same app answering at once (benchmarks.load.NO_WORK_APP)."""
     from gradio_client import handle_file
 
-    from benchmarks.load import NO_WORK_APP, loopback_client
+    from benchmarks.load import free_port, loopback_client, start_server
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = ["-c", NO_WORK_APP, str(image)] if no_work else ["app.py"]
-    server = subprocess.Popen([sys.executable, *command, "--model", model_dir, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        url = f"http://127.0.0.1:{port}/"
-        for _ in range(120):
-            try:
-                client = loopback_client(url, verify_tls)
-                break
-            except Exception:
-                time.sleep(1)
-        else:
-            raise RuntimeError("the app did not start within 2 minutes")
-        for _ in range(2):
-            client.predict(handle_file(str(image)), api_name="/predict")
-        times = []
-        for _ in range(requests):
-            start = time.perf_counter()
-            client.predict(handle_file(str(image)), api_name="/predict")
-            times.append(1000 * (time.perf_counter() - start))
-        return times
-    finally:
-        server.terminate()
-        server.wait()
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="xray-latency-") as scratch:
+        server = start_server(model_dir, port, Path(scratch) / "cache", Path(scratch) / "server.log", no_work_image=image if no_work else None)
+        try:
+            client = loopback_client(f"http://127.0.0.1:{port}/", verify_tls)
+            for _ in range(2):
+                client.predict(handle_file(str(image)), api_name="/predict")
+            times = []
+            for _ in range(requests):
+                start = time.perf_counter()
+                client.predict(handle_file(str(image)), api_name="/predict")
+                times.append(1000 * (time.perf_counter() - start))
+            return times
+        finally:
+            server.terminate()
+            server.wait()
 
 
 def main() -> None:
