@@ -35,7 +35,7 @@ from transformers import EarlyStoppingCallback, HfArgumentParser, TrainingArgume
 from cxr.card import render_model_card
 from cxr.data import DataArguments, prepare_and_load
 from cxr.metrics import plot_confusion_matrix, plot_training_curves, softmax, trainer_metrics
-from cxr.models import DEFAULT_CHECKPOINT, DEFAULT_MODEL_DIR, PRESETS, build_model, input_size
+from cxr.models import DEFAULT_CHECKPOINT, DEFAULT_MODEL_DIR, PRESETS, build_model, input_size, load_teacher
 from cxr.reliability import describe_reliability, fit_reliability, save_reliability
 from cxr.training import XrayTrainer, check_writable, checkpoint_to_resume, class_weights, collate, peak_memory_mib, pixel_transform, weighted_loss
 from hf_data import DISPLAY_NAMES
@@ -67,6 +67,15 @@ class ModelArguments:
             "evaluate, select and save the average instead of the last step's weights: steadier validation scores. 0 disables."
         },
     )
+    teacher: str | None = field(
+        default=None,
+        metadata={
+            "help": "A model folder trained by this script on the same data and split (e.g. --model scratch-resnet) to distil from: "
+            "the loss also counts the teacher's top label for each augmented training image (DeiT's hard distillation). "
+            "Only the student is evaluated and saved."
+        },
+    )
+    distillation_weight: float = field(default=0.5, metadata={"help": "With --teacher: the share of the loss given to the teacher's labels (the rest to the true ones)."})
 
 
 @dataclass
@@ -127,9 +136,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     # Model: pretrained checkpoint, or a preset with random weights (offline).
     model, processor, origin = build_model(model_args.model, id2label)
+    teacher, teacher_processor = None, None
+    if model_args.teacher:
+        teacher, teacher_processor = load_teacher(model_args.teacher, id2label, {split: len(dataset[split]) for split in dataset})
+        origin.teacher = model_args.teacher
     print(f"Model: {type(model).__name__}, {model.num_parameters() / 1e6:.1f} M parameters, {origin.describe()}.")
 
-    train_dataset = dataset["train"].with_transform(pixel_transform(processor, augment=True))
+    train_dataset = dataset["train"].with_transform(pixel_transform(processor, augment=True, teacher_processor=teacher_processor))
     eval_splits = {split: dataset[split].with_transform(pixel_transform(processor, augment=False)) for split in dataset if split != "train"}
 
     last_checkpoint = checkpoint_to_resume(output_dir, model_args.resume, training_args.should_save)
@@ -143,6 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
         compute_loss_func=weighted_loss(class_weights(dataset["train"]["label"], len(class_keys)), training_args.label_smoothing_factor),
         compute_metrics=trainer_metrics(class_keys),
         weight_average_decay=model_args.weight_average_decay,
+        teacher=teacher,
+        distillation_weight=model_args.distillation_weight,
     )
     search = None
     if search_args.search_trials and not model_args.resume:
@@ -150,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         subset = subset.select(range(min(len(subset), search_args.search_train_samples or len(subset))))
         search = search_hyperparameters(
             search_args, training_args, lambda: build_model(model_args.model, id2label)[0],
-            dict(trainer_parts, train_dataset=subset.with_transform(pixel_transform(processor, augment=True))),
+            dict(trainer_parts, train_dataset=subset.with_transform(pixel_transform(processor, augment=True, teacher_processor=teacher_processor))),
         )
         for name, value in search["best"]["hyperparameters"].items():
             setattr(training_args, name, value)
@@ -237,15 +252,18 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def with_recipe(argv: list[str]) -> list[str]:
-    """`--recipe NAME` -> the options in recipes/NAME.args, put first so that options given on the command line win."""
+def with_recipe(argv: list[str], expanding: tuple[str, ...] = ()) -> list[str]:
+    """`--recipe NAME` -> the options in recipes/NAME.args, put first so that options given on the command line win.
+    A recipe may name another (`--recipe vit-offline` in recipes/vit-distil.args): its options come first, then the recipe's own."""
     names = [argv[index + 1] for index, arg in enumerate(argv[:-1]) if arg == "--recipe"]
     recipe_args = []
     for name in names:
         path = RECIPES / f"{name}.args"
         if not path.is_file():
             raise SystemExit(f"No recipe '{name}' ({path} does not exist). Recipes: {', '.join(sorted(p.stem for p in RECIPES.glob('*.args')))}.")
-        recipe_args += shlex.split(path.read_text(), comments=True)
+        if name in expanding:
+            raise SystemExit(f"Recipe '{name}' names itself, through {' -> '.join(expanding)}.")
+        recipe_args += with_recipe(shlex.split(path.read_text(), comments=True), (*expanding, name))
     return recipe_args + argv
 
 

@@ -50,13 +50,16 @@ class ModelOrigin:
     name: str  # the --model value
     pretrained: bool
     pretraining: str | None = None  # for a pretrain_mae.py folder: how its weights were made (in-domain, no downloads)
+    teacher: str | None = None  # with --teacher: the trained model whose predictions it also learned from
 
     def describe(self) -> str:
         if self.pretraining:
-            return f"fine-tuned from `{self.name}`, {self.pretraining}"
-        if self.pretrained:
-            return f"fine-tuned from pretrained weights `{self.name}`"
-        return f"trained from scratch (random initialisation, no pretrained weights) with the `{self.name}` preset"
+            start = f"fine-tuned from `{self.name}`, {self.pretraining}"
+        elif self.pretrained:
+            start = f"fine-tuned from pretrained weights `{self.name}`"
+        else:
+            start = f"trained from scratch (random initialisation, no pretrained weights) with the `{self.name}` preset"
+        return start + (f", learning also from the predictions of the trained model `{self.teacher}` (distillation)" if self.teacher else "")
 
 
 def build_model(name: str, id2label: dict[int, str]):
@@ -82,6 +85,30 @@ def build_model(name: str, id2label: dict[int, str]):
     pretraining = Path(name) / PRETRAINING_FILE
     description = json.loads(pretraining.read_text())["description"] if pretraining.is_file() else None
     return model, processor, ModelOrigin(name, pretrained=True, pretraining=description)
+
+
+def load_teacher(folder: str, id2label: dict[int, str], split_sizes: dict[str, int]):
+    """Return (model, image_processor) of a model folder written by train_vit.py, to distil from (`--teacher`).
+
+    Refused, with the reason, unless it predicts the same classes in the same order and was trained on the same
+    train/validation split (sizes in its metrics.json): a teacher that trained on this run's validation images would
+    leak them into the student, and its scores on them would flatter.
+    """
+    path = Path(folder).expanduser()
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"No trained model at '{folder}' to learn from (no config.json there): train the teacher first, e.g. with --model scratch-resnet.")
+    model = AutoModelForImageClassification.from_pretrained(path, use_safetensors=True)
+    if {int(index): label for index, label in model.config.id2label.items()} != id2label:
+        raise SystemExit(f"The teacher '{folder}' predicts {model.config.id2label}, not this data set's classes {id2label}.")
+    metrics_file = path / "metrics.json"
+    counts = json.loads(metrics_file.read_text()).get("data", {}).get("counts", {}) if metrics_file.is_file() else {}
+    teacher_sizes = {split: sum(by_class.values()) for split, by_class in counts.items()}
+    if teacher_sizes != split_sizes:
+        raise SystemExit(
+            f"The teacher '{folder}' was trained on other splits ({teacher_sizes or 'unknown: no metrics.json'}) than this run's "
+            f"({split_sizes}): it may have seen this run's validation images. Train it on the same data, --validation_fraction and --split_seed."
+        )
+    return model, AutoImageProcessor.from_pretrained(path)
 
 
 def is_local_path(name: str) -> bool:

@@ -1,6 +1,7 @@
 """The pieces `train_vit.py` (and `pretrain_mae.py`) hand to `Trainer`: pixel transforms, the batch collator, the
 class-weighted loss, a `Trainer` that reloads checkpoints correctly and can evaluate, select and save a moving average
-of the weights, and two checks on the run itself (a writable output folder up front, peak memory at the end)."""
+of the weights and learn from a teacher network, and two checks on the run itself (a writable output folder up
+front, peak memory at the end)."""
 
 from __future__ import annotations
 
@@ -26,14 +27,16 @@ from cxr.images import load_image
 from cxr.models import input_size
 
 
-def pixel_transform(processor, augment: bool):
+def pixel_transform(processor, augment: bool, teacher_processor=None):
     """A `datasets.Dataset.with_transform` function: image files -> `pixel_values` + `labels`.
 
     Images are decoded by the project's one loader (`load_image`), optionally augmented, then
     resized and normalised by the model's own image processor, exactly as at inference.
     Expects the `image` column as `hf_data.load_prepared` gives it: undecoded (path or bytes).
+    With a `teacher_processor` (distillation), the same augmented image also goes through the teacher's own
+    processor as `teacher_pixel_values`: both networks see one view, each at its own input size.
     """
-    size = input_size(processor)
+    size = max(input_size(processor), input_size(teacher_processor) if teacher_processor else 0)
 
     def transform(batch):
         images = [load_image(item["path"] or item["bytes"], draft_size=size) for item in batch["image"]]
@@ -41,16 +44,15 @@ def pixel_transform(processor, augment: bool):
             # Python's global generator: Trainer seeds it and saves its state in each checkpoint, so --resume is exact.
             images = [augment_xray(image, size, random) for image in images]
         pixel_values = processor(images, return_tensors="pt")["pixel_values"]
-        return {"pixel_values": pixel_values, "labels": batch["label"]}
+        if teacher_processor is None:
+            return {"pixel_values": pixel_values, "labels": batch["label"]}
+        return {"pixel_values": pixel_values, "teacher_pixel_values": teacher_processor(images, return_tensors="pt")["pixel_values"], "labels": batch["label"]}
 
     return transform
 
 
 def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
-    return {
-        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
-        "labels": torch.tensor([example["labels"] for example in examples]),
-    }
+    return {key: torch.tensor([example[key] for example in examples]) if key == "labels" else torch.stack([example[key] for example in examples]) for key in examples[0]}
 
 
 def class_weights(labels, num_classes: int) -> torch.Tensor:
@@ -92,14 +94,33 @@ class XrayTrainer(Trainer):
     choice and the saved model are the average's, which is steadier from epoch to epoch than the weights of the
     last step. Each checkpoint also keeps the weights being trained (`TRAINING_WEIGHTS`), so `--resume` continues
     exactly. Trainer has no built-in averaging (transformers 5.23).
+
+    With a `teacher` (a trained classifier; distillation as in DeiT, Touvron et al. 2021, with hard labels) the
+    training loss is `(1 - distillation_weight)` x the loss on the true labels plus `distillation_weight` x the same
+    loss on the teacher's top label for the same augmented image (`teacher_pixel_values` from `pixel_transform`).
+    A convolutional teacher passes on what a ViT trained from scratch on a few thousand images lacks: that
+    neighbouring pixels belong together. Evaluation and the saved model involve the student alone.
     """
 
-    def __init__(self, *args, weight_average_decay: float = 0.0, **kwargs):
+    def __init__(self, *args, weight_average_decay: float = 0.0, teacher=None, distillation_weight: float = 0.5, **kwargs):
         super().__init__(*args, **kwargs)
         self.weight_average_decay = weight_average_decay
+        self.teacher = teacher.eval().requires_grad_(False).to(self.args.device) if teacher is not None else None
+        self.distillation_weight = distillation_weight
         self.averaged_weights: dict[str, torch.Tensor] | None = None
         self.averaged_step = 0
         self.stashed_weights: dict[str, torch.Tensor] | None = None  # the trained weights while the average is in the model
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        teacher_pixel_values = inputs.pop("teacher_pixel_values", None)
+        if self.teacher is None or teacher_pixel_values is None:  # no teacher, or an evaluation batch
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        with torch.no_grad():
+            teacher_labels = self.teacher(pixel_values=teacher_pixel_values).logits.argmax(dim=-1)
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        distillation_loss = self.compute_loss_func(outputs, teacher_labels, num_items_in_batch=num_items_in_batch)
+        loss = (1 - self.distillation_weight) * loss + self.distillation_weight * distillation_loss
+        return (loss, outputs) if return_outputs else loss
 
     def _unwrapped(self):
         return self.accelerator.unwrap_model(self.model)

@@ -164,6 +164,16 @@ def test_a_recipe_supplies_options_and_the_command_line_overrides_them(tmp_path,
         train_vit.main(["--data_dir", "synthetic", "--recipe", "no-such"])
 
 
+def test_a_recipe_can_build_on_another_and_never_on_itself(tmp_path, monkeypatch):
+    options = train_vit.with_recipe(["--recipe", "vit-distil", "--seed", "7"])
+    assert options.index("--weight_average_decay") < options.index("--teacher") < options.index("--seed")  # vit-offline's, then its own, then the command line's
+    monkeypatch.setattr(train_vit, "RECIPES", tmp_path)
+    (tmp_path / "a.args").write_text("--recipe b\n")
+    (tmp_path / "b.args").write_text("--seed 1\n--recipe a\n")
+    with pytest.raises(SystemExit, match="Recipe 'a' names itself, through a -> b"):
+        train_vit.with_recipe(["--recipe", "a"])
+
+
 def test_gradient_accumulation_takes_the_same_step_as_one_big_batch(tmp_path, monkeypatch):
     """--gradient_accumulation_steps 2 with batches of 8 must update the weights as one batch of 16 does."""
     import torch
@@ -178,3 +188,58 @@ def test_gradient_accumulation_takes_the_same_step_as_one_big_batch(tmp_path, mo
     head = {"classifier.weight", "classifier.bias"}  # calibration rescales the head differently per run; compare the body
     big, accumulated = load_file(tmp_path / "big" / "model.safetensors"), load_file(tmp_path / "accumulated" / "model.safetensors")
     assert all(torch.allclose(big[key], accumulated[key], atol=1e-6) for key in big.keys() - head)
+
+
+def test_with_a_teacher_the_loss_also_counts_the_teachers_label_for_the_same_view():
+    """Distillation (--teacher): the student is pulled towards the teacher's top label on the very batch it sees."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import TrainingArguments
+
+    from cxr.training import XrayTrainer, weighted_loss
+
+    labels = {0: "Bacterial pneumonia", 1: "Normal", 2: "Viral pneumonia"}
+    torch.manual_seed(0)
+    student = build_model("scratch-tiny", labels)[0]
+    teacher = build_model("scratch-tiny-resnet", labels)[0]
+    with torch.no_grad():
+        teacher.classifier[-1].bias.copy_(torch.tensor([0.0, 0.0, 1e4]))  # whatever it sees, the teacher says viral
+    weights = torch.tensor([1.0, 2.0, 3.0])
+    inputs = {"pixel_values": torch.randn(4, 3, 32, 32), "teacher_pixel_values": torch.randn(4, 3, 32, 32), "labels": torch.zeros(4, dtype=torch.long)}
+    args = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
+
+    def loss_with(distillation_weight):
+        trainer = XrayTrainer(model=student, args=args, compute_loss_func=weighted_loss(weights), teacher=teacher, distillation_weight=distillation_weight)
+        return trainer.compute_loss(student, dict(inputs)).item()
+
+    student.eval()  # no dropout: the same logits each call
+    logits = student(pixel_values=inputs["pixel_values"]).logits
+    true_loss = F.cross_entropy(logits, inputs["labels"], weight=weights, reduction="sum").item() / 4
+    teacher_loss = F.cross_entropy(logits, torch.full((4,), 2), weight=weights, reduction="sum").item() / 4
+    assert loss_with(0.0) == pytest.approx(true_loss, rel=1e-5)
+    assert loss_with(1.0) == pytest.approx(teacher_loss, rel=1e-5)
+    assert loss_with(0.3) == pytest.approx(0.7 * true_loss + 0.3 * teacher_loss, rel=1e-5)
+    evaluation_batch = {"pixel_values": inputs["pixel_values"], "labels": inputs["labels"]}  # no teacher view: the true labels alone
+    assert XrayTrainer(model=student, args=args, compute_loss_func=weighted_loss(weights), teacher=teacher).compute_loss(student, evaluation_batch).item() == pytest.approx(true_loss, rel=1e-5)
+
+
+def test_a_student_learns_from_a_teacher_trained_on_the_same_split_and_no_other(tmp_path, monkeypatch, cnn_model_dir):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    train_vit.main(["--data_dir", "synthetic", *TINY, "--num_train_epochs", "1", "--teacher", str(cnn_model_dir), "--output_dir", "student"])
+    summary = json.loads((tmp_path / "student" / "metrics.json").read_text())
+    assert summary["model_origin"]["teacher"] == str(cnn_model_dir)
+    assert f"predictions of the trained model `{cnn_model_dir}` (distillation)" in (tmp_path / "student" / "README.md").read_text()
+    assert pipeline("image-classification", model=str(tmp_path / "student")).model.config.model_type == "vit"  # the student alone is saved
+
+    with pytest.raises(SystemExit, match="trained on other splits"):  # it may have trained on this run's validation images
+        train_vit.main(["--data_dir", "synthetic", *TINY, "--synthetic_images_per_class", "30", "--teacher", str(cnn_model_dir), "--output_dir", "other"])
+    renamed = shutil.copytree(cnn_model_dir, tmp_path / "renamed")
+    config = json.loads((renamed / "config.json").read_text())
+    config["id2label"] = {"0": "Normal", "1": "Bacterial pneumonia", "2": "Viral pneumonia"}
+    (renamed / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match="not this data set's classes"):
+        train_vit.main(["--data_dir", "synthetic", *TINY, "--teacher", str(renamed), "--output_dir", "other"])
+    with pytest.raises(SystemExit, match="No trained model at 'nowhere'"):
+        train_vit.main(["--data_dir", "synthetic", *TINY, "--teacher", "nowhere", "--output_dir", "other"])
