@@ -1,0 +1,51 @@
+"""Underfitting or overfitting? Each model's figures on the images it trained on (no augmentation) beside the same
+figures on the validation split.
+
+    python -m benchmarks.fit outputs/vit-xray outputs/resnet-xray --data_dir ../shared/data/chest_xray
+
+A model that scores no better on its own training images than on unseen ones is underfitting: it lacks training
+(epochs, width, resolution), and more regularisation would not help. One that scores far better there is overfitting.
+The images go through the evaluation path (`cxr.reliability.embed_split`: the project's loader and the model's own
+image processor); the data is prepared with the same patient-grouped split as train_vit.py (`--split_seed`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+from cxr.metrics import classification_metrics, softmax
+from cxr.reliability import embed_split, load_data, warn_if_other_split
+
+FIGURES = [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("f1_viral_pneumonia", "F1 viral"), ("pneumonia_accuracy", "pneumonia acc.")]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folders", nargs="+", type=Path, help="Model folders written by train_vit.py on this data.")
+    parser.add_argument("--data_dir", required=True, help="The data the models were trained on (raw folder, prepared tree or 'synthetic').")
+    parser.add_argument("--prepared_dir", default=None, help="Where to prepare a raw --data_dir. Default: data/prepared/<name of data_dir>.")
+    parser.add_argument("--split_seed", type=int, default=42, help="As given to train_vit.py (default 42).")
+    parser.add_argument("--batch_size", type=int, default=64, help="Images per forward pass (default 64).")
+    args = parser.parse_args(argv)
+
+    dataset = load_data(args.data_dir, args.prepared_dir, validation_fraction=0.1, seed=args.split_seed, synthetic_images_per_class=200)
+    class_keys = dataset["train"].features["label"].names
+    rows = []
+    for folder in args.folders:
+        warn_if_other_split(folder, dataset)
+        model = AutoModelForImageClassification.from_pretrained(folder, use_safetensors=True)
+        processor = AutoImageProcessor.from_pretrained(folder)
+        for split in ("train", "validation"):
+            features, labels = embed_split(model, processor, dataset[split], batch_size=args.batch_size, desc=f"{folder.name}: {split}")
+            figures = classification_metrics(labels, softmax(features["logits"]), class_keys)
+            rows.append(f"| `{folder.name}` | {split} ({len(labels)} images) | " + " | ".join(f"{figures[key]:.3f}" for key, _ in FIGURES) + " |")
+    print("| model folder | split | " + " | ".join(title for _, title in FIGURES) + " |")
+    print("|---|---|" + "---:|" * len(FIGURES))
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
