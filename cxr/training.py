@@ -98,8 +98,9 @@ class XrayTrainer(Trainer):
     With a `teacher` (a trained classifier; distillation as in DeiT, Touvron et al. 2021, with hard labels) the
     training loss is `(1 - distillation_weight)` x the loss on the true labels plus `distillation_weight` x the same
     loss on the teacher's top label for the same augmented image (`teacher_pixel_values` from `pixel_transform`).
-    A convolutional teacher passes on what a ViT trained from scratch on a few thousand images lacks: that
-    neighbouring pixels belong together. Evaluation and the saved model involve the student alone.
+    DeiT's idea is that a convolutional teacher passes on the locality a ViT trained from scratch on few images
+    lacks (measured here, it helped the offline ViT a little: README). Evaluation and the saved model involve the
+    student alone.
     """
 
     def __init__(self, *args, weight_average_decay: float = 0.0, teacher=None, distillation_weight: float = 0.5, **kwargs):
