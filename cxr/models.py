@@ -100,15 +100,21 @@ def load_teacher(folder: str, id2label: dict[int, str], split_sizes: dict[str, i
     model = AutoModelForImageClassification.from_pretrained(path, use_safetensors=True)
     if {int(index): label for index, label in model.config.id2label.items()} != id2label:
         raise SystemExit(f"The teacher '{folder}' predicts {model.config.id2label}, not this data set's classes {id2label}.")
-    metrics_file = path / "metrics.json"
-    counts = json.loads(metrics_file.read_text()).get("data", {}).get("counts", {}) if metrics_file.is_file() else {}
-    teacher_sizes = {split: sum(by_class.values()) for split, by_class in counts.items()}
+    teacher_sizes = trained_split_sizes(path)
     if teacher_sizes != split_sizes:
         raise SystemExit(
             f"The teacher '{folder}' was trained on other splits ({teacher_sizes or 'unknown: no metrics.json'}) than this run's "
             f"({split_sizes}): it may have seen this run's validation images. Train it on the same data, --validation_fraction and --split_seed."
         )
     return model, AutoImageProcessor.from_pretrained(path)
+
+
+def trained_split_sizes(model_dir: str | Path) -> dict[str, int]:
+    """Images per split (train, validation, ...) of the data a train_vit.py model folder was trained on, from its
+    metrics.json; empty when the folder has none."""
+    metrics_file = Path(model_dir) / "metrics.json"
+    counts = json.loads(metrics_file.read_text()).get("data", {}).get("counts", {}) if metrics_file.is_file() else {}
+    return {split: sum(by_class.values()) for split, by_class in counts.items()}
 
 
 def is_local_path(name: str) -> bool:

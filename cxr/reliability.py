@@ -48,6 +48,7 @@ from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from cxr.metrics import expected_calibration_error, softmax
+from cxr.models import trained_split_sizes
 
 OOD_FILE = "ood.safetensors"
 ACCEPT_RATE = 0.97  # share of real validation X-rays the threshold lets through (why 97 and not 95: see the module docstring)
@@ -389,12 +390,8 @@ def load_data(data_dir: str, prepared_dir: str | None, validation_fraction: floa
 
 def warn_if_other_split(model_dir: Path, dataset) -> None:
     """The temperature must be fitted on images the model did not train on: compare split sizes with metrics.json."""
-    metrics_file = model_dir / "metrics.json"
-    if not metrics_file.is_file():
-        return
-    trained = json.loads(metrics_file.read_text()).get("data", {}).get("counts", {})
     now = {split: len(dataset[split]) for split in dataset}
-    before = {split: sum(counts.values()) for split, counts in trained.items()}
+    before = trained_split_sizes(model_dir)
     if before and before != now:
         print(
             f"Warning: these splits ({now}) differ from the ones the model was trained with ({before}). If validation images were "
