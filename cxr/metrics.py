@@ -1,12 +1,14 @@
-"""Evaluation figures and plots, computed offline with scikit-learn and matplotlib.
+"""Evaluation figures and plots, offline.
 
-`evaluate.load(...)` downloads its metric scripts from the Hub, which fails without network, so the
-metrics are computed here directly. Besides the usual 3-class figures, the clinical pair is reported:
-sensitivity and specificity of "pneumonia (bacterial or viral) vs normal".
+The figures come through `evaluate`, from the metric module that ships in this repository
+(`metrics/xray_classification/`, an `evaluate.Metric` that could be published to the Hub as it is): `evaluate.load`
+reads a local folder without the network. Besides the usual 3-class figures, the clinical pair is reported:
+sensitivity and specificity of "pneumonia (bacterial or viral) vs normal". Plots are drawn with matplotlib.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -14,14 +16,10 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt
 import numpy as np
-from sklearn.metrics import (
-    ConfusionMatrixDisplay,
-    accuracy_score,
-    confusion_matrix,
-    f1_score,
-    precision_recall_fscore_support,
-    roc_auc_score,
-)
+from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
+
+METRIC_DIR = Path(__file__).resolve().parent.parent / "metrics" / "xray_classification"  # the evaluate module, shipped in the repo
+_METRIC = None
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -30,49 +28,28 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
-def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = 15) -> float:
-    """Mean gap between confidence and accuracy over equal-width confidence bins, weighted by bin size."""
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == labels
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    error = 0.0
-    for low, high in zip(edges[:-1], edges[1:]):
-        in_bin = (confidence > low) & (confidence <= high)
-        if in_bin.any():
-            error += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(error)
+def load_metric():
+    """The project's `evaluate` metric (figures from class probabilities and labels), loaded once from its folder in the
+    repository. An absolute path to an existing folder: `evaluate` imports the script from it and never asks the Hub."""
+    global _METRIC
+    if _METRIC is None:
+        import evaluate  # imported here: the app and predictor never need it
+
+        _METRIC = evaluate.load(str(METRIC_DIR), keep_in_memory=True)  # in memory: no cache files, no locks between runs
+    return _METRIC
+
+
+def expected_calibration_error(labels, probabilities, bins: int = 15) -> float:
+    """Mean gap between confidence and accuracy over equal-width confidence bins, weighted by bin size (the metric
+    module's own function, so the card's and the calibration report's figures are one computation)."""
+    return sys.modules[type(load_metric()).__module__].expected_calibration_error(labels, probabilities, bins)
 
 
 def classification_metrics(labels, probabilities, class_keys: list[str], normal_key: str = "normal") -> dict[str, float]:
-    """All figures for one evaluation. `class_keys[i]` names class id i (e.g. "viral_pneumonia")."""
-    labels = np.asarray(labels)
-    probabilities = np.asarray(probabilities, dtype=np.float64)
-    predictions = probabilities.argmax(axis=1)
-    class_ids = list(range(len(class_keys)))
-    precision, recall, f1, support = precision_recall_fscore_support(
-        labels, predictions, labels=class_ids, zero_division=0
+    """All figures for one evaluation, through the `evaluate` metric. `class_keys[i]` names class id i (e.g. "viral_pneumonia")."""
+    return load_metric().compute(
+        predictions=np.asarray(probabilities, dtype=np.float64), references=np.asarray(labels), class_names=list(class_keys), normal_class=normal_key
     )
-    metrics = {
-        "accuracy": accuracy_score(labels, predictions),
-        "macro_f1": f1_score(labels, predictions, labels=class_ids, average="macro", zero_division=0),
-    }
-    for key, p, r, f, n in zip(class_keys, precision, recall, f1, support):
-        metrics.update({f"precision_{key}": p, f"recall_{key}": r, f"f1_{key}": f, f"support_{key}": int(n)})
-
-    # One-vs-rest ROC-AUC is undefined when a class is missing from the labels (tiny evaluation sets).
-    if len(np.unique(labels)) == len(class_keys):
-        metrics["roc_auc_ovr"] = roc_auc_score(labels, probabilities, multi_class="ovr", labels=class_ids)
-
-    normal_id = class_keys.index(normal_key)
-    is_pneumonia = labels != normal_id
-    called_pneumonia = predictions != normal_id
-    if is_pneumonia.any():
-        metrics["pneumonia_sensitivity"] = float((called_pneumonia & is_pneumonia).sum() / is_pneumonia.sum())
-    if (~is_pneumonia).any():
-        metrics["pneumonia_specificity"] = float((~called_pneumonia & ~is_pneumonia).sum() / (~is_pneumonia).sum())
-    metrics["pneumonia_accuracy"] = float((called_pneumonia == is_pneumonia).mean())
-    metrics["expected_calibration_error"] = expected_calibration_error(labels, probabilities)
-    return {key: float(value) if not isinstance(value, int) else value for key, value in metrics.items()}
 
 
 def trainer_metrics(class_keys: list[str]):

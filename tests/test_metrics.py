@@ -56,3 +56,65 @@ def test_expected_calibration_error():
     # 100% confident, right 4 times in 5: off by 0.2
     overconfident = _one_hot([0, 0, 0, 0, 1], 1.0)
     assert expected_calibration_error(labels, overconfident) == pytest.approx(0.2)
+
+
+def _sklearn_figures(labels, probabilities, class_keys, normal_key="normal"):
+    """The figures as scikit-learn computes them directly (what cxr.metrics computed before the evaluate module)."""
+    from sklearn.metrics import accuracy_score, f1_score, precision_recall_fscore_support, roc_auc_score
+
+    predictions = probabilities.argmax(axis=1)
+    ids = list(range(len(class_keys)))
+    precision, recall, f1, support = precision_recall_fscore_support(labels, predictions, labels=ids, zero_division=0)
+    figures = {"accuracy": accuracy_score(labels, predictions), "macro_f1": f1_score(labels, predictions, labels=ids, average="macro", zero_division=0)}
+    for key, p, r, f, n in zip(class_keys, precision, recall, f1, support):
+        figures.update({f"precision_{key}": p, f"recall_{key}": r, f"f1_{key}": f, f"support_{key}": int(n)})
+    if len(np.unique(labels)) == len(class_keys):
+        figures["roc_auc_ovr"] = roc_auc_score(labels, probabilities, multi_class="ovr", labels=ids)
+    normal = class_keys.index(normal_key)
+    truth, called = labels != normal, predictions != normal
+    if truth.any():
+        figures["pneumonia_sensitivity"] = (called & truth).sum() / truth.sum()
+    if (~truth).any():
+        figures["pneumonia_specificity"] = (~called & ~truth).sum() / (~truth).sum()
+    figures["pneumonia_accuracy"] = (called == truth).mean()
+    confidence, correct = probabilities.max(axis=1), predictions == labels
+    edges = np.linspace(0, 1, 16)
+    figures["expected_calibration_error"] = sum(
+        ((confidence > low) & (confidence <= high)).mean() * abs(correct[(confidence > low) & (confidence <= high)].mean() - confidence[(confidence > low) & (confidence <= high)].mean())
+        for low, high in zip(edges[:-1], edges[1:])
+        if ((confidence > low) & (confidence <= high)).any()
+    )
+    return figures
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_evaluate_module_gives_the_scikit_learn_figures_on_random_inputs(seed):
+    rng = np.random.default_rng(seed)
+    size = int(rng.integers(5, 400))
+    labels = rng.integers(0, 3 if seed % 3 else 2, size)  # every third seed: viral missing, so no ROC-AUC
+    probabilities = rng.dirichlet(rng.uniform(0.2, 3, 3), size)
+    expected = _sklearn_figures(labels, probabilities, CLASSES)
+    metrics = classification_metrics(labels, probabilities, CLASSES)
+    assert metrics.keys() == expected.keys()
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(float(value), rel=1e-12, abs=1e-15), key
+        assert type(metrics[key]) is (int if key.startswith("support_") else float), key
+
+
+def test_the_metric_module_loads_from_the_repository_without_the_network(monkeypatch):
+    import socket
+
+    import evaluate
+
+    from cxr import metrics as cxr_metrics
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(cxr_metrics, "_METRIC", None)  # load afresh, with the network refused
+    metric = cxr_metrics.load_metric()
+    assert isinstance(metric, evaluate.Metric) and metric.name == "xray_classification"
+    labels = [0, 1, 2, 1]
+    assert classification_metrics(labels, _one_hot(labels), CLASSES)["accuracy"] == 1.0
