@@ -34,6 +34,7 @@ from transformers import EarlyStoppingCallback, HfArgumentParser, TrainingArgume
 
 from cxr.card import render_model_card
 from cxr.data import DataArguments, prepare_and_load
+from cxr.hub import publish_model_folder
 from cxr.metrics import plot_confusion_matrix, plot_training_curves, softmax, trainer_metrics
 from cxr.models import DEFAULT_CHECKPOINT, DEFAULT_MODEL_DIR, PRESETS, build_model, input_size, load_teacher
 from cxr.reliability import describe_reliability, fit_reliability, save_reliability
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((DataArguments, ModelArguments, SearchArguments, XrayTrainingArguments), description=__doc__.split("\n")[0])
     argv = with_recipe(sys.argv[1:] if argv is None else argv)
     data_args, model_args, search_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    publish, training_args.push_to_hub = training_args.push_to_hub, False  # Trainer never pushes: the finished folder is published at the end
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     if training_args.should_save:
@@ -246,9 +248,12 @@ def main(argv: list[str] | None = None) -> dict:
     card.save(output_dir / "README.md")
     print(f"\nModel folder: {output_dir}  ({origin.describe()})")
     print(f'Try it: python -c "from transformers import pipeline; print(pipeline(\'image-classification\', model=\'{output_dir}\')(\'your_xray.jpeg\', top_k=3))"')
-    if training_args.push_to_hub:
-        trainer.push_to_hub()
-        card.push_to_hub(trainer.hub_model_id)  # Trainer writes its own generic card; ours has the real figures
+    if publish:  # exactly the finished folder, in one commit (cxr/hub.py says why not Trainer's push)
+        url, files = publish_model_folder(
+            output_dir, training_args.hub_model_id or output_dir.absolute().name,
+            token=training_args.hub_token, private=training_args.hub_private_repo, revision=training_args.hub_revision,
+        )
+        print(f"Published to {url}: {', '.join(files)}")
     return results
 
 
