@@ -33,6 +33,43 @@ HEADLINE = [
     ("expected_calibration_error", "Expected calibration error"),
 ]
 
+# The model-index entry of each headline figure, in the Hub's terms: (metric type, config, args). Types are Hub metric
+# ids (those of `evaluate`) where one exists; sensitivity, specificity and calibration error are named custom metrics.
+# "pneumonia_vs_normal": bacterial and viral pneumonia together are the positive class.
+HUB_METRICS = {
+    "accuracy": ("accuracy", None, None),
+    "macro_f1": ("f1", None, {"average": "macro"}),
+    "roc_auc_ovr": ("roc_auc", None, {"average": "macro", "multi_class": "ovr"}),
+    "pneumonia_accuracy": ("accuracy", "pneumonia_vs_normal", None),
+    "pneumonia_sensitivity": ("sensitivity", "pneumonia_vs_normal", None),
+    "pneumonia_specificity": ("specificity", "pneumonia_vs_normal", None),
+    "expected_calibration_error": ("expected_calibration_error", None, {"bins": 15}),
+}
+HUB_METRIC_IDS = ["accuracy", "f1", "roc_auc", "precision", "recall"]  # the card's `metrics:` list
+HUB_DATASET = "hf-vision/chest-xray-pneumonia"  # the Kermany images (CC BY 4.0) on the Hub, as in Kaggle's download
+
+
+def hub_eval_results(metrics: dict, class_keys: list[str], display_names: list[str], eval_split: str, synthetic_data: bool) -> list[EvalResult]:
+    """The card's model-index: the headline figures, then precision and recall of each class (one-vs-rest)."""
+    dataset = dict(
+        task_type="image-classification",
+        task_name="Image Classification",
+        dataset_type="synthetic" if synthetic_data else HUB_DATASET,
+        dataset_name="Synthetic chest X-ray stand-ins (generated)" if synthetic_data else "Pediatric chest X-ray (Kermany et al. 2018)",
+        dataset_split=eval_split,
+    )
+    results = [
+        EvalResult(**dataset, metric_type=HUB_METRICS[key][0], metric_config=HUB_METRICS[key][1], metric_args=HUB_METRICS[key][2],
+                   metric_name=label, metric_value=round(metrics[key], 4))
+        for key, label in HEADLINE
+        if key in metrics
+    ]
+    for key, name in zip(class_keys, display_names):
+        for metric_type in ("precision", "recall"):
+            results.append(EvalResult(**dataset, metric_type=metric_type, metric_args={"average": "binary", "pos_label": key},
+                                      metric_name=f"{metric_type.capitalize()} ({name})", metric_value=round(metrics[f"{metric_type}_{key}"], 4)))
+    return results
+
 
 def render_model_card(
     *,
@@ -53,29 +90,17 @@ def render_model_card(
     """Build the card from the figures of one finished run. `metrics` are un-prefixed (`accuracy`, ...);
     `image_size` is the input side in pixels (the image processor's); `reliability` is the summary of
     `cxr.reliability.fit_reliability` (calibration and out-of-distribution check)."""
-    dataset_name = "Synthetic chest X-ray stand-ins (generated)" if synthetic_data else "Pediatric chest X-ray (Kermany et al. 2018)"
-    eval_results = [
-        EvalResult(
-            task_type="image-classification",
-            dataset_type="synthetic" if synthetic_data else "chest-xray-pneumonia",
-            dataset_name=dataset_name,
-            dataset_split=eval_split,
-            metric_type=key,
-            metric_name=label,
-            metric_value=round(metrics[key], 4),
-        )
-        for key, label in HEADLINE
-        if key in metrics
-    ]
     card_data = ModelCardData(
         language="en",
-        license="apache-2.0",
+        license="apache-2.0",  # the code's license (LICENSE); the training images stay CC BY 4.0, credited in the card
         library_name="transformers",
         pipeline_tag="image-classification",
         tags=["vision", "image-classification", model.config.model_type, "medical-imaging", "chest-x-ray", "pneumonia"],
-        base_model=origin.name if origin.pretrained and not origin.pretraining else None,  # a Hub id or folder it was fine-tuned from
+        base_model=origin.base_model,  # only a Hub id: never a local folder or a preset
+        datasets=None if synthetic_data else [HUB_DATASET],
+        metrics=HUB_METRIC_IDS,
         model_name=model_id,
-        eval_results=eval_results,
+        eval_results=hub_eval_results(metrics, class_keys, [model.config.id2label[index] for index in range(len(class_keys))], eval_split, synthetic_data),
     )
     per_class = [
         dict(

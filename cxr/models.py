@@ -51,6 +51,7 @@ class ModelOrigin:
     pretrained: bool
     pretraining: str | None = None  # for a pretrain_mae.py folder: how its weights were made (in-domain, no downloads)
     teacher: str | None = None  # with --teacher: the trained model whose predictions it also learned from
+    base_model: str | None = None  # the Hub id it was fine-tuned from (None for presets and local folders): the card's `base_model`
 
     def describe(self) -> str:
         if self.pretraining:
@@ -71,9 +72,8 @@ def build_model(name: str, id2label: dict[int, str]):
         return AutoModelForImageClassification.from_config(config), preset_image_processor(name), ModelOrigin(name, pretrained=False)
     try:
         processor = AutoImageProcessor.from_pretrained(name)
-        model = AutoModelForImageClassification.from_pretrained(
-            name, num_labels=len(id2label), id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True
-        )
+        # id2label sets the number of labels; a head of another size (e.g. ImageNet's) is replaced by a new one.
+        model = AutoModelForImageClassification.from_pretrained(name, id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True)
     except OSError as error:
         missing_folder = is_local_path(name) and not Path(name).expanduser().exists()
         raise SystemExit(
@@ -84,7 +84,7 @@ def build_model(name: str, id2label: dict[int, str]):
         ) from error
     pretraining = Path(name) / PRETRAINING_FILE
     description = json.loads(pretraining.read_text())["description"] if pretraining.is_file() else None
-    return model, processor, ModelOrigin(name, pretrained=True, pretraining=description)
+    return model, processor, ModelOrigin(name, pretrained=True, pretraining=description, base_model=None if is_local_path(name) else name)
 
 
 def load_teacher(folder: str, id2label: dict[int, str], split_sizes: dict[str, int]):

@@ -12,6 +12,7 @@ from huggingface_hub.utils import filter_repo_objects
 from transformers import Trainer
 
 import train_vit
+
 from cxr.hub import model_folder_files, publish_model_folder
 
 TINY = ["--synthetic_images_per_class", "40", "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--disable_tqdm", "true", "--report_to", "none"]
@@ -87,3 +88,101 @@ def test_only_the_model_files_of_a_folder_are_published(tiny_model_dir, tmp_path
     (folder / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="model.safetensors"):
         model_folder_files(folder)
+
+
+HUB_ID = "test-org/vit-tiny-pretrained"
+MEAN, STD, SIZE = [0.4, 0.45, 0.5], [0.2, 0.25, 0.3], 40
+
+
+@pytest.fixture
+def hub_checkpoint(tmp_path, monkeypatch):
+    """A small ViT with an unrelated 10-class head and its own image processor, in a Hugging Face cache under
+    HUB_ID, as a download leaves it; the Hub is offline and that cache is the one huggingface_hub reads."""
+    import huggingface_hub.constants
+    from transformers import ViTConfig, ViTForImageClassification
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    from hub_cache import fill_hub_cache
+
+    labels = {index: f"imagenet_class_{index}" for index in range(10)}
+    config = ViTConfig(image_size=SIZE, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       id2label=labels, label2id={label: index for index, label in labels.items()})
+    folder = tmp_path / "pretrained"
+    ViTForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessorPil(size={"height": SIZE, "width": SIZE}, image_mean=MEAN, image_std=STD).save_pretrained(folder)
+    cache = tmp_path / "hub-cache"
+    fill_hub_cache(cache, HUB_ID, folder)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    # huggingface_hub reads these variables once, at import; transformers asks its constants module at each call.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return folder
+
+
+def test_a_hub_checkpoint_is_fine_tuned_offline_with_a_new_head_and_its_own_processor(hub_checkpoint, tmp_path, monkeypatch):
+    from huggingface_hub import ModelCard
+    from safetensors import safe_open
+
+    monkeypatch.chdir(tmp_path)
+    output = tmp_path / "model"
+    train_vit.main(["--data_dir", "synthetic", "--model", HUB_ID, "--output_dir", str(output), "--num_train_epochs", "1", *TINY])
+
+    config = json.loads((output / "config.json").read_text())
+    assert config["id2label"] == {"0": "Bacterial pneumonia", "1": "Normal", "2": "Viral pneumonia"}
+    with safe_open(output / "model.safetensors", "pt") as weights:
+        assert weights.get_slice("classifier.weight").get_shape() == [3, 32]  # the 10-class head replaced
+    processor = json.loads((output / "preprocessor_config.json").read_text())
+    assert (processor["image_mean"], processor["image_std"], processor["size"]) == (MEAN, STD, {"height": SIZE, "width": SIZE})
+
+    origin = json.loads((output / "metrics.json").read_text())["model_origin"]
+    assert origin["pretrained"] is True and origin["base_model"] == HUB_ID
+    assert origin["description"] == f"fine-tuned from pretrained weights `{HUB_ID}`"
+    card = ModelCard.load(output / "README.md")
+    assert card.data.base_model == HUB_ID
+    assert f"fine-tuned from pretrained weights `{HUB_ID}`" in card.text
+
+
+def test_the_card_follows_the_hubs_conventions_and_its_model_index_reads_back(tiny_model_dir):
+    from huggingface_hub import ModelCard
+    from huggingface_hub.repocard_data import model_index_to_eval_results
+
+    card = ModelCard.load(tiny_model_dir / "README.md")
+    data = card.data
+    assert (data.license, data.library_name, data.pipeline_tag) == ("apache-2.0", "transformers", "image-classification")
+    assert data.base_model is None  # trained from a preset: no base model
+    assert set(data.metrics) == {"accuracy", "f1", "roc_auc", "precision", "recall"}
+    assert {"medical-imaging", "chest-x-ray"} <= set(data.tags)
+    name, results = model_index_to_eval_results(data.to_dict()["model-index"])
+    assert [r.metric_value for r in results] == [r.metric_value for r in data.eval_results]
+    by_name = {r.metric_name: r for r in results}
+    summary = json.loads((tiny_model_dir / "metrics.json").read_text())["test"]
+    macro_f1 = by_name["Macro-F1 (3 classes)"]
+    assert (macro_f1.metric_type, macro_f1.metric_args, macro_f1.metric_value) == ("f1", {"average": "macro"}, round(summary["macro_f1"], 4))
+    assert by_name["ROC-AUC (one-vs-rest, macro)"].metric_type == "roc_auc"
+    assert (by_name["Pneumonia sensitivity"].metric_type, by_name["Pneumonia sensitivity"].metric_config) == ("sensitivity", "pneumonia_vs_normal")
+    recall = by_name["Recall (Viral pneumonia)"]
+    assert (recall.metric_type, recall.metric_args, recall.metric_value) == ("recall", {"average": "binary", "pos_label": "viral_pneumonia"}, round(summary["recall_viral_pneumonia"], 4))
+    hub_ids = {"accuracy", "f1", "roc_auc", "precision", "recall"}
+    assert {r.metric_type for r in results} - hub_ids == {"sensitivity", "specificity", "expected_calibration_error"}  # the named custom ones
+    assert all(r.dataset_split == "test" and r.task_type == "image-classification" for r in results)
+
+
+def test_base_model_names_only_hub_ids(tiny_model_dir, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from cxr.card import render_model_card
+    from cxr.models import ModelOrigin, build_model
+
+    id2label = {0: "Bacterial pneumonia", 1: "Normal", 2: "Viral pneumonia"}
+    model, processor, origin = build_model(str(tiny_model_dir), id2label)
+    assert origin.pretrained and origin.base_model is None  # a local folder
+    keys = ["bacterial_pneumonia", "normal", "viral_pneumonia"]
+    metrics = json.loads((tiny_model_dir / "metrics.json").read_text())["test"]
+    common = dict(model=model, metrics=metrics, eval_split="test", class_keys=keys, data_description="d", recipe="r",
+                  train_runtime_s=1.0, command="c", model_id="x", image_size=32)
+    local = ModelCard(str(render_model_card(origin=origin, synthetic_data=True, **common)))
+    assert local.data.base_model is None and local.data.datasets is None
+    hub = ModelCard(str(render_model_card(origin=ModelOrigin("google/vit-base-patch16-224-in21k", True, base_model="google/vit-base-patch16-224-in21k"), synthetic_data=False, **common)))
+    assert hub.data.base_model == "google/vit-base-patch16-224-in21k"
+    assert hub.data.datasets == ["hf-vision/chest-xray-pneumonia"] and hub.data.eval_results[0].dataset_type == "hf-vision/chest-xray-pneumonia"
