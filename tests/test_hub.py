@@ -186,3 +186,13 @@ def test_base_model_names_only_hub_ids(tiny_model_dir, tmp_path):
     hub = ModelCard(str(render_model_card(origin=ModelOrigin("google/vit-base-patch16-224-in21k", True, base_model="google/vit-base-patch16-224-in21k"), synthetic_data=False, **common)))
     assert hub.data.base_model == "google/vit-base-patch16-224-in21k"
     assert hub.data.datasets == ["hf-vision/chest-xray-pneumonia"] and hub.data.eval_results[0].dataset_type == "hf-vision/chest-xray-pneumonia"
+
+
+def test_the_pretrained_recipe_sets_the_fine_tuning_hyperparameters():
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser((train_vit.DataArguments, train_vit.ModelArguments, train_vit.SearchArguments, train_vit.XrayTrainingArguments))
+    _, model_args, _, training_args = parser.parse_args_into_dataclasses(args=train_vit.with_recipe(["--data_dir", "synthetic", "--recipe", "vit-pretrained", "--report_to", "none"]))
+    assert model_args.model == "google/vit-base-patch16-224-in21k" == train_vit.DEFAULT_CHECKPOINT
+    assert (training_args.learning_rate, training_args.num_train_epochs, training_args.per_device_train_batch_size) == (2e-5, 5, 8)
+    assert (training_args.weight_decay, training_args.warmup_steps) == (0.0, 0.1)
