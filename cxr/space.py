@@ -108,7 +108,7 @@ def readme_text(model_id: str, template: Path = TEMPLATES / "README.md", pinned:
 
 def assemble(model_id: str, output_dir: Path, overwrite: bool = False) -> list[Path]:
     """Write the Space folder for `model_id` into `output_dir`; return its files (relative), sorted."""
-    if not HUB_ID.match(model_id):
+    if not HUB_ID.match(model_id) or Path(model_id).expanduser().exists():
         raise SystemExit(f"--model_id: '{model_id}' is not a Hub id (owner/name); push the model first (docs/deployment.md).")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
