@@ -9,21 +9,24 @@ project's one image loader (`cxr.images.load_image`), the model folder is loaded
 `cxr.predict.load_classifier` (the same `pipeline("image-classification")` Python users call, with the folder's
 out-of-distribution statistics), and the overlay comes from `cxr.saliency`. Run `python app.py --help` for every option.
 
-Outputs, in order (the API at /predict returns the same four): a warning (Markdown, empty unless the upload
-does not look like a pediatric chest X-ray), the three probabilities (Label), the Grad-CAM overlay (Image),
-and the check itself (JSON: looks_like_chest_xray, ood_score, threshold, score).
+Inputs: a file (any format the loader reads, DICOM included) or an image pasted or dropped into the preview, which
+shows the X-ray as the loader decoded it. The API at /predict takes the file and, optionally, the pasted image
+(the file wins when both are given), and returns four outputs, in order: a warning (Markdown, empty unless the
+upload does not look like a pediatric chest X-ray), the three probabilities (Label), the Grad-CAM overlay (Image),
+and the check itself (JSON: looks_like_chest_xray, ood_score, threshold, score). /preview returns the decoded X-ray.
+Error messages are plain text: markup in them (from a file name or a decoder) is escaped.
 """
 
 from __future__ import annotations
 
 import argparse
+import html
 import os
+import re
 import tempfile
 from pathlib import Path
 
-# Idle OpenMP threads sleep instead of spinning. When other programs want the cores (a load test's clients on the
-# same machine, a training run beside the demo), spinning threads starve each other: one prediction of the small
-# model took 856 ms instead of 73 ms on 2 busy cores. Must be set before torch loads its OpenMP runtime.
+# Idle OpenMP threads sleep instead of spinning, so a busy machine's cores are not starved; set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import gradio as gr  # noqa: E402 (after the environment setting above)
@@ -36,22 +39,16 @@ from cxr.models import DEFAULT_MODEL_DIR, input_size
 from cxr.predict import IMAGE_SUFFIXES, ModelNotFoundError, classify, load_classifier, model_summary
 from cxr.saliency import saliency_overlay
 
-# Serving limits, chosen for a small CPU box (2 cores); see the README's security notes.
-# - Two predictions at a time: while one is in Python (decoding, the overlay, Gradio's own per-request work), the
-#   other keeps torch busy. With the small scratch model on 2 cores and 20 clients (benchmarks.load) that answered
-#   16.1 requests/s against 13.6 for one at a time, p95 1.4 s against 1.7 s, with server memory 708 MiB at the end.
-#   More would not help on 2 cores; a worst-case upload (40 megapixels) needs ~0.8 GB while it decodes, so each
-#   extra slot is that much memory in the worst case. Raise it on a machine with more cores.
-# - At most QUEUE_SIZE uploads wait their turn (about 7-10 s of work at 0.2-0.3 s each); one more is refused at once
-#   ("queue is full") rather than queued without bound, holding memory and making every later answer later.
-# - api_open=False closes the REST routes that would skip the queue and its limits; the page and gradio_client
-#   use the queue anyway.
-CONCURRENCY_LIMIT = 2
-QUEUE_SIZE = 32
-# Gradio keeps every upload (and each overlay it sends back) as a file in its cache folder (GRADIO_TEMP_DIR, by default
-# /tmp/gradio). Every DELETE_CACHE[0] seconds the files older than DELETE_CACHE[1] seconds are deleted, and all of
-# them when the server stops; files offered as --examples are kept.
-DELETE_CACHE = (60, 120)
+# Serving limits for a small CPU box; docs/deployment.md has the measurements behind them.
+CONCURRENCY_LIMIT = 2  # one prediction in Python while the other keeps torch busy; each slot may hold a worst-case decode
+QUEUE_SIZE = 32  # beyond this, "queue is full" at once instead of unbounded waiting and memory
+DELETE_CACHE = (60, 120)  # every minute, delete uploads and overlays older than two minutes (and all of them at exit)
+PREVIEW_SIDE = 768  # the preview of what the model sees is shown at most this large (the model itself reads far fewer pixels)
+EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"  # the X-rays that ship with the demo (examples/README.md credits them)
+# What Gradio itself leaves in its temporary folder: hash-named folders of cached files, upload staging files, one folder.
+GRADIO_OWN_ENTRY = re.compile(r"[0-9a-f]{64}|tmp[a-z0-9_]{8}|vibe_edit_history")
+
+DICOM_SUFFIXES = {".dcm", ".dicom"}
 
 # The held-out figures the description quotes from metrics.json, in order.
 FIGURES = {"accuracy": "accuracy {:.1%}", "macro_f1": "macro-F1 {:.3f}", "pneumonia_sensitivity": "pneumonia sensitivity {:.1%}", "pneumonia_specificity": "specificity {:.1%}"}
@@ -100,6 +97,30 @@ def save_pil_to_cache(image: Image.Image, cache_dir: str, name: str = "image", f
 processing_utils.save_pil_to_cache = save_pil_to_cache  # gr.Image outputs call it through this module attribute
 
 
+def plain_error(message: str) -> gr.Error:
+    """A gr.Error that shows `message` as text: Gradio renders error messages as HTML, and ours can quote a file's
+    name or its decoder's words, so markup in them is escaped."""
+    return gr.Error(html.escape(message, quote=False), print_exception=False)
+
+
+def decode(classifier: Pipeline, path: str) -> Image.Image:
+    """The upload as the model will see it (the project's one loader, at the model's draft size), or a plain gr.Error."""
+    try:
+        return load_image(path, draft_size=input_size(classifier.image_processor))
+    except ImageLoadError as error:
+        raise plain_error(str(error)) from error
+
+
+def preview(classifier: Pipeline, path: str | None) -> Image.Image | None:
+    """The uploaded file decoded as `predict` will decode it (DICOM, 16-bit, EXIF rotation), shown at most
+    PREVIEW_SIDE pixels a side; None for no file."""
+    if not path:
+        return None
+    image = decode(classifier, path)
+    image.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
+    return image
+
+
 def predict(classifier: Pipeline, path: str | None) -> tuple[str, dict[str, float], Image.Image, dict]:
     """One uploaded file -> (warning, {label: probability} for the three classes, saliency overlay, the X-ray check).
 
@@ -107,14 +128,11 @@ def predict(classifier: Pipeline, path: str | None) -> tuple[str, dict[str, floa
     {looks_like_chest_xray, ood_score, threshold, score}, with None values for a model folder without
     out-of-distribution statistics. Unreadable files raise gr.Error."""
     if not path:
-        raise gr.Error("No file: upload a chest X-ray (JPEG, PNG or DICOM) first.", print_exception=False)
-    try:  # decoded once (as `classify` decodes), for both the prediction and the overlay
-        image = load_image(path, draft_size=input_size(classifier.image_processor))
-    except ImageLoadError as error:
-        raise gr.Error(str(error), print_exception=False) from error
+        raise plain_error("No file: upload a chest X-ray (JPEG, PNG or DICOM) or paste one first.")
+    image = decode(classifier, path)  # decoded once (as `classify` decodes), for both the prediction and the overlay
     [prediction] = classify(classifier, [image], top_k=3, names=[Path(path).name], saliency=True)
     if prediction.error:
-        raise gr.Error(prediction.error, print_exception=False)
+        raise plain_error(prediction.error)
     detector = getattr(classifier, "ood_detector", None)
     check = {
         "looks_like_chest_xray": prediction.looks_like_chest_xray,
@@ -169,29 +187,46 @@ def read_summary(model: str) -> dict:
         return {}
 
 
-def find_examples(folder: str | None) -> list[list[str]]:
-    """The image and DICOM files in `folder` (sorted), one example row each; none without a folder."""
+def find_examples(folder: str | Path | None) -> list[list[str | None]]:
+    """One example row (file, pasted image) per image or DICOM file in `folder`, sorted; none without a folder.
+    Images go to the preview (shown as thumbnails), DICOM files, which a browser cannot show, to the file input."""
     if not folder:
         return []
     path = Path(folder).expanduser()
     if not path.is_dir():
         raise SystemExit(f"--examples: '{folder}' is not a folder.")
-    return [[str(file)] for file in sorted(path.iterdir()) if file.suffix.lower() in IMAGE_SUFFIXES]
+    files = [file for file in sorted(path.iterdir()) if file.suffix.lower() in IMAGE_SUFFIXES]
+    return [[str(file), None] if file.suffix.lower() in DICOM_SUFFIXES else [None, str(file)] for file in files]
 
 
-def build_demo(model: str = DEFAULT_MODEL_DIR, examples: str | None = None) -> gr.Interface:
+def build_demo(model: str = DEFAULT_MODEL_DIR, examples: str | Path | None = EXAMPLES_DIR) -> gr.Interface:
     """The Interface for `model` (a local folder or Hub id), loaded once here, with its queue limits (CONCURRENCY_LIMIT,
     QUEUE_SIZE) and upload clean-up (DELETE_CACHE); raises ModelNotFoundError if the model is absent."""
     classifier = load_classifier(model)
 
-    def classify_xray(xray: str | None) -> tuple[str, dict[str, float], Image.Image, dict]:
-        return predict(classifier, xray)
+    def classify_xray(xray: str | None = None, pasted: str | None = None) -> tuple[str, dict[str, float], Image.Image, dict]:
+        return predict(classifier, xray or pasted)
 
+    # gr.File hands the uploaded file to our loader byte for byte (gr.Image would re-open it with Pillow, which cannot
+    # read DICOM); the loader itself decides what is an image.
+    upload = gr.File(
+        label="Chest X-ray file: JPEG, PNG (16-bit too), DICOM (.dcm)",
+        type="filepath",
+        file_types=sorted(IMAGE_SUFFIXES),
+        elem_id="xray-file",
+    )
+    # The preview doubles as the paste target; image_mode=None hands a pasted file to our loader unconverted.
+    seen = gr.Image(
+        label="What the model sees (or paste an X-ray here)",
+        type="filepath",
+        image_mode=None,
+        format="png",
+        sources=["upload", "clipboard"],
+        elem_id="xray-preview",
+    )
     demo = gr.Interface(
         fn=classify_xray,
-        # gr.File hands the uploaded file to our loader byte for byte (gr.Image would re-open it with Pillow,
-        # which cannot read DICOM); the loader itself decides what is an image.
-        inputs=gr.File(label="Chest X-ray: JPEG, PNG or DICOM (.dcm)", type="filepath", elem_id="xray-file"),
+        inputs=[upload, seen],
         outputs=[
             gr.Markdown(elem_id="xray-warning"),
             gr.Label(num_top_classes=3, label="Prediction", elem_id="prediction"),
@@ -208,23 +243,66 @@ def build_demo(model: str = DEFAULT_MODEL_DIR, examples: str | None = None) -> g
         delete_cache=DELETE_CACHE,
         analytics_enabled=False,  # no usage telemetry or version check sent to gradio's servers: nothing leaves this machine
     )
+    with demo:
+        # A file shows as decoded as soon as it arrives; a pasted image replaces the file, so what is shown is what runs.
+        upload.change(lambda path: preview(classifier, path) if path else gr.skip(), upload, seen, api_name="preview")
+        upload.clear(lambda: None, None, seen, api_visibility="private")
+        seen.input(lambda _: None, seen, upload, api_visibility="private")
     return demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE, api_open=False)
+
+
+def check_temp_dir(folder: str | Path) -> None:
+    """Refuse (SystemExit) a Gradio temporary folder that holds anything Gradio did not put there: Gradio serves the
+    files in it to anyone who asks by path, so it must be the app's own (GRADIO_TEMP_DIR: a dedicated, empty folder)."""
+    path = Path(folder)
+    if not path.exists():
+        return
+    foreign = [entry for entry in path.iterdir() if not is_gradio_own(entry)] if path.is_dir() and not path.is_symlink() else [path]
+    if foreign:
+        names = ", ".join(sorted(entry.name for entry in foreign)[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise SystemExit(
+            f"app.py: the temporary folder '{path}' holds files that are not Gradio's ({names}); Gradio would serve "
+            "them to anyone who guesses their path. Point GRADIO_TEMP_DIR at a dedicated, empty folder."
+        )
+
+
+def is_gradio_own(entry: Path) -> bool:
+    """Whether `entry` (in the temporary folder) has the shape of what Gradio leaves there: a hash-named folder of
+    plain files, an upload's staging file, its own (empty) history folder; never a link."""
+    if entry.is_symlink() or not GRADIO_OWN_ENTRY.fullmatch(entry.name):
+        return False
+    if entry.name.startswith("tmp"):
+        return entry.is_file()
+    return entry.is_dir() and all(child.is_file() and not child.is_symlink() for child in entry.iterdir())
+
+
+def space_model(folder: Path = Path(__file__).resolve().parent) -> str | None:
+    """The model a Space serves: the first id under `models` in the front matter of the README.md beside app.py
+    (what `python -m cxr.space` writes), or None where there is no such README (a clone of the repo)."""
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return None
+    from huggingface_hub import metadata_load
+
+    models = (metadata_load(readme) or {}).get("models") or []
+    return models[0] if models else None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--model",
-        default=os.environ.get("XRAY_MODEL", DEFAULT_MODEL_DIR),
-        help="Model folder written by train_vit.py, or a Hugging Face Hub id (owner/name). "
-        f"Default: the XRAY_MODEL environment variable, else {DEFAULT_MODEL_DIR}.",
+        default=os.environ.get("XRAY_MODEL") or space_model() or DEFAULT_MODEL_DIR,
+        help="Model folder written by train_vit.py, or a Hugging Face Hub id (owner/name). Default: the XRAY_MODEL "
+        f"environment variable, else the first of `models` in a Space's README.md beside app.py, else {DEFAULT_MODEL_DIR}.",
     )
     parser.add_argument(
         "--examples",
-        default=os.environ.get("XRAY_EXAMPLES"),
+        default=os.environ.get("XRAY_EXAMPLES") or (str(EXAMPLES_DIR) if EXAMPLES_DIR.is_dir() else None),
         metavar="DIR",
         help="A folder of X-rays (JPEG, PNG, DICOM) to offer as clickable examples (copied into gradio's cache at "
-        "start-up, so anyone who can reach the app can download them). Default: the XRAY_EXAMPLES environment variable, else none.",
+        "start-up, so anyone who can reach the app can download them). Default: the XRAY_EXAMPLES environment variable, "
+        "else the examples/ folder beside app.py (three X-rays, credited in examples/README.md).",
     )
     parser.add_argument(
         "--host",
@@ -250,6 +328,7 @@ def launch_options(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    check_temp_dir(gr.utils.get_upload_folder())  # before the model loads: a wrong folder fails in a second
     try:
         demo = build_demo(args.model, args.examples)
     except ModelNotFoundError as error:

@@ -3,10 +3,12 @@
 import copy
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -320,8 +322,143 @@ def test_examples_come_from_a_folder_the_user_names(tiny_model_dir, tmp_path):
     for name in ("gray.png", "scan.dcm"):
         write(tmp_path, name, GOOD)
     (tmp_path / "notes.txt").write_text("not an example")
-    assert app.find_examples(str(tmp_path)) == [[str(tmp_path / "gray.png")], [str(tmp_path / "scan.dcm")]]
+    # images go to the preview (thumbnails), DICOM, which no browser shows, to the file input
+    assert app.find_examples(str(tmp_path)) == [[None, str(tmp_path / "gray.png")], [str(tmp_path / "scan.dcm"), None]]
     assert app.find_examples(None) == []
     with pytest.raises(SystemExit, match="not a folder"):
         app.find_examples(str(tmp_path / "missing"))
     assert app.build_demo(str(tiny_model_dir), str(tmp_path)).examples is not None
+
+
+def test_three_credited_example_xrays_ship_and_are_offered_by_default(monkeypatch):
+    files = sorted(app.EXAMPLES_DIR.glob("*.jpeg"))
+    assert [path.name for path in sorted(app.EXAMPLES_DIR.iterdir())] == sorted([path.name for path in files] + ["README.md"])
+    assert len(files) == 3
+    classes = {"normal" if "NORMAL" in path.name or path.name.startswith("IM-") else "bacterial" if "bacteria" in path.name else "viral" for path in files}
+    assert classes == {"normal", "bacterial", "viral"}
+    for path in files:
+        assert path.stat().st_size <= 200 * 1024
+        with Image.open(path) as image:
+            assert image.format == "JPEG" and image.mode == "L" and max(image.size) <= 1024
+    credit = " ".join((app.EXAMPLES_DIR / "README.md").read_text().split())
+    assert "CC BY 4.0" in credit and "Kermany" in credit and "2018" in credit
+    assert all(path.name in credit for path in files)
+    monkeypatch.delenv("XRAY_EXAMPLES", raising=False)
+    assert app.parse_args([]).examples == str(app.EXAMPLES_DIR)
+    assert app.find_examples(app.parse_args([]).examples) == [[None, str(path)] for path in files]
+
+
+def test_the_file_picker_offers_images_and_dicom_and_the_preview_takes_a_paste(tiny_model_dir):
+    demo = app.build_demo(str(tiny_model_dir))
+    upload, seen = demo.input_components
+    assert isinstance(upload, gr.File) and {".dcm", ".png", ".jpeg", ".jpg"} <= set(upload.file_types)
+    assert isinstance(seen, gr.Image) and "clipboard" in seen.sources and seen.image_mode is None  # handed over unconverted
+    assert [type(component) for component in demo.output_components] == [gr.Markdown, gr.Label, gr.Image, gr.JSON]
+
+
+@pytest.mark.parametrize("name", ["scan.dcm", "sixteen-bit.png", "large-3000px.jpeg"])
+def test_the_preview_is_the_image_as_the_loader_decodes_it(classifier, tmp_path, name):
+    from cxr.images import load_image
+    from cxr.models import input_size
+
+    path = write(tmp_path, name, GOOD)
+    shown = app.preview(classifier, str(path))
+    decoded = load_image(str(path), draft_size=input_size(classifier.image_processor))
+    assert max(shown.size) <= app.PREVIEW_SIDE and shown.mode == "RGB"
+    assert shown.width / shown.height == pytest.approx(decoded.width / decoded.height, rel=0.02)
+    np.testing.assert_allclose(np.asarray(shown, dtype=float).mean(), np.asarray(decoded, dtype=float).mean(), atol=2)
+    if max(decoded.size) <= app.PREVIEW_SIDE:
+        np.testing.assert_array_equal(np.asarray(shown), np.asarray(decoded))
+    assert app.preview(classifier, None) is None
+
+
+MARKUP_NAME = "<img src=x onerror=alert(1)><b>bold.png"  # a file name may hold any character but '/'
+
+
+def test_error_messages_are_plain_text_even_when_the_file_name_is_markup(classifier, tmp_path):
+    """Gradio renders an error message as HTML: nothing from an upload (its name, its decoder's words) may become markup."""
+    path = tmp_path / MARKUP_NAME
+    path.write_text("not an image\n" * 20)
+    for call in (app.predict, app.preview):
+        with pytest.raises(gr.Error) as raised:
+            call(classifier, str(path))
+        message = raised.value.message
+        assert "<" not in message and ">" not in message
+        assert "&lt;img src=x onerror=alert(1)&gt;&lt;b&gt;bold.png" in message and "not an image" in message
+
+
+def test_a_pasted_image_is_classified_and_a_file_wins_over_it(served, tmp_path):
+    from gradio_client import Client, handle_file
+
+    client = Client(served.local_url, verbose=False)
+    normal_like, photo = write(tmp_path, "gray.png", GOOD), tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(photo)
+    _, pasted, _, pasted_check = client.predict(None, handle_file(str(photo)), api_name="/predict")
+    _, both, _, both_check = client.predict(handle_file(str(normal_like)), handle_file(str(photo)), api_name="/predict")
+    _, alone, _, alone_check = client.predict(handle_file(str(normal_like)), api_name="/predict")  # the one-input call still works
+    assert {item["label"] for item in pasted["confidences"]} == LABELS
+    assert both == alone and both_check == alone_check and pasted_check != alone_check
+    preview = client.predict(handle_file(str(write(tmp_path, "scan.dcm", GOOD))), api_name="/preview")
+    assert Image.open(preview).size == (200, 160)  # the DICOM as decoded, which no browser can show
+
+
+def test_a_full_queue_refuses_the_next_request_at_once(tiny_model_dir, monkeypatch):
+    """CONCURRENCY_LIMIT requests run, QUEUE_SIZE wait, and one more is refused ("queue is full"), not queued."""
+    from gradio_client import Client, handle_file
+
+    monkeypatch.setattr(app, "QUEUE_SIZE", 2)  # small, so the test needs few requests; build_demo reads it
+    release = threading.Event()
+    monkeypatch.setattr(app, "predict", lambda classifier, path: (release.wait(60), ("", {"Normal": 1.0}, None, {}))[1])
+    demo = app.build_demo(str(tiny_model_dir), examples=None)
+    demo.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        xray = handle_file(str(app.EXAMPLES_DIR / "NORMAL2-IM-0772-0001.jpeg"))
+        jobs = [client.submit(xray, api_name="/predict") for _ in range(app.CONCURRENCY_LIMIT + app.QUEUE_SIZE + 1)]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(job.done() for job in jobs):
+            time.sleep(0.2)
+        time.sleep(1)  # the refusal comes at once, while the others still wait: nothing else may be done
+        refused = [job for job in jobs if job.done()]
+        assert len(refused) == 1
+        with pytest.raises(Exception, match="(?i)queue is full"):
+            refused[0].result()
+        release.set()
+        answers = [job.result(timeout=60) for job in jobs if job is not refused[0]]
+        assert len(answers) == app.CONCURRENCY_LIMIT + app.QUEUE_SIZE
+    finally:
+        release.set()
+        demo.close()
+
+
+def test_the_app_refuses_a_temporary_folder_holding_files_not_its_own(tmp_path, monkeypatch):
+    """Gradio serves what its temporary folder holds to anyone who asks by path: a shared one (/tmp) must not start."""
+    own = tmp_path / "own"
+    (own / ("a" * 64)).mkdir(parents=True)
+    (own / ("a" * 64) / "image.webp").write_bytes(b"x")
+    (own / "tmpab_c12de").write_bytes(b"")
+    (own / "vibe_edit_history").mkdir()
+    app.check_temp_dir(own)  # what Gradio itself leaves there
+    app.check_temp_dir(tmp_path / "not-yet")  # Gradio creates it
+    for intruder in ("id_rsa", "tmp-notes", "B" * 64):
+        shared = tmp_path / f"shared-{intruder}"
+        shutil.copytree(own, shared)
+        (shared / intruder).write_text("private")
+        with pytest.raises(SystemExit, match=f"not Gradio's.*{intruder}.*GRADIO_TEMP_DIR"):
+            app.check_temp_dir(shared)
+    nested = tmp_path / "nested"
+    shutil.copytree(own, nested)
+    (nested / ("a" * 64) / "keys").mkdir()
+    (nested / ("a" * 64) / "link").symlink_to("/etc/passwd")
+    with pytest.raises(SystemExit):
+        app.check_temp_dir(nested)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "shared-id_rsa"))
+    with pytest.raises(SystemExit, match="dedicated, empty folder"):  # main checks before loading any model
+        app.main(["--model", str(tmp_path / "no-model-here")])
+
+
+def test_the_model_of_a_space_comes_from_its_front_matter(tmp_path, monkeypatch):
+    (tmp_path / "README.md").write_text("---\nsdk: gradio\nmodels:\n  - owner/name\n---\n# A Space\n")
+    assert app.space_model(tmp_path) == "owner/name"
+    assert app.space_model(tmp_path / "no-readme") is None
+    assert app.space_model(app.EXAMPLES_DIR.parent) is None  # the repository's own README has no front matter
