@@ -136,7 +136,9 @@ def _check_budget(decoded_bytes: int, what: str, name: str) -> None:
 
 def _open_with_pillow(data: bytes, name: str, draft_size: int | None) -> Image.Image:
     try:
-        image = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # over MAX_PIXELS: refused just below
+            image = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
         _check_size(image.size, name)  # header only: refuse bombs before a single pixel is decoded
         _check_budget(image.width * image.height * _bytes_per_pixel(image.mode), f"{image.mode} pixels", name)
         if draft_size and image.format in ("JPEG", "MPO"):
@@ -253,8 +255,12 @@ def _check_dicom_budget(dataset, name: str) -> None:
     syntax = str(dataset.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2.1"))
     pixel_data = dataset.PixelData
     if syntax in _NATIVE:
-        if len(pixel_data) < rows * columns * samples * bits // 8:
-            raise ImageLoadError(f"{name} is truncated: its first frame needs {rows * columns * samples * bits // 8:,} bytes, it holds {len(pixel_data):,}.")
+        from pydicom.pixels.utils import get_expected_length
+
+        frames = max(1, _int_at([dataset.get("NumberOfFrames")], 0, 1))
+        needed = math.ceil(get_expected_length(dataset, unit="bytes") / frames)  # YBR_FULL_422 holds 2 samples a pixel, not 3
+        if len(pixel_data) < needed:
+            raise ImageLoadError(f"{name} is truncated: its first frame needs {needed:,} bytes of pixel data, it holds {len(pixel_data):,}.")
         return
     if syntax != _RLE and syntax not in _JPEG | _JPEG2000:
         raise ImageLoadError(f"{name} uses transfer syntax {_quote(syntax, 64)}, which this app does not decode.")
@@ -294,7 +300,7 @@ def _first_frame(pixel_data: bytes, dataset, name: str) -> bytes:
         position, fragments = position + 8 + length, fragments + 1
     if fragments > MAX_FRAGMENTS:
         raise ImageLoadError(f"{name}'s pixel data is split into more than {MAX_FRAGMENTS:,} fragments.")
-    frames = max(1, int(dataset.get("NumberOfFrames") or 1))
+    frames = max(1, _int_at([dataset.get("NumberOfFrames")], 0, 1))
     return get_frame(pixel_data, 0, number_of_frames=frames)
 
 
