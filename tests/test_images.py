@@ -131,6 +131,14 @@ def test_only_the_first_dicom_frame_is_decoded():
     assert np.array_equal(np.asarray(multi), np.asarray(single))
 
 
+def test_progressive_jpeg_with_too_many_scans_is_refused():
+    # One scan repeated: a 400 x 400 picture that libjpeg would decode 200 more times (6 s per 1,000 at 2000 x 2000 here).
+    data = encode(Image.fromarray(chest_like(400, 400), "L"), "JPEG", progressive=True)
+    end, last = data.rindex(b"\xff\xd9"), data.rindex(b"\xff\xda")
+    with pytest.raises(ImageLoadError, match="more than 100 scans"):
+        load_image(data[:end] + data[last:end] * 200 + data[end:])
+
+
 def test_padded_dicom_is_refused_without_parsing_every_element():
     data = padded_dicom(dicom_bytes(chest_like()), MAX_DICOM_READS + 10)
     with pytest.raises(ImageLoadError, match="header has more than 50,000 elements"):
