@@ -360,6 +360,12 @@ def worst_cases():
     yield "40 MP 16-bit grey PNG", ramp_png("I;16", (side, side)), None, True
     yield "40 MP 8-bit RGB PNG", ramp_png("RGB", (side, side)), None, True
     yield "40 MP 8-bit grey JPEG", encode(Image.fromarray(np.tile(picture(side, 1)[0], (side, 1)), "L"), "JPEG", quality=90), None, True
+    progressive = encode(Image.fromarray(np.tile(picture(side, 1)[0], (side, 1)), "L"), "JPEG", progressive=True)
+    end, last = progressive.rindex(b"\xff\xd9"), progressive.rindex(b"\xff\xda")
+    scans = progressive.count(b"\xff\xda")
+    yield "40 MP grey progressive JPEG, last scan repeated to 16 scans (the most allowed)", progressive[:end] + progressive[last:end] * (16 - scans) + progressive[end:], None, False
+    repeats = (60 << 20) // (end - last)
+    yield f"40 MP grey progressive JPEG, last scan repeated {repeats:,} times", progressive[:end] + progressive[last:end] * repeats + progressive[end:], None, False
     yield "40 MP RGB progressive JPEG", encode(Image.fromarray(np.tile(picture(side, 1)[0], (side, 1)), "L").convert("RGB"), "JPEG", progressive=True), None, True
     big = dicom(ramp16(5792, 5792))  # 33.5 MP: the largest 16-bit DICOM under the 64 MiB cap
     yield "33.5 MP 16-bit DICOM, 64 MiB (largest uncompressed under the cap)", big, None, True

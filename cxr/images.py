@@ -41,9 +41,9 @@ MIN_SIDE = 32
 # a file padded with millions of empty ones would cost seconds and hundreds of MiB to parse.
 MAX_DICOM_READS = 50_000
 MAX_FRAGMENTS = 10_000  # encapsulated DICOM pixel data: fragments walked to find the first frame
-# A progressive JPEG is decoded once per scan: libjpeg's default has 10, while a 30 KB file repeating one scan
-# 1,000 times took 6 s to decode here. The header cannot bound time any other way, so scans are counted.
-MAX_JPEG_SCANS = 100
+# A progressive JPEG is decoded in one pass per scan (libjpeg writes 6 for grey, 10 for colour); a small file repeating
+# one scan thousands of times is a CPU bomb its size header cannot show: scans x pixels is bounded, as 16 scans at 40 MP.
+MAX_SCAN_PIXELS = 16 * MAX_PIXELS
 # Only the formats the README names; everything else (EPS would start Ghostscript) is refused unopened.
 PILLOW_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "GIF", "WEBP")  # JPEG includes MPO, the JPEGs phones and cameras write
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow's own bomb check agrees (it errors at twice this, warns above it)
@@ -146,7 +146,7 @@ def _open_with_pillow(data: bytes, name: str, draft_size: int | None) -> Image.I
         _check_size(image.size, name)  # header only: refuse bombs before a single pixel is decoded
         _check_budget(image.width * image.height * _bytes_per_pixel(image.mode), f"{image.mode} pixels", name)
         if image.format in ("JPEG", "MPO"):
-            _check_scans(data, name)
+            _check_scans(data, image.width * image.height, name)
         if draft_size and image.format in ("JPEG", "MPO"):
             image.draft(image.mode, (draft_size, draft_size))
         image.load()  # the first frame only, for GIF, TIFF, WebP and MPO
@@ -161,11 +161,12 @@ def _open_with_pillow(data: bytes, name: str, draft_size: int | None) -> Image.I
     return image
 
 
-def _check_scans(jpeg: bytes, name: str) -> None:
+def _check_scans(jpeg: bytes, pixels: int, name: str) -> None:
     # FF DA starts a scan; inside compressed data an FF is always followed by 00 or a restart marker, so counting
     # FF DA counts scans (and those of an embedded EXIF thumbnail).
-    if jpeg.count(b"\xff\xda") > MAX_JPEG_SCANS:
-        raise ImageLoadError(f"{name} is a JPEG of more than {MAX_JPEG_SCANS} scans; each costs a full decoding pass, so it is refused.")
+    scans = jpeg.count(b"\xff\xda")
+    if scans * pixels > MAX_SCAN_PIXELS:
+        raise ImageLoadError(f"{name} is a JPEG of {scans:,} scans, each a full decoding pass; at its size the limit is {MAX_SCAN_PIXELS // max(pixels, 1)}.")
 
 
 def _bytes_per_pixel(mode: str) -> int:
@@ -284,7 +285,7 @@ def _check_dicom_budget(dataset, name: str) -> None:
             raise ImageLoadError(f"{name}'s RLE frame holds {segments} segments; its header needs {samples * math.ceil(bits / 8)}.")
         return
     if syntax in _JPEG:
-        _check_scans(frame, name)
+        _check_scans(frame, rows * columns, name)
     embedded = _jpeg_size(frame) if syntax in _JPEG else _jpeg2000_size(frame)
     if embedded is None:
         raise ImageLoadError(f"{name}'s compressed frame has no readable size header.")
