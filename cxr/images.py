@@ -55,12 +55,14 @@ class ImageLoadError(ValueError):
     """An input that is not a usable image; the message is plain text, safe to show to a user."""
 
 
-def load_image(source: ImageSource, draft_size: int | None = None) -> Image.Image:
+def load_image(source: ImageSource, draft_size: int | None = None, isolate: bool = False) -> Image.Image:
     """Decode `source` into an RGB image, or raise `ImageLoadError` saying why not.
 
     `source` is a file path, the raw bytes of a file, a PIL image or a numpy array.
     `draft_size`, when given, lets large JPEGs decode at a reduced scale that is still at least
     `draft_size` pixels on each side (much cheaper, and invisible after resizing to the model's input).
+    `isolate=True` (for uploads from strangers) decodes a file in a worker process capped at `DECODE_SECONDS` and
+    `DECODE_MEMORY`, bounding what no header tells; training and batch prediction of one's own files do without.
     """
     if isinstance(source, Image.Image):
         image = source
@@ -71,11 +73,18 @@ def load_image(source: ImageSource, draft_size: int | None = None) -> Image.Imag
             raise ImageLoadError(f"Array of shape {source.shape} and dtype {source.dtype} is not an image.") from error
     else:
         data, name = _read_bytes(source)
-        if _is_dicom(data, source):
-            image = _decode_dicom(data, name)
-        else:
-            image = _open_with_pillow(data, name, draft_size)
-    _check_size(image.size, _name_of(source))
+        if isolate:
+            return _decode_in_worker(data, _is_dicom(data, source), name, draft_size)
+        image = _decode_file(data, _is_dicom(data, source), name, draft_size)
+    return _finish(image, _name_of(source))
+
+
+def _decode_file(data: bytes, dicom: bool, name: str, draft_size: int | None) -> Image.Image:
+    return _decode_dicom(data, name) if dicom else _open_with_pillow(data, name, draft_size)
+
+
+def _finish(image: Image.Image, name: str) -> Image.Image:
+    _check_size(image.size, name)
     if image.getexif().get(0x0112, 1) != 1:  # exif_transpose copies even an upright image: 160 MB at 40 MP in RGB
         image = ImageOps.exif_transpose(image)
     return _to_rgb(image)
@@ -406,3 +415,73 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
+
+
+# ---- isolate=True: the decode in a forked child process, capped in time and memory ----------------------------------
+# A fork, not multiprocessing: spawn and forkserver re-import the app's __main__ (gradio, torch) in every worker.
+# The child uses only this module's decoders and exits with os._exit; a child that deadlocks is stopped at the time cap.
+
+DECODE_SECONDS = 10.0  # wall time one isolated decode may take
+DECODE_MEMORY = 4 * MAX_DECODE_BYTES  # address space the child may add to the parent's
+
+
+def _decode_in_worker(data: bytes, dicom: bool, name: str, draft_size: int | None) -> Image.Image:
+    import pickle
+    import select
+    import signal
+    import time
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        os.close(read_end)
+        try:
+            _worker(write_end, data, dicom, name, draft_size)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    deadline, received = time.monotonic() + DECODE_SECONDS, bytearray()
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([read_end], [], [], left)[0]:
+                raise ImageLoadError(f"{name} took longer than {DECODE_SECONDS:g} s to decode and was stopped.")
+            chunk = os.read(read_end, 1 << 20)
+            if not chunk:
+                break
+            received += chunk
+    finally:
+        os.close(read_end)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    if len(received) < 8:  # the child died without a word: killed for memory, or a decoder crashed
+        raise ImageLoadError(f"{name} stopped its decoder (out of memory or a crash); it cannot be read.")
+    header_length = int.from_bytes(received[:8], "little")
+    kind, *detail = pickle.loads(received[8 : 8 + header_length])  # our own child's header
+    if kind == "error":
+        raise ImageLoadError(detail[0])
+    mode, size = detail
+    return Image.frombuffer(mode, size, memoryview(received)[8 + header_length :], "raw", mode, 0, 1).copy()
+
+
+def _worker(out: int, data: bytes, dicom: bool, name: str, draft_size: int | None) -> None:
+    import pickle
+    import resource
+
+    def send(header: tuple, body: bytes = b"") -> None:
+        header_bytes = pickle.dumps(header)
+        view = memoryview(len(header_bytes).to_bytes(8, "little") + header_bytes + body)
+        while view:
+            view = view[os.write(out, view) :]
+
+    try:
+        in_use = int(Path("/proc/self/status").read_text().split("VmSize:")[1].split()[0]) * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (in_use + DECODE_MEMORY, in_use + DECODE_MEMORY))
+        image = _finish(_decode_file(data, dicom, name, draft_size), name)
+        send(("image", image.mode, image.size), image.tobytes())
+    except ImageLoadError as error:
+        send(("error", str(error)))
+    except MemoryError:
+        send(("error", f"{name} needs more than {DECODE_MEMORY / 2**20:,.0f} MiB to decode; it is refused."))
+    except Exception as error:  # noqa: BLE001 - whatever a decoder raises, the caller gets a message
+        send(("error", f"{name} cannot be decoded ({_quote(error)})."))

@@ -245,3 +245,48 @@ def test_missing_file_is_a_clear_error(tmp_path):
 def test_numpy_arrays_and_pil_images_are_accepted():
     assert load_image(chest_like()).mode == "RGB"
     assert load_image(Image.fromarray(chest_like())).size == (300, 240)
+
+
+# ---- isolate=True: what no header tells is bounded by a capped child process ----------------------------------------
+
+
+def test_isolated_decode_gives_the_same_pixels(tmp_path):
+    jpeg = encode(Image.fromarray(chest_like(), "L"), "JPEG")
+    dicom = compressed_dicom(dicom_bytes(chest_like().astype(np.uint16) * 16), "1.2.840.10008.1.2.4.80")
+    for data in (jpeg, dicom):
+        assert np.array_equal(np.asarray(load_image(data, isolate=True)), np.asarray(load_image(data)))
+    with pytest.raises(ImageLoadError, match="not an image this app reads"):  # its errors come back as they are
+        load_image(b"%!PS-Adobe-3.0 EPSF-3.0\n", isolate=True)
+
+
+def test_isolated_decode_is_stopped_at_the_time_cap(monkeypatch):
+    import time
+
+    import cxr.images
+
+    monkeypatch.setattr(cxr.images, "DECODE_SECONDS", 0.5)
+    monkeypatch.setattr(cxr.images, "_decode_file", lambda *args: time.sleep(20) or Image.new("L", (64, 64)))  # a decoder stuck
+    started = time.monotonic()
+    with pytest.raises(ImageLoadError, match="took longer than 0.5 s"):
+        load_image(encode(Image.fromarray(chest_like(), "L"), "PNG"), isolate=True)
+    assert time.monotonic() - started < 10
+
+
+def test_isolated_decode_is_refused_over_the_memory_cap(monkeypatch):
+    import cxr.images
+
+    monkeypatch.setattr(cxr.images, "DECODE_MEMORY", 64 * 2**20)
+    monkeypatch.setattr(cxr.images, "_decode_file", lambda *args: Image.fromarray(np.ones((16384, 16384), np.uint8)))  # 256 MiB
+    with pytest.raises(ImageLoadError, match="needs more than 64 MiB"):
+        load_image(encode(Image.fromarray(chest_like(), "L"), "PNG"), isolate=True)
+
+
+def test_isolated_decoder_crash_is_a_clear_error(monkeypatch):
+    import os
+    import signal
+
+    import cxr.images
+
+    monkeypatch.setattr(cxr.images, "_decode_file", lambda *args: os.kill(os.getpid(), signal.SIGKILL))  # as the kernel kills for memory
+    with pytest.raises(ImageLoadError, match="stopped its decoder"):
+        load_image(encode(Image.fromarray(chest_like(), "L"), "PNG"), isolate=True)
