@@ -279,6 +279,202 @@ def zero_png(mode: str, size: tuple[int, int]) -> bytes:
     return _ZERO_PNGS[(mode, size)]
 
 
+# ---- worst cases: each case of issue 15, built on purpose and measured one at a time -----------------------------------
+
+
+def ramp_png(mode: str, size: tuple[int, int]) -> bytes:
+    """A valid PNG of `size` whose every row is a ramp (so stretching has work to do), built row by row."""
+    width, height = size
+    depth, color, channels = {"L": (8, 0, 1), "I;16": (16, 0, 1), "RGB": (8, 2, 3)}[mode]
+    ramp = (np.arange(width) * (4096 // max(1, width // 16))) % (65536 if depth == 16 else 256)
+    row = b"\0" + np.repeat(ramp.astype(">u2" if depth == 16 else np.uint8), channels).tobytes()
+    compressor = zlib.compressobj(6)
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))  # noqa: E731
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, 0)) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def rle_zero_frame(rows: int, columns: int, segments: int) -> bytes:
+    """A DICOM RLE frame of zeros: `segments` byte planes, each row one run-length packet list (PS3.5 G.3)."""
+    full, rest = divmod(columns, 128)
+    row = b"\x81\x00" * full + (bytes([257 - rest, 0]) if rest else b"")
+    plane = row * rows
+    plane += b"\0" * (len(plane) % 2)
+    offsets = [64 + i * len(plane) for i in range(segments)]
+    return struct.pack("<16I", segments, *offsets, *[0] * (15 - segments)) + plane * segments
+
+
+def encapsulated(base: bytes, frame: bytes, syntax: str, **tags) -> bytes:
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    dataset = pydicom.dcmread(io.BytesIO(base))
+    for key, value in tags.items():
+        setattr(dataset, key, value)
+    dataset.file_meta.TransferSyntaxUID = syntax
+    dataset.PixelData = encapsulate([frame])
+    dataset["PixelData"].VR = "OB"
+    dataset["PixelData"].is_undefined_length = True
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def padded(data: bytes, mib: float) -> bytes:
+    """`data` with `mib` MiB of empty private elements (8 bytes each) before its pixel data."""
+    at = data.rindex(b"\xe0\x7f\x10\x00")
+    count = int(mib * 2**20) // 8
+    tags = ((0x0009 + 2 * (i // 0xF000), 0x1000 + i % 0xF000) for i in range(count))
+    return data[:at] + b"".join(struct.pack("<HH2sH", group, element, b"LO", 0) for group, element in tags) + data[at:]
+
+
+def forge_tiff(width: int, height: int) -> bytes:
+    data = bytearray(encode(Image.fromarray(picture()), "TIFF"))
+    offset = struct.unpack_from("<I", data, 4)[0]
+    for i in range(struct.unpack_from("<H", data, offset)[0]):
+        at = offset + 2 + 12 * i
+        tag = struct.unpack_from("<H", data, at)[0]
+        if tag in (256, 257):
+            struct.pack_into("<HHII", data, at, tag, 4, 1, width if tag == 256 else height)
+    return bytes(data)
+
+
+def forge_jpeg(width: int, height: int, mode: str = "L") -> bytes:
+    data = bytearray(encode(Image.fromarray(picture()).convert(mode), "JPEG"))
+    at = data.find(b"\xff\xc0")
+    data[at + 5 : at + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def worst_cases():
+    """(label, bytes, suffix, legitimate) for every worst case; built one at a time, as they are measured."""
+    from pydicom.uid import JPEGBaseline8Bit, RLELossless
+
+    side = 6324  # 6324 x 6324 = 39.99 MP, the largest square under the 40-megapixel limit
+    ramp16 = lambda rows, columns: (np.arange(rows * columns, dtype=np.uint32) % 4096).astype(np.uint16).reshape(rows, columns)  # noqa: E731
+    originals = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "xray_originals"
+    largest = max(originals.glob("*.jpeg"), key=lambda path: path.stat().st_size, default=None)
+    if largest:
+        yield f"real X-ray, largest of xray_originals ({largest.name})", largest.read_bytes(), None, True
+    yield "40 MP 8-bit grey PNG", ramp_png("L", (side, side)), None, True
+    yield "40 MP 16-bit grey PNG", ramp_png("I;16", (side, side)), None, True
+    yield "40 MP 8-bit RGB PNG", ramp_png("RGB", (side, side)), None, True
+    yield "40 MP 8-bit grey JPEG", encode(Image.fromarray(np.tile(picture(side, 1)[0], (side, 1)), "L"), "JPEG", quality=90), None, True
+    progressive = encode(Image.fromarray(np.tile(picture(side, 1)[0], (side, 1)), "L"), "JPEG", progressive=True)
+    end, last = progressive.rindex(b"\xff\xd9"), progressive.rindex(b"\xff\xda")
+    scans = progressive.count(b"\xff\xda")
+    yield "40 MP grey progressive JPEG, last scan repeated to 16 scans (the most allowed)", progressive[:end] + progressive[last:end] * (16 - scans) + progressive[end:], None, False
+    repeats = (60 << 20) // (end - last)
+    yield f"40 MP grey progressive JPEG, last scan repeated {repeats:,} times", progressive[:end] + progressive[last:end] * repeats + progressive[end:], None, False
+    yield "40 MP RGB progressive JPEG", encode(Image.fromarray(np.tile(picture(side, 1)[0], (side, 1)), "L").convert("RGB"), "JPEG", progressive=True), None, True
+    big = dicom(ramp16(5792, 5792))  # 33.5 MP: the largest 16-bit DICOM under the 64 MiB cap
+    yield "33.5 MP 16-bit DICOM, 64 MiB (largest uncompressed under the cap)", big, None, True
+    yield "  the same, window width 0 (falls back to the full range)", dicom(ramp16(5792, 5792), WindowCenter=2048, WindowWidth=0), None, True
+    del big
+    yield "RLE RGB 16-bit 6300 x 6300 (227 MiB decoded)", encapsulated(dicom(picture(64, 64), bits=8), rle_zero_frame(6300, 6300, 6), RLELossless,
+                                                                      Rows=6300, Columns=6300, SamplesPerPixel=3, PhotometricInterpretation="RGB", PlanarConfiguration=0,
+                                                                      BitsAllocated=16, BitsStored=16, HighBit=15), None, False
+    yield "RLE RGB 8-bit 6300 x 6300 (114 MiB decoded, under the budget)", encapsulated(dicom(picture(64, 64), bits=8), rle_zero_frame(6300, 6300, 3), RLELossless,
+                                                                      Rows=6300, Columns=6300, SamplesPerPixel=3, PhotometricInterpretation="RGB", PlanarConfiguration=0), None, False
+    small = dicom(picture().astype(np.uint16) * 16)
+    yield "padded DICOM, 16 MiB of empty private elements", padded(small, 16), None, False
+    yield "padded DICOM, 64 MiB of empty private elements", padded(small, 64 - 0.01), None, False
+    yield "100 x 100 DICOM wrapping a 54 MP JPEG frame", encapsulated(dicom(picture(100, 100), bits=8), encode(Image.new("L", (9000, 6000)), "JPEG"), JPEGBaseline8Bit), None, False
+    yield "palette DICOM 6324 x 6324, 16-bit colour table (229 MiB as RGB)", palette_dicom(side, side), None, False
+    yield "palette DICOM 4000 x 4000, 16-bit colour table", palette_dicom(4000, 4000), None, False
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    zeros = b"\0" * 2**24
+    yield "deflated DICOM inflating to 1 GiB", deflated(small, b"".join(deflate.compress(zeros) for _ in range(64)) + deflate.flush()), None, False
+    yield "EPS (Ghostscript, where installed)", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 6000 6000\nshowpage\n", None, False
+    yield "forged PNG header 6325 x 6325 (just over)", png_claiming(6325, 6325), None, False
+    yield "forged PNG header 50000 x 50000", png_claiming(50000, 50000), None, False
+    yield "forged JPEG header 6324 x 6324 RGB (under the limit)", forge_jpeg(side, side, "RGB"), None, False
+    yield "forged JPEG header 65535 x 65535", forge_jpeg(65535, 65535), None, False
+    yield "forged TIFF header 6324 x 6324", forge_tiff(side, side), None, False
+    yield "forged TIFF header 100000 x 100000", forge_tiff(100000, 100000), None, False
+    bmp = bytearray(encode(Image.fromarray(picture()), "BMP"))
+    bmp[18:26] = struct.pack("<ii", side, side)
+    yield "forged BMP header 6324 x 6324", bytes(bmp), None, False
+    gif = bytearray(encode(Image.fromarray(picture()).convert("P"), "GIF"))
+    gif[6:10] = struct.pack("<HH", 65535, 65535)
+    yield "forged GIF header 65535 x 65535", bytes(gif), None, False
+    webp = bytearray(encode(Image.fromarray(picture()).convert("RGB"), "WEBP"))
+    webp[26:30] = struct.pack("<HH", 16383, 16383)
+    yield "forged WebP header 16383 x 16383", bytes(webp), None, False
+    yield "forged DICOM header 6324 x 6324, 16-bit, 8 KiB of pixels", forged_dicom(side, side), None, False
+    yield "DICOM claiming 100,000 frames", forged_dicom(64, 72, NumberOfFrames="100000", exact=True), None, False
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    data = bytearray(encode(Image.new("L", (64, 64)), "PNG"))
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def palette_dicom(rows: int, columns: int) -> bytes:
+    import pydicom
+
+    dataset = pydicom.dcmread(io.BytesIO(dicom(picture(64, 64), "PALETTE COLOR", bits=8)))
+    dataset.Rows, dataset.Columns = rows, columns
+    ramp = np.arange(256, dtype=np.uint16) * 257
+    for i, table in enumerate((ramp, ramp[::-1].copy(), ramp)):
+        dataset.add_new(0x00281101 + i, "US", [256, 0, 16])
+        dataset.add_new(0x00281201 + i, "OW", table.tobytes())
+    dataset.PixelData = (np.arange(rows * columns, dtype=np.uint32) % 251).astype(np.uint8).tobytes()
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def deflated(data: bytes, body: bytes) -> bytes:
+    """`data`'s file meta, saying Deflated Explicit VR Little Endian, followed by `body` as the deflated data set."""
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    dataset = pydicom.dcmread(io.BytesIO(data))
+    dataset.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    buffer = io.BytesIO()
+    pydicom.filewriter.write_file_meta_info(buffer, dataset.file_meta)
+    return b"\0" * 128 + b"DICM" + buffer.getvalue() + body
+
+
+def forged_dicom(rows: int, columns: int, exact: bool = False, **tags) -> bytes:
+    import pydicom
+
+    dataset = pydicom.dcmread(io.BytesIO(dicom(picture().astype(np.uint16))))
+    dataset.Rows, dataset.Columns = rows, columns
+    for key, value in tags.items():
+        setattr(dataset, key, value)
+    dataset.PixelData = b"\x01\x02" * (rows * columns if exact else 4096)
+    buffer = io.BytesIO()
+    dataset.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def measure_worst_cases(runner: "Runner", repeats: int) -> None:
+    """Print the worst-case table: per case its peak memory over the worker at rest, its time, and the loader's answer."""
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in psutil.getloadavg())} ({psutil.cpu_count()} cores); best of {repeats}\n")
+    print(f"| case | file | peak extra MiB | seconds | answer |\n|---|---:|---:|---:|---|")
+    rows, reference = [], 0.0
+    for label, data, suffix, legitimate in worst_cases():
+        results = []
+        for _ in range(repeats):  # a fresh worker each time: memory an earlier case left to malloc would hide this one's
+            runner.restart()
+            results.append(runner.run(data, suffix))
+        outcome, message = results[0][0], results[0][3]
+        seconds, peak = min(r[1] for r in results), min(r[2] for r in results)
+        if legitimate:
+            reference = max(reference, peak)
+        answer = "decoded" if outcome.startswith("RGB image") else ("refused: " + message.removeprefix("The upload ")[:100]) if message else outcome[:100]
+        rows.append((label, len(data), peak, seconds, answer, legitimate))
+        print(f"| {label} | {len(data) / 2**20:,.1f} MiB | {peak:,.0f} | {seconds:.2f} | {answer} |", flush=True)
+    print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in psutil.getloadavg())}")
+    print(f"largest legitimate upload: +{reference:,.0f} MiB; target: every case under {1.5 * reference:,.0f} MiB (1.5x) and 3 s")
+    over = [row for row in rows if row[2] > 1.5 * reference or row[3] > 3]
+    print("every case within the targets" if not over else "over a target: " + "; ".join(f"{row[0]} ({row[2]:,.0f} MiB, {row[3]:.2f} s)" for row in over))
+
+
 # ---- the worker: one input at a time -----------------------------------------------------------------------------------
 
 
@@ -328,6 +524,7 @@ def worker(connection, model: str | None) -> None:
         data, suffix = message
         reset_peak()
         at_rest, start = rss_mib(), time.perf_counter()
+        message = ""
         try:
             source = data
             if suffix or classifier:
@@ -345,11 +542,11 @@ def worker(connection, model: str | None) -> None:
                     except gr.Error as error:
                         outcome = f"crash: app.predict refused what load_image accepted: {error.message[:80]}"
         except ImageLoadError as error:
-            outcome = "ImageLoadError: " + wording(str(error))
+            outcome, message = "ImageLoadError: " + wording(str(error)), str(error)
         except BaseException as error:  # noqa: BLE001 - anything else is what we are looking for
             frame = traceback.extract_tb(error.__traceback__)[-1]
             outcome = f"crash: {type(error).__name__}: {str(error)[:100]} (at {Path(frame.filename).name}:{frame.lineno} in {frame.name})"
-        connection.send((outcome, time.perf_counter() - start, peak_mib() - at_rest))
+        connection.send((outcome, time.perf_counter() - start, peak_mib() - at_rest, message))
 
 
 def wording(message: str) -> str:
@@ -376,8 +573,8 @@ class Runner:
         if not self.connection.poll(300) or self.connection.recv() != "ready":  # imports (and the model) load outside the limits
             raise SystemExit("the fuzzing worker did not start")
 
-    def run(self, data: bytes, suffix: str | None) -> tuple[str, float, float]:
-        """(outcome, seconds, MiB the worker grew by on this input: its peak RSS over its RSS before it)."""
+    def run(self, data: bytes, suffix: str | None) -> tuple[str, float, float, str]:
+        """(outcome, seconds, MiB the worker grew by on this input: its peak RSS over its RSS before it, ImageLoadError's message)."""
         self.connection.send((data, suffix))
         start, peak = time.perf_counter(), 0.0
         while not self.connection.poll(0.02):
@@ -389,19 +586,24 @@ class Runner:
             if not self.process.is_alive():
                 exit_code = self.process.exitcode
                 self.start()
-                return f"worker died (exit code {exit_code})", elapsed, peak
+                return f"worker died (exit code {exit_code})", elapsed, peak, ""
             if elapsed > self.time_limit or peak > self.memory_limit:
                 self.process.kill()
                 self.process.join()
                 self.start()
-                return ("hang: over the time limit" if elapsed > self.time_limit else "memory: over the memory limit"), elapsed, peak
+                return ("hang: over the time limit" if elapsed > self.time_limit else "memory: over the memory limit"), elapsed, peak, ""
         try:
             return self.connection.recv()
         except (EOFError, OSError):  # the worker died after the input was sent (e.g. killed for memory by the kernel)
             self.process.join()
             exit_code = self.process.exitcode
             self.start()
-            return f"worker died (exit code {exit_code})", time.perf_counter() - start, peak
+            return f"worker died (exit code {exit_code})", time.perf_counter() - start, peak, ""
+
+    def restart(self) -> None:
+        self.process.kill()
+        self.process.join()
+        self.start()
 
     def close(self) -> None:
         self.connection.send(None)
@@ -416,9 +618,15 @@ def main() -> None:
     parser.add_argument("--model", help="Also run app.predict (with this model folder) on every input that decodes.")
     parser.add_argument("--out", type=Path, default=Path("runs/fuzz"), help="Where crashing, hanging and memory-hungry inputs are saved.")
     parser.add_argument("--replay", type=Path, help="Run one saved input (its .json beside it gives the suffix) and print the outcome.")
+    parser.add_argument("--worst", action="store_true", help="Instead of fuzzing, measure each worst case (docs/security.md) and print the table.")
+    parser.add_argument("--repeats", type=int, default=1, help="With --worst: runs per case; the table keeps the best (the CPU may be shared).")
     args = parser.parse_args()
 
     runner = Runner(args.model, args.time_limit, args.memory_limit)
+    if args.worst:
+        measure_worst_cases(runner, args.repeats)
+        runner.close()
+        return
     if args.replay:
         suffix = json.loads(args.replay.with_suffix(".json").read_text()).get("suffix") if args.replay.with_suffix(".json").exists() else None
         print(runner.run(args.replay.read_bytes(), suffix))
@@ -439,7 +647,7 @@ def main() -> None:
         if time.monotonic() > end:
             return
         (data, description), suffix = case
-        outcome, seconds, peak = runner.run(data, suffix)
+        outcome, seconds, peak, _ = runner.run(data, suffix)
         tried += 1
         kind = outcome.split(":")[0]
         outcomes[outcome if kind == "ImageLoadError" or kind == "RGB image" else outcome[:160]] += 1
@@ -454,7 +662,7 @@ def main() -> None:
             problems.append((outcome, label, args.out / f"{name}.bin"))
 
     for name, data in make_seeds().items():  # every seed as it is, first: each must decode
-        outcome, seconds, peak = runner.run(data, None)
+        outcome, seconds, peak, _ = runner.run(data, None)
         tried += 1
         outcomes["seed decoded" if outcome.startswith("RGB image") else f"crash: seed {name}: {outcome}"] += 1
     started = time.monotonic()
