@@ -137,6 +137,184 @@ def test_two_runs_started_at_once_on_one_data_folder_both_finish(tmp_path):
     assert counts[0] == counts[1] and sum(counts[0]["train"].values()) > 0
 
 
+# ---- model folders appear whole or not at all -----------------------------------------------------------------------
+
+
+def folder_bytes(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (checkpoints included), by its sha256."""
+    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def make_distinct(folder: Path) -> Path:
+    """Change a model folder's head and chest X-ray thresholds together (a consistent other version of the model), so
+    that any file of it can be told apart from the one a run would write."""
+    from safetensors.torch import load_file, save_file
+
+    from cxr.reliability import OOD_FILE, OodDetector
+
+    tensors = load_file(folder / "model.safetensors")
+    tensors["classifier.bias"] = tensors["classifier.bias"] + 1.0
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    detector = OodDetector.load(folder / OOD_FILE)
+    detector.thresholds = {name: 2 * value + 1 for name, value in detector.thresholds.items()}
+    detector.save(folder)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics["ood"]["threshold"] = detector.threshold
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return folder
+
+
+def version_of(folder: Path) -> tuple[float, float]:
+    """(classifier bias[0], out-of-distribution threshold) of a model folder; each version of the model has its own pair."""
+    from cxr.reliability import OOD_FILE, OodDetector
+
+    threshold = OodDetector.load(folder / OOD_FILE).threshold
+    assert json.loads((folder / "metrics.json").read_text())["ood"]["threshold"] == threshold, "metrics.json and ood.safetensors disagree"
+    return float(weights(folder / "model.safetensors")["classifier.bias"][0]), threshold
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("step", ["plot_confusion_matrix", "save_reliability", "render_model_card", "swap"])
+def test_a_run_stopped_between_its_save_steps_leaves_the_old_model_folder_intact(tiny_model_dir, tmp_path, monkeypatch, step):
+    """`--resume` on a finished run redoes only the end (calibration, evaluation, saving): a crash at any step of the
+    save leaves the old folder byte for byte as it was; without a crash, the new folder is complete and consistent."""
+    import cxr.folders
+
+    folder = make_distinct(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    before, old_version = folder_bytes(folder), version_of(folder)
+    monkeypatch.chdir(tiny_model_dir.parent)  # its synthetic data and prepared tree, unchanged by a run with the same settings
+
+    def crash(*args, **kwargs):
+        raise Crash(step)
+
+    if step == "swap":
+        monkeypatch.setattr(cxr.folders, "_exchange", crash)
+    else:
+        monkeypatch.setattr(train_vit, step, crash)
+    with pytest.raises(Crash):
+        train_vit.main([*RUN, "--output_dir", str(folder), "--resume"])
+    assert folder_bytes(folder) == before
+
+    monkeypatch.undo()
+    monkeypatch.chdir(tiny_model_dir.parent)
+    train_vit.main([*RUN, "--output_dir", str(folder), "--resume"])
+    after = folder_bytes(folder)
+    assert version_of(folder) != old_version and version_of(folder) == version_of(tiny_model_dir)
+    assert set(after) == set(before) and all(after[name] == before[name] for name in after if name.startswith("checkpoint-"))
+    assert not list(tmp_path.glob(".model.*")), "no staging folder left behind"
+
+
+def test_a_refit_stopped_midway_leaves_the_model_folder_intact(tiny_model_dir, tmp_path, monkeypatch):
+    """`python -m cxr.reliability` rewrites weights, statistics, metrics and card: all of them or none."""
+    from cxr import reliability
+
+    folder = make_distinct(shutil.copytree(tiny_model_dir, tmp_path / "model"))
+    before = folder_bytes(folder)
+    prepared = tiny_model_dir.parent / "data" / "prepared" / "synthetic"
+    monkeypatch.setattr(reliability, "update_card", lambda *args: (_ for _ in ()).throw(Crash("card")))
+    with pytest.raises(Crash):
+        reliability.main([str(folder), "--data_dir", str(prepared)])
+    assert folder_bytes(folder) == before
+    monkeypatch.undo()
+    assert reliability.main([str(folder), "--data_dir", str(prepared)]) == 0
+    assert version_of(folder)[1] == pytest.approx(version_of(tiny_model_dir)[1], rel=1e-4)  # refitted: statistics and metrics agree again
+
+
+def test_a_model_loaded_while_a_new_folder_is_swapped_in_is_one_version(tiny_model_dir, tmp_path, monkeypatch):
+    """The loader reads weights, processor and statistics one after another: a folder swapped in between (here, right
+    before the statistics are read) makes it load again, so it never pairs old weights with new statistics."""
+    import cxr.predict
+    from cxr.folders import staging_folder, swap_in
+
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    newer = make_distinct(shutil.copytree(tiny_model_dir, tmp_path / "newer"))
+    real_load_ood_detector, swaps = cxr.predict.load_ood_detector, []
+
+    def swap_then_load(*args, **kwargs):
+        if not swaps:
+            staging = staging_folder(folder)
+            for path in newer.iterdir():
+                if path.is_file():
+                    shutil.copy2(path, staging / path.name)
+            swap_in(staging, folder)
+            swaps.append(True)
+        return real_load_ood_detector(*args, **kwargs)
+
+    monkeypatch.setattr(cxr.predict, "load_ood_detector", swap_then_load)
+    classifier = cxr.predict.load_classifier(folder)
+    assert swaps
+    loaded = (float(classifier.model.classifier.bias[0]), classifier.ood_detector.threshold)
+    assert loaded == pytest.approx(version_of(newer))
+
+
+def test_a_swap_never_leaves_the_model_folder_missing(tmp_path):
+    """Readers opening the folder while versions are swapped in find one, whole, every time."""
+    import threading
+
+    from cxr.folders import staging_folder, swap_in
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    done, missing = threading.Event(), []
+
+    def read():
+        while not done.is_set():
+            if not (folder / "config.json").is_file():
+                missing.append(1)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for version in range(300):
+            staging = staging_folder(folder)
+            (staging / "config.json").write_text(json.dumps({"version": version}))
+            swap_in(staging, folder)
+    finally:
+        done.set()
+        reader.join()
+    assert missing == [] and json.loads((folder / "config.json").read_text()) == {"version": 299}
+
+
+def test_a_crash_while_writing_a_json_file_leaves_the_old_one(tmp_path):
+    from cxr.folders import replaced_file, write_text_atomic
+
+    path = tmp_path / "metrics.json"
+    write_text_atomic(path, '{"old": true}')
+    with pytest.raises(Crash), replaced_file(path) as file:
+        file.write('{"new": ')
+        raise Crash("disk full")
+    assert path.read_text() == '{"old": true}' and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+# ---- nothing the user made is deleted unasked ----------------------------------------------------------------------
+
+
+def test_a_rerun_into_a_folder_with_checkpoints_stops_unless_told_to_resume_or_overwrite(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    before = folder_bytes(folder)
+    with pytest.raises(SystemExit, match=r"holds 2 checkpoint\(s\).*--resume.*--overwrite_output_dir"):
+        train_vit.main([*RUN, "--output_dir", str(folder)])
+    assert folder_bytes(folder) == before
+    assert not (tmp_path / "data").exists()  # stopped before any work
+
+    model_only = tmp_path / "model-only"  # a finished model without its checkpoints is the user's work too
+    shutil.copytree(tiny_model_dir, model_only, ignore=shutil.ignore_patterns("checkpoint-*"))
+    with pytest.raises(SystemExit, match="holds a trained model.*--overwrite_output_dir"):
+        train_vit.main([*RUN, "--output_dir", str(model_only)])
+
+    (folder / "my-notes.txt").write_text("kept")  # anything else the user put there is carried into the new folder
+    old_checkpoints = sorted(folder.glob("checkpoint-*"), key=steps_of)
+    train_vit.main([*RUN, "--output_dir", str(folder), "--overwrite_output_dir", "--num_train_epochs", "1"])
+    assert (folder / "my-notes.txt").read_text() == "kept"
+    assert [path.name for path in folder.glob("checkpoint-*")] == [old_checkpoints[0].name]  # the new run's one epoch
+    assert json.loads((folder / "metrics.json").read_text())["train"]["epoch"] == 1.0
+
+
 # ---- a hostile data folder -----------------------------------------------------------------------------------------
 # tests/test_data_prepare.py already covers zero-byte, truncated and non-image files, unlabelable names, a symlink
 # loop (file and folder) and unchanged checksums for one broken file. Added here: what could hang or exhaust memory
