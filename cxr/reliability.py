@@ -377,6 +377,7 @@ def describe_reliability(summary: dict) -> str:
 
 def load_data(data_dir: str, prepared_dir: str | None, validation_fraction: float, seed: int, synthetic_images_per_class: int):
     """A prepared imagefolder tree as is, or a raw source (Kaggle / class folders / 'synthetic') prepared the way train_vit.py does."""
+    from cxr.data import default_prepared_dir
     from hf_data import load_prepared, make_synthetic_dataset, prepare_dataset
     from hf_data.prepare import MANIFEST_NAME
 
@@ -385,7 +386,7 @@ def load_data(data_dir: str, prepared_dir: str | None, validation_fraction: floa
         prepared = path
     else:
         source = make_synthetic_dataset(Path("data/synthetic"), images_per_class=synthetic_images_per_class) if data_dir == "synthetic" else path
-        prepared = Path(prepared_dir or Path("data/prepared") / source.resolve().name)
+        prepared = Path(prepared_dir or default_prepared_dir(source, validation_fraction, seed, keep_kaggle_val=False))
         print(prepare_dataset(source, prepared, validation_fraction=validation_fraction, seed=seed).summary())
     return load_prepared(prepared)
 
