@@ -30,6 +30,7 @@ from transformers import HfArgumentParser, TrainingArguments, ViTConfig, ViTMAEC
 
 from cxr.data import DataArguments, prepare_and_load
 from cxr.models import DEFAULT_ENCODER_DIR, PRESETS, PRETRAINING_FILE, preset_image_processor
+from cxr.folders import write_text_atomic
 from cxr.training import XrayTrainer, check_writable, checkpoint_to_resume, peak_memory_mib, pixel_transform
 
 VIT_PRESETS = [name for name, (config_class, _) in PRESETS.items() if config_class is ViTConfig]
@@ -47,6 +48,7 @@ class MaeArguments:
         metadata={"help": "Predict each patch's pixels normalised to mean 0 and variance 1 (the MAE paper's choice for photos)."},
     )
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in --output_dir."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Start afresh in an --output_dir that holds checkpoints or an encoder (they are deleted)."})
 
 
 @dataclass
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> Path:
     output_dir = Path(training_args.output_dir)
     if training_args.should_save:
         check_writable(output_dir)
-    last_checkpoint = checkpoint_to_resume(output_dir, mae_args.resume, training_args.should_save)
+    last_checkpoint = checkpoint_to_resume(output_dir, mae_args.resume, mae_args.overwrite_output_dir, training_args.should_save)
 
     dataset, _ = prepare_and_load(data_args, training_args)
     processor = preset_image_processor(mae_args.model)
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> Path:
         "loss_history": [{"epoch": entry["epoch"], "loss": entry["loss"]} for entry in trainer.state.log_history if "loss" in entry],
         "command": "python " + shlex.join([Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)]),
     }
-    (output_dir / PRETRAINING_FILE).write_text(json.dumps(record, indent=2))
+    write_text_atomic(output_dir / PRETRAINING_FILE, json.dumps(record, indent=2))
     validation = dataset["validation"].with_transform(pixel_transform(processor, augment=False))
     plot_reconstructions(model, torch.stack([validation[index]["pixel_values"] for index in range(min(4, len(validation)))]), output_dir / "reconstructions.png")
     print(f"\nEncoder folder: {output_dir}  ({record['description']})")

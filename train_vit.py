@@ -34,6 +34,7 @@ from transformers import EarlyStoppingCallback, HfArgumentParser, TrainingArgume
 
 from cxr.card import render_model_card
 from cxr.data import DataArguments, prepare_and_load
+from cxr.folders import staging_folder, staging_path, swap_in, write_text_atomic
 from cxr.hub import publish_model_folder
 from cxr.metrics import plot_confusion_matrix, plot_training_curves, softmax, trainer_metrics
 from cxr.models import DEFAULT_CHECKPOINT, DEFAULT_MODEL_DIR, PRESETS, build_model, input_size, load_teacher
@@ -42,6 +43,8 @@ from cxr.training import XrayTrainer, check_writable, checkpoint_to_resume, clas
 from hf_data import DISPLAY_NAMES
 
 RECIPES = Path(__file__).resolve().parent / "recipes"  # named option sets: --recipe NAME reads recipes/NAME.args
+# The old model's files a new model folder replaces (never carried over beside the new ones); checkpoints and anything else stay.
+MODEL_FILES = ("*.safetensors", "*.json", "*.png", "*.onnx", "*.bin", "README.md")
 
 @dataclass
 class ModelArguments:
@@ -60,6 +63,10 @@ class ModelArguments:
         },
     )
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in --output_dir instead of starting afresh."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start afresh in an --output_dir that holds checkpoints or a model: delete its checkpoints now, replace its model at the end."},
+    )
     early_stopping_patience: int = field(default=3, metadata={"help": "Stop after this many evaluations without a better validation macro-F1 (0 disables)."})
     weight_average_decay: float = field(
         default=0.0,
@@ -130,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = Path(training_args.output_dir)
     if training_args.should_save:
         check_writable(output_dir)  # before any work: a run that cannot save its model should not start
+    last_checkpoint = checkpoint_to_resume(output_dir, model_args.resume, model_args.overwrite_output_dir, training_args.should_save)
 
     # Data: the user's folders -> an imagefolder tree of links -> a DatasetDict (train and validation split by patient).
     dataset, report = prepare_and_load(data_args, training_args)
@@ -147,7 +155,6 @@ def main(argv: list[str] | None = None) -> dict:
     train_dataset = dataset["train"].with_transform(pixel_transform(processor, augment=True, teacher_processor=teacher_processor))
     eval_splits = {split: dataset[split].with_transform(pixel_transform(processor, augment=False)) for split in dataset if split != "train"}
 
-    last_checkpoint = checkpoint_to_resume(output_dir, model_args.resume, training_args.should_save)
     if training_args.should_save:
         check_free_space(output_dir, model, training_args)
 
@@ -193,6 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
     ood_detector, reliability = fit_reliability(trainer.model, processor, dataset, batch_size=training_args.per_device_eval_batch_size)
     print(describe_reliability(reliability))
 
+    # The model folder appears whole or not at all: every file goes into a hidden sibling, swapped in at the end.
+    staging = staging_folder(output_dir) if training_args.should_save else staging_path(output_dir)
+
     # Evaluate the calibrated model on every held-out split; the last one (test if present) headlines the card.
     results = {}
     for split, split_dataset in eval_splits.items():
@@ -202,15 +212,17 @@ def main(argv: list[str] | None = None) -> dict:
         if trainer.is_world_process_zero():
             plot_confusion_matrix(
                 prediction.label_ids, softmax(prediction.predictions).argmax(-1), list(id2label.values()),
-                output_dir / f"confusion_matrix_{split}.png", title=f"{split} split ({len(split_dataset)} images)",
+                staging / f"confusion_matrix_{split}.png", title=f"{split} split ({len(split_dataset)} images)",
             )
 
-    trainer.save_model()  # model (safetensors, calibrated head) + image processor: what pipeline() and app.py load
+    trainer.save_model(str(staging))  # model (safetensors, calibrated head) + image processor: what pipeline() and app.py load
     if training_args.should_save:
-        (output_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle; the model folder holds none (settings are in the card)
+        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the model folder holds none (settings are in the card)
     if not trainer.is_world_process_zero():
+        if training_args.should_save:  # --save_on_each_node: this node's copy of the weights
+            swap_in(staging, output_dir, replaced=MODEL_FILES)
         return results
-    plot_training_curves(trainer.state.log_history, output_dir / "training_curves.png")
+    plot_training_curves(trainer.state.log_history, staging / "training_curves.png")
     eval_split = "test" if "test" in results else "validation"
     command = "python " + shlex.join([Path(sys.argv[0]).name, *argv])  # with any --recipe expanded: the card shows every option
     summary = {
@@ -221,8 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
         **({"search": search} if search else {}),
         **results,
     }
-    (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
-    save_reliability(output_dir, ood_detector, reliability)  # ood.safetensors, and the calibration figures into metrics.json
+    write_text_atomic(staging / "metrics.json", json.dumps(summary, indent=2))
+    save_reliability(staging, ood_detector, reliability)  # ood.safetensors, and the calibration figures into metrics.json
     card = render_model_card(
         model=trainer.model,
         origin=origin,
@@ -245,7 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
         image_size=input_size(processor),
         reliability=reliability,
     )
-    card.save(output_dir / "README.md")
+    card.save(staging / "README.md")
+    swap_in(staging, output_dir, replaced=MODEL_FILES)  # the old model (if any) is replaced in one step, its checkpoints carried over
     print(f"\nModel folder: {output_dir}  ({origin.describe()})")
     print(f'Try it: python -c "from transformers import pipeline; print(pipeline(\'image-classification\', model=\'{output_dir}\')(\'your_xray.jpeg\', top_k=3))"')
     if publish:  # exactly the finished folder, in one commit (cxr/hub.py says why not Trainer's push)

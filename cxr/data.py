@@ -3,13 +3,20 @@ are, and the step that turns the user's folder into the prepared imagefolder tre
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from filelock import FileLock
 from transformers import TrainingArguments
 
 from hf_data import PrepareReport, load_prepared, make_synthetic_dataset, prepare_dataset
+from hf_data.prepare import prepared_settings
+
+try:
+    import fcntl
+except ImportError:  # Windows: no shared locks, so no check that another run is reading a tree
+    fcntl = None
 
 
 @dataclass
@@ -23,7 +30,8 @@ class DataArguments:
     )
     prepared_dir: str | None = field(
         default=None,
-        metadata={"help": "Where to write the imagefolder tree (links to your files, never moves them). Default: data/prepared/<name of data_dir>."},
+        metadata={"help": "Where to write the imagefolder tree (links to your files, never moves them). Default: data/prepared/<name of data_dir>, "
+            "with the split settings in the name where they are not the defaults (e.g. chest_xray-split7), so runs with different splits keep apart."},
     )
     validation_fraction: float = field(default=0.1, metadata={"help": "Share of the training patients held out for validation (grouped by patient, stratified by class)."})
     split_seed: int = field(
@@ -53,19 +61,59 @@ def prepare_and_load(data_args: DataArguments, training_args: TrainingArguments)
     runs started at once on one data folder (a sweep, a comparison) take turns, instead of one reading the tree
     while the other rewrites it.
     """
-    prepared_dir = Path(data_args.prepared_dir or Path("data/prepared") / data_args.source.resolve().name)
+    prepared_dir = Path(data_args.prepared_dir or default_prepared_dir(data_args.source, data_args.validation_fraction, data_args.split_seed, data_args.keep_kaggle_val))
     report: PrepareReport | None = None
     with training_args.main_process_first(local=training_args.save_on_each_node, desc="data preparation"), FileLock(f"{prepared_dir}.lock"):
+        in_use = None
         if training_args.should_save:
             if data_args.synthetic:
                 make_synthetic_dataset(data_args.source, images_per_class=data_args.synthetic_images_per_class)
+            in_use = claim_tree(prepared_dir, data_args)
             report = prepare_dataset(
                 data_args.source, prepared_dir,
                 validation_fraction=data_args.validation_fraction, seed=data_args.split_seed, keep_kaggle_val=data_args.keep_kaggle_val,
             )
             print(report.summary())
         dataset = load_prepared(prepared_dir)  # image paths, decoded by the project's one loader (cxr.images.load_image)
+        if in_use is not None:
+            fcntl.flock(in_use, fcntl.LOCK_SH)  # shared while this run reads the tree: released when the data set is dropped
+            weakref.finalize(dataset, in_use.close)
     for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
         if limit is not None and limit < len(dataset[split]):
             dataset[split] = dataset[split].shuffle(seed=training_args.seed).select(range(limit))
     return dataset, report
+
+
+def default_prepared_dir(source: Path, validation_fraction: float, split_seed: int, keep_kaggle_val: bool) -> Path:
+    """data/prepared/<name of the source folder>, plus each split setting that is not the default (-split7, -val0.2,
+    -kaggleval): runs that split one folder differently each get their own tree instead of rewriting a shared one."""
+    defaults = {option.name: option.default for option in fields(DataArguments) if option.name in ("validation_fraction", "split_seed")}
+    key = f"-split{split_seed}" if split_seed != defaults["split_seed"] else ""
+    key += f"-val{validation_fraction:g}" if validation_fraction != defaults["validation_fraction"] else ""
+    key += "-kaggleval" if keep_kaggle_val else ""
+    return Path("data/prepared") / (Path(source).resolve().name + key)
+
+
+def claim_tree(prepared_dir: Path, data_args: DataArguments):
+    """The open `<prepared_dir>.in-use` lock file, once this run may prepare the tree (call under the preparation lock).
+
+    Every run holds it shared while it reads the tree. A tree made with other split settings (an explicit
+    --prepared_dir shared by two runs) is rewritten only when no run holds it: otherwise this run stops, before any
+    work, instead of swapping the images under the other run's feet. None where the system has no shared locks."""
+    if fcntl is None:
+        return None
+    in_use = open(f"{prepared_dir}.in-use", "a")
+    settings = prepared_settings(prepared_dir)
+    wanted = {"source": str(data_args.source.expanduser().resolve()), "validation_fraction": data_args.validation_fraction,
+              "seed": data_args.split_seed, "keep_kaggle_val": data_args.keep_kaggle_val}
+    if settings is not None and {key: settings.get(key) for key in wanted} != wanted:
+        try:
+            fcntl.flock(in_use, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            in_use.close()
+            raise SystemExit(
+                f"{prepared_dir} is in use by another run that split the data differently ({', '.join(f'{key} {settings.get(key)}' for key in wanted if settings.get(key) != wanted[key])}); "
+                "rewriting it now would pull its images away. Give this run its own --prepared_dir (or leave it unset: "
+                "the default folder is named after the split settings), or wait for the other run to finish."
+            ) from None
+    return in_use

@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 from transformers import Pipeline, pipeline
 
+from cxr.folders import folder_identity, write_text_atomic
 from cxr.images import ImageLoadError, ImageSource, load_image
 from cxr.models import input_size, is_local_path
 from cxr.reliability import OOD_FILE, OodDetector, forward_features
@@ -49,6 +50,17 @@ IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".we
 
 
 def load_classifier(model: str | Path, device: str | int | None = None, int8: bool = False, onnx: bool = False) -> Pipeline:
+    """`_load_classifier` (below), loaded again if a run swapped a new model folder in meanwhile (`cxr.folders.swap_in`):
+    the weights, the processor and the chest X-ray statistics are read one file after another, and must all be one version's."""
+    for _ in range(5):
+        before = folder_identity(model)
+        classifier = _load_classifier(model, device, int8, onnx)
+        if folder_identity(model) == before:
+            return classifier
+    raise ModelNotFoundError(f"The model folder '{model}' kept changing while it was loaded (a training run saving into it?); try again.")
+
+
+def _load_classifier(model: str | Path, device: str | int | None = None, int8: bool = False, onnx: bool = False) -> Pipeline:
     """The image-classification pipeline for a model folder or Hub id: safetensors weights only, no remote code.
 
     Its `ood_detector` attribute holds the folder's out-of-distribution statistics (None for a folder without
@@ -213,7 +225,7 @@ def write_predictions(predictions: Iterable[Prediction], output: Path, top_k: in
             }
             for p in predictions
         ]
-        output.write_text(json.dumps(rows, indent=2))
+        write_text_atomic(output, json.dumps(rows, indent=2))  # the CSV below streams instead: rows written survive an interruption
         return len(rows), sum(row["error"] is not None for row in rows), sum(row["looks_like_chest_xray"] is False for row in rows)
     columns = ["file"] + [name for rank in range(1, top_k + 1) for name in (f"label_{rank}", f"score_{rank}")] + ["ood_score", "looks_like_chest_xray", "error"]
     count = failed = flagged = 0

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 from tqdm import tqdm
 
+from cxr.folders import staging_folder, swap_in, write_text_atomic
 from cxr.metrics import expected_calibration_error, softmax
 from cxr.models import trained_split_sizes
 
@@ -356,7 +358,7 @@ def save_reliability(model_dir: str | Path, detector: OodDetector, summary: dict
     for split, figures in summary["calibration"]["by_split"].items():  # held-out figures now describe the calibrated model
         if isinstance(metrics.get(split), dict):
             metrics[split]["expected_calibration_error"] = figures["ece_after"]
-    metrics_file.write_text(json.dumps(metrics, indent=2))
+    write_text_atomic(metrics_file, json.dumps(metrics, indent=2))
 
 
 def describe_reliability(summary: dict) -> str:
@@ -375,6 +377,7 @@ def describe_reliability(summary: dict) -> str:
 
 def load_data(data_dir: str, prepared_dir: str | None, validation_fraction: float, seed: int, synthetic_images_per_class: int):
     """A prepared imagefolder tree as is, or a raw source (Kaggle / class folders / 'synthetic') prepared the way train_vit.py does."""
+    from cxr.data import default_prepared_dir
     from hf_data import load_prepared, make_synthetic_dataset, prepare_dataset
     from hf_data.prepare import MANIFEST_NAME
 
@@ -383,7 +386,7 @@ def load_data(data_dir: str, prepared_dir: str | None, validation_fraction: floa
         prepared = path
     else:
         source = make_synthetic_dataset(Path("data/synthetic"), images_per_class=synthetic_images_per_class) if data_dir == "synthetic" else path
-        prepared = Path(prepared_dir or Path("data/prepared") / source.resolve().name)
+        prepared = Path(prepared_dir or default_prepared_dir(source, validation_fraction, seed, keep_kaggle_val=False))
         print(prepare_dataset(source, prepared, validation_fraction=validation_fraction, seed=seed).summary())
     return load_prepared(prepared)
 
@@ -432,9 +435,16 @@ def main(argv: list[str] | None = None) -> int:
     processor = AutoImageProcessor.from_pretrained(args.model_dir)
 
     detector, summary = fit_reliability(model, processor, dataset, batch_size=args.batch_size, score_name=args.score)
-    model.save_pretrained(args.model_dir)
-    save_reliability(args.model_dir, detector, summary)
-    update_card(args.model_dir, summary)
+    # Rewritten files go into a staging sibling, swapped in at once: a crash leaves the folder as it was, never new
+    # weights beside old statistics. The rest is carried over; ONNX exports of the old weights are not.
+    staging = staging_folder(args.model_dir)
+    model.save_pretrained(staging)
+    for name in ("metrics.json", "README.md"):
+        if (args.model_dir / name).is_file():
+            shutil.copy2(args.model_dir / name, staging / name)
+    save_reliability(staging, detector, summary)
+    update_card(staging, summary)
+    swap_in(staging, args.model_dir, replaced=("*.onnx",))
     print(describe_reliability(summary))
     print(f"Saved into {args.model_dir}: calibrated head (model.safetensors, config.json), {OOD_FILE}, metrics.json.")
     return 0
@@ -446,7 +456,7 @@ def update_card(model_dir: Path, summary: dict) -> None:
 
     card = model_dir / "README.md"
     if card.is_file():
-        card.write_text(replace_reliability_section(card.read_text(), summary))
+        write_text_atomic(card, replace_reliability_section(card.read_text(), summary))
 
 
 if __name__ == "__main__":

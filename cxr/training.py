@@ -225,19 +225,29 @@ def find_checkpoints(output_dir: Path) -> tuple[list[Path], list[Path]]:
     return complete, incomplete
 
 
-def checkpoint_to_resume(output_dir: Path, resume: bool, should_save: bool) -> str | None:
+def checkpoint_to_resume(output_dir: Path, resume: bool, overwrite: bool, should_save: bool) -> str | None:
     """The checkpoint a run continues from: the newest complete one with `resume` (none is a clear error), else None.
-    The saving process removes checkpoints an interrupted save left incomplete and, starting afresh, the old ones."""
+
+    Nothing the user made is deleted unasked: a run that is neither resuming nor told to overwrite stops before any
+    work when `output_dir` holds checkpoints or a trained model. With `resume`, the saving process removes the
+    checkpoints an interrupted save left incomplete; with `overwrite`, all old checkpoints (the old model itself is
+    replaced only when the new one is complete: train_vit.py swaps the finished folder in)."""
     complete, incomplete = find_checkpoints(output_dir)
     if resume and not complete:
         cut_short = f" (only {len(incomplete)} cut short while saving)" if incomplete else ""
         raise SystemExit(f"--resume was given but {output_dir} holds no checkpoint to resume from{cut_short}.")
+    if not resume and not overwrite and (complete or incomplete or (output_dir / "config.json").is_file()):
+        found = f"{len(complete) + len(incomplete)} checkpoint(s)" if complete or incomplete else "a trained model"
+        raise SystemExit(
+            f"{output_dir} already holds {found} from an earlier run. Pass --resume to continue it, --overwrite_output_dir "
+            "to start afresh (its checkpoints are deleted and its model replaced), or choose another --output_dir."
+        )
     if should_save:
         for folder in incomplete:  # a run killed while saving leaves a checkpoint without its trainer_state.json
             print(f"Removing {folder}: an interrupted save left it incomplete.")
             shutil.rmtree(folder)
         if complete and not resume:
-            print(f"Starting afresh: removing the old checkpoints in {output_dir} (pass --resume to continue them instead).")
+            print(f"Starting afresh (--overwrite_output_dir): removing the old checkpoints in {output_dir}.")
             for folder in complete:
                 shutil.rmtree(folder)
     return str(complete[-1]) if resume else None

@@ -18,6 +18,8 @@ import, and the CLI's `--help` or an app that only wants `CLASS_NAMES` should no
 from __future__ import annotations
 
 import csv
+import io
+import json
 import os
 import re
 import shutil
@@ -26,6 +28,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from cxr.folders import replaced_file, write_text_atomic
 from cxr.images import ImageLoadError, load_image
 
 # Output folder names. Alphabetical, because imagefolder numbers the classes in sorted order.
@@ -39,6 +42,7 @@ OUTPUT_SPLITS = ("train", "validation", "test")
 
 MANIFEST_NAME = "manifest.csv"  # not "metadata.csv", which imagefolder would read as per-image metadata
 SKIPPED_NAME = "skipped.csv"
+SETTINGS_NAME = "prepared.json"  # the source and split settings the tree was made with
 MANIFEST_COLUMNS = ["file", "source", "class", "patient_id", "split"]
 SKIPPED_COLUMNS = ["source", "reason"]
 
@@ -186,13 +190,15 @@ def prepare_dataset(
 
     splits = assign_splits(images, validation_fraction, seed, keep_kaggle_val)
     rows = plan_output_files(images, splits)
-    planned = {output / row["file"] for row in rows}
+    planned = {output / row["file"] for row in rows} | {output / MANIFEST_NAME, output / SKIPPED_NAME, output / SETTINGS_NAME}  # replaced, not deleted first
     for path in previous_output_files:
         if path not in planned:
             path.unlink(missing_ok=True)
     remove_empty_split_folders(output)
     write_csv(output / MANIFEST_NAME, MANIFEST_COLUMNS, rows)  # first, so even an interrupted run is recognised as ours
     write_csv(output / SKIPPED_NAME, SKIPPED_COLUMNS, [{"source": path, "reason": reason} for path, reason in skipped])
+    settings = {"source": str(source), "validation_fraction": validation_fraction, "seed": seed, "keep_kaggle_val": keep_kaggle_val, "copy": copy, "images": len(rows)}
+    write_text_atomic(output / SETTINGS_NAME, json.dumps(settings, indent=2))
     for row in rows:
         destination = output / row["file"]
         if not copy and destination.is_symlink() and os.readlink(destination) == row["source"]:
@@ -380,8 +386,8 @@ def plan_output_files(images: list[SourceImage], splits: list[str]) -> list[dict
 
 
 def write_csv(path: Path, columns: list[str], rows: list[dict[str, str]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as file:
+    """Written under a temporary name and renamed: a crash or a full disk never leaves a manifest cut short."""
+    with replaced_file(path, newline="", encoding="utf-8") as file:
         writer = csv.DictWriter(file, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
@@ -399,6 +405,31 @@ def read_manifest(path: Path) -> list[dict[str, str]] | None:
         return None
 
 
+def read_damaged_manifest(path: Path) -> list[dict[str, str]] | None:
+    """The whole rows of a manifest that was cut short (an older version wrote it in place; a crash, a full disk or a
+    copy stopped midway): empty, or its header or last row incomplete. None if it is whole, or not a manifest at all."""
+    try:
+        text = path.read_bytes().decode("utf-8", errors="ignore")
+    except OSError:
+        return None
+    header = ",".join(MANIFEST_COLUMNS)
+    if not text.startswith(header):
+        return [] if header.startswith(text.rstrip("\r\n")) else None  # empty, or cut inside the header
+    rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    whole = [row for row in (rows if text.endswith("\n") else rows[:-1]) if None not in row.values()]
+    listed = (prepared_settings(path.parent) or {}).get("images", len(rows))  # a cut at a row's end shows only in the count
+    return whole if len(whole) != len(rows) or listed != len(rows) else None
+
+
+def prepared_settings(output: str | os.PathLike) -> dict | None:
+    """The settings a prepared tree was made with (source, validation_fraction, seed, keep_kaggle_val, copy; and its
+    number of images), or None."""
+    try:
+        return json.loads((Path(output) / SETTINGS_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def files_written_by_previous_prepare(output: Path) -> list[Path]:
     """The files an earlier run wrote into `output` (its manifest last), so they can be replaced.
 
@@ -412,12 +443,15 @@ def files_written_by_previous_prepare(output: Path) -> list[Path]:
     if not any(output.iterdir()):
         return []
     rows = read_manifest(output / MANIFEST_NAME)
-    if rows is None:
+    damaged = read_damaged_manifest(output / MANIFEST_NAME)
+    if damaged is not None:
+        rows = damaged
+    elif rows is None:
         raise ValueError(
             f"The output folder {output} is not empty and was not written by `prepare` (no {MANIFEST_NAME}); "
             "refusing to overwrite it. Choose a new or empty folder."
         )
-    ours = {output / MANIFEST_NAME, output / SKIPPED_NAME}
+    ours = {output / MANIFEST_NAME, output / SKIPPED_NAME, output / SETTINGS_NAME}
     for row in rows:
         path = output / row["file"]
         parts = Path(row["file"]).parts
@@ -430,10 +464,20 @@ def files_written_by_previous_prepare(output: Path) -> list[Path]:
             if Path(folder, name).is_symlink():
                 foreign.append(Path(folder, name))
         for name in file_names:
+            path = Path(folder, name)
             if name.startswith(".") and name.endswith(".partial"):
-                ours.add(Path(folder, name))  # staged by a run interrupted mid-write; removed below
-            elif Path(folder, name) not in ours:
-                foreign.append(Path(folder, name))
+                ours.add(path)  # staged by a run interrupted mid-write; removed below
+            elif damaged is not None and path.is_symlink() and is_tree_entry(output, path):
+                ours.add(path)  # a link where prepare puts its links, beside a manifest cut short: rebuilt
+            elif path not in ours:
+                foreign.append(path)
+    if foreign and damaged is not None:
+        raise ValueError(
+            f"{output / MANIFEST_NAME} was cut short (a crash or a full disk while it was written), and {output} holds "
+            f"{len(foreign)} file(s) it does not list ({', '.join(str(path) for path in foreign[:5])}), so `prepare` cannot tell "
+            f"which are its own. If {output} is only a prepared tree (links or copies of your images), delete it and run again; "
+            "otherwise choose another folder."
+        )
     if foreign:
         listed = ", ".join(str(path) for path in foreign[:5])
         raise ValueError(
@@ -441,6 +485,12 @@ def files_written_by_previous_prepare(output: Path) -> list[Path]:
             "refusing to replace it. Move them away or choose another folder."
         )
     return sorted(ours - {output / MANIFEST_NAME}) + [output / MANIFEST_NAME]  # manifest last: an interrupted clean-up stays ours
+
+
+def is_tree_entry(output: Path, path: Path) -> bool:
+    """Whether `path` lies where prepare writes an image: OUTPUT/<split>/<class>/<file>."""
+    parts = path.relative_to(output).parts
+    return len(parts) == 3 and parts[0] in OUTPUT_SPLITS and parts[1] in CLASS_NAMES
 
 
 def remove_empty_split_folders(output: Path) -> None:

@@ -266,7 +266,7 @@ def test_rerun_is_idempotent_and_leaves_nothing_stale(kaggle, tmp_path):
     prepare_dataset(source / "train", output, seed=5)  # different arguments: the old tree is replaced
     rows = read_csv(output / "manifest.csv")
     on_disk = {str(path.relative_to(output)) for path in output.rglob("*") if path.is_file() or path.is_symlink()}
-    assert on_disk == {row["file"] for row in rows} | {"manifest.csv", "skipped.csv"}
+    assert on_disk == {row["file"] for row in rows} | {"manifest.csv", "skipped.csv", "prepared.json"}
     assert not (output / "test").exists()
 
 
@@ -349,3 +349,96 @@ def test_real_kaggle_training_split(shared_data, tmp_path):
     rows = read_csv(tmp_path / "prepared" / "manifest.csv")
     assert patients_in_more_than_one_split(rows) == set()
     assert 0.08 <= sum(report.counts["validation"].values()) / 5216 <= 0.12
+
+
+# ---- a damaged manifest, and runs with different split settings on one folder ----------------------------------------
+
+
+def test_a_manifest_cut_short_is_rebuilt_not_refused(kaggle, tmp_path):
+    """A manifest cut short (in a row, at a row's end, or empty) by a crash or a full disk does not make every later
+    run refuse the folder: the links where prepare puts them are recognised and the tree is rebuilt."""
+    source, _ = kaggle
+    output = tmp_path / "prepared"
+    prepare_dataset(source, output)
+    whole = (output / "manifest.csv").read_text(encoding="utf-8")
+    before = checksums(output)
+    lines = whole.splitlines(keepends=True)
+    for damaged in (whole[: len(whole) // 2], "".join(lines[: len(lines) // 2]), ""):
+        (output / "manifest.csv").write_text(damaged, encoding="utf-8")
+        prepare_dataset(source, output)
+        assert checksums(output) == before
+
+    (output / "manifest.csv").write_text(whole[: len(whole) // 2], encoding="utf-8")
+    write_image(output / "train" / "normal" / "by_hand.png")  # a real file where links go: prepare cannot tell it is its own
+    with pytest.raises(ValueError, match=r"manifest.csv was cut short.*by_hand.png.*delete it and run again"):
+        prepare_dataset(source, output)
+    assert (output / "train" / "normal" / "by_hand.png").is_file()
+
+
+def test_the_manifest_is_replaced_whole_or_not_at_all(kaggle, tmp_path, monkeypatch):
+    """A run that dies while writing the manifest (here: the disk fills after the first rows) leaves the old one whole."""
+    import hf_data.prepare
+
+    source, _ = kaggle
+    output = tmp_path / "prepared"
+    prepare_dataset(source, output)
+    before = (output / "manifest.csv").read_bytes()
+
+    class FullDisk(csv.DictWriter):
+        def writerows(self, rows):
+            self.writerow(next(iter(rows)))
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hf_data.prepare.csv, "DictWriter", FullDisk)
+    with pytest.raises(OSError, match="No space left"):
+        prepare_dataset(source, output, seed=3)
+    assert (output / "manifest.csv").read_bytes() == before
+
+
+def test_runs_with_different_split_settings_each_get_their_own_tree(kaggle, tmp_path, monkeypatch):
+    """The default prepared folder is named after the split settings: runs that split one data folder differently,
+    one after another or interleaved, never rewrite each other's tree."""
+    from transformers import TrainingArguments
+
+    from cxr.data import DataArguments, prepare_and_load
+
+    source, _ = kaggle
+    monkeypatch.chdir(tmp_path)
+    settings = [{}, {"split_seed": 7}, {"validation_fraction": 0.25}, {"keep_kaggle_val": True}]
+    loaded, trees = [], []
+    for options in settings:
+        dataset, report = prepare_and_load(DataArguments(data_dir=str(source), **options), TrainingArguments(output_dir="out", report_to="none"))
+        loaded.append((dataset, checksums(report.output_dir)))
+        trees.append(report.output_dir)
+    assert len(set(trees)) == len(settings) and trees[0] == (tmp_path / "data" / "prepared" / "chest_xray").resolve()
+    for (dataset, sums), tree in zip(loaded, trees):
+        assert checksums(tree) == sums  # untouched by the runs after it
+        assert all(Path(item["path"]).is_file() for split in dataset.values() for item in split["image"])
+    prepare_and_load(DataArguments(data_dir=str(source)), TrainingArguments(output_dir="out", report_to="none"))  # the first settings again
+    assert [checksums(tree) for tree in trees] == [sums for _, sums in loaded]
+
+
+def test_a_shared_prepared_folder_in_use_is_not_rewritten_with_other_settings(kaggle, tmp_path, monkeypatch):
+    """Two runs given one --prepared_dir with different split settings: while the first reads the tree, the second
+    stops with a message instead of rewriting it; once the first is done, the second may."""
+    import gc
+
+    from transformers import TrainingArguments
+
+    from cxr.data import DataArguments, prepare_and_load
+
+    source, _ = kaggle
+    monkeypatch.chdir(tmp_path)
+    shared = str(tmp_path / "shared-tree")
+    first, _ = prepare_and_load(DataArguments(data_dir=str(source), prepared_dir=shared), TrainingArguments(output_dir="out", report_to="none"))
+    before = checksums(Path(shared))
+    with pytest.raises(SystemExit, match=r"in use by another run that split the data differently \(seed 42\).*own --prepared_dir"):
+        prepare_and_load(DataArguments(data_dir=str(source), prepared_dir=shared, split_seed=7), TrainingArguments(output_dir="out", report_to="none"))
+    assert checksums(Path(shared)) == before
+    same, _ = prepare_and_load(DataArguments(data_dir=str(source), prepared_dir=shared), TrainingArguments(output_dir="out", report_to="none"))
+    assert checksums(Path(shared)) == before  # the same settings may share it
+
+    del first, same
+    gc.collect()
+    second, _ = prepare_and_load(DataArguments(data_dir=str(source), prepared_dir=shared, split_seed=7), TrainingArguments(output_dir="out", report_to="none"))
+    assert checksums(Path(shared)) != before
