@@ -36,7 +36,7 @@ from cxr.card import render_model_card
 from cxr.data import DataArguments, prepare_and_load
 from cxr.metrics import plot_confusion_matrix, plot_training_curves, softmax, trainer_metrics
 from cxr.models import DEFAULT_CHECKPOINT, DEFAULT_MODEL_DIR, PRESETS, build_model, input_size, load_teacher
-from cxr.reliability import describe_reliability, fit_reliability, save_reliability
+from cxr.reliability import describe_reliability, fit_reliability, save_prediction_sets, save_reliability
 from cxr.training import XrayTrainer, check_writable, checkpoint_to_resume, class_weights, collate, peak_memory_mib, pixel_transform, weighted_loss
 from hf_data import DISPLAY_NAMES
 
@@ -221,6 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2))
     save_reliability(output_dir, ood_detector, reliability)  # ood.safetensors, and the calibration figures into metrics.json
+    save_prediction_sets(output_dir, reliability)  # conformal.json: the prediction sets' thresholds
     card = render_model_card(
         model=trainer.model,
         origin=origin,

@@ -360,6 +360,8 @@ def fit_reliability(model, processor, dataset, batch_size: int = 64, score_name:
             "nll_after": nll(outputs["logits"], labels),
         }
 
+    prediction_sets = fit_prediction_sets(model, dataset, held_out)
+
     train, train_labels = embed_split(model, processor, dataset["train"], batch_size, desc="Features: train")
     detector = OodDetector.fit(train, train_labels, held_out["validation"][0], score_name)
     ood = {
@@ -371,7 +373,41 @@ def fit_reliability(model, processor, dataset, batch_size: int = 64, score_name:
         "accepted": {split: float(detector.check(outputs)[1].mean()) for split, (outputs, _) in held_out.items()},
         "file": OOD_FILE,
     }
-    return detector, {"calibration": calibration, "ood": ood}
+    return detector, {"calibration": calibration, "ood": ood, "prediction_sets": prediction_sets}
+
+
+def fit_prediction_sets(model, dataset, held_out: dict) -> dict:
+    """Class-conditional conformal prediction sets (`cxr.conformal`) on the calibrated validation probabilities, and
+    their coverage on data the fit did not see: validation children held out from a half-split fit, and every
+    other held-out split (the test split, where the data has one). The thresholds are in the result
+    ("min_probability"); `save_prediction_sets` writes them into the model folder."""
+    from cxr.conformal import LEVELS, PredictionSets, held_out_check
+    from hf_data.prepare import read_patient_id
+
+    names = [model.config.id2label[index] for index in range(len(model.config.id2label))]
+    outputs, labels = held_out["validation"]
+    probabilities = softmax(outputs["logits"])
+    sets = PredictionSets.fit(probabilities, labels, names, LEVELS)
+    children = [read_patient_id(Path(image["path"]).name) for image in dataset["validation"]["image"]]
+    return {
+        "method": "class-conditional split-conformal (cxr/conformal.py), score 1 - calibrated probability",
+        "min_probability": sets.thresholds,
+        "labels": names,
+        "fitted_on": f"validation split ({len(labels)} images)",
+        "fitted_on_images_per_class": sets.fitted_on,
+        "validation_held_out_children": held_out_check(probabilities, labels, children, names),
+        "by_split": {split: sets.evaluate(softmax(split_outputs["logits"]), split_labels)
+                     for split, (split_outputs, split_labels) in held_out.items() if split != "validation"},
+        "file": "conformal.json",
+    }
+
+
+def save_prediction_sets(model_dir: str | Path, summary: dict) -> Path:
+    """Write the prediction-set thresholds of `fit_reliability`'s summary into the model folder (conformal.json)."""
+    from cxr.conformal import PredictionSets
+
+    fitted = summary["prediction_sets"]
+    return PredictionSets(fitted["labels"], fitted["min_probability"], fitted["fitted_on_images_per_class"]).save(model_dir)
 
 
 def save_reliability(model_dir: str | Path, detector: OodDetector, summary: dict) -> None:
@@ -395,6 +431,15 @@ def describe_reliability(summary: dict) -> str:
         lines.append(f"  {split}: ECE {figures['ece_before']:.4f} -> {figures['ece_after']:.4f}, NLL {figures['nll_before']:.4f} -> {figures['nll_after']:.4f}")
     lines.append(f"Out-of-distribution check: {ood['score']} score, threshold {ood['threshold']:.4g}; statistics from the {ood['fitted_on']}.")
     lines += [f"  {split}: {share:.1%} accepted" for split, share in ood["accepted"].items()]
+    if "prediction_sets" in summary:
+        sets = summary["prediction_sets"]
+        lines.append(f"Prediction sets (class-conditional conformal), fitted on the {sets['fitted_on']}: coverage / mean set size per class")
+        checks = {"validation children held out from a half-split fit": sets["validation_held_out_children"]} | sets["by_split"]
+        for where, report in checks.items():
+            for level in sets["min_probability"]:
+                per_class = ", ".join(f"{label} {figures['coverage']:.3f} / {figures['mean_set_size']:.2f}"
+                                      for label, figures in report[level]["by_class"].items() if figures["coverage"] is not None)
+                lines.append(f"  {where}, {level}: {per_class}")
     return "\n".join(lines)
 
 
@@ -462,9 +507,10 @@ def main(argv: list[str] | None = None) -> int:
     detector, summary = fit_reliability(model, processor, dataset, batch_size=args.batch_size, score_name=args.score)
     model.save_pretrained(args.model_dir)
     save_reliability(args.model_dir, detector, summary)
+    save_prediction_sets(args.model_dir, summary)
     update_card(args.model_dir, summary)
     print(describe_reliability(summary))
-    print(f"Saved into {args.model_dir}: calibrated head (model.safetensors, config.json), {OOD_FILE}, metrics.json.")
+    print(f"Saved into {args.model_dir}: calibrated head (model.safetensors, config.json), {OOD_FILE}, conformal.json, metrics.json.")
     return 0
 
 
