@@ -2,8 +2,10 @@
 
     python predict.py path/to/xrays/ more.jpeg --model outputs/vit-xray --output predictions.csv
 
-Each row also says whether the image looks like a pediatric chest X-ray at all (`looks_like_chest_xray`, from the
-model folder's out-of-distribution check, and its `ood_score`); the labels of a row marked false mean nothing.
+Each row also holds the conformal prediction sets (`set_90`, `set_95`: the labels that together contain the true one
+for 90 % / 95 % of X-rays of each class; see cxr/conformal.py) and says whether the image looks like a pediatric
+chest X-ray at all (`looks_like_chest_xray`, from the model folder's out-of-distribution check, and its
+`ood_score`); the labels and sets of a row marked false mean nothing.
 Files that cannot be read are kept in the output with their error; the run goes on.
 """
 
@@ -44,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if classifier.ood_detector is None:
         print(f"Note: {args.model} has no out-of-distribution statistics, so looks_like_chest_xray stays empty "
+              f"(add them with: python -m cxr.reliability {args.model} --data_dir YOUR_DATA).", file=sys.stderr)
+    if classifier.prediction_sets is None:
+        print(f"Note: {args.model} has no prediction-set thresholds (conformal.json), so set_90 and set_95 stay empty "
               f"(add them with: python -m cxr.reliability {args.model} --data_dir YOUR_DATA).", file=sys.stderr)
     count, failed, flagged = write_predictions(predict_files(classifier, paths, batch_size=args.batch_size), args.output)
     print(f"Wrote {count} predictions to {args.output} ({failed} files could not be read; see the error column; "

@@ -2,10 +2,12 @@
 
 The model folder written by train_vit.py (or its Hub copy) is loaded as the standard
 `pipeline("image-classification")`, the same call Python users make, together with the folder's
-out-of-distribution statistics (`ood.safetensors`, see `cxr.reliability`). One upload:
+out-of-distribution statistics (`ood.safetensors`, see `cxr.reliability`) and prediction-set thresholds
+(`conformal.json`, see `cxr.conformal`). One upload:
 
     file -> load_image (the project's one loader) -> image processor -> model -> logits (the calibration
     temperature is folded into the head) -> softmax -> top labels
+                                                               + per-class thresholds -> 90 % and 95 % sets
                                                   + penultimate features -> out-of-distribution score -> flag
                                                   + (app) gradient at the last block -> Grad-CAM map
 
@@ -29,6 +31,7 @@ from tqdm import tqdm
 from transformers import Pipeline, pipeline
 
 from cxr.folders import folder_identity, write_text_atomic
+from cxr.conformal import CONFORMAL_FILE, LEVELS, PredictionSets, describe_set, level_name
 from cxr.images import ImageLoadError, ImageSource, load_image
 from cxr.models import input_size, is_local_path
 from cxr.reliability import OOD_FILE, OodDetector, forward_features
@@ -99,6 +102,11 @@ def _load_classifier(model: str | Path, device: str | int | None = None, int8: b
             warnings.simplefilter("ignore", UserWarning)  # torch 2.13 flags its quantized tensors as deprecated; they still work
             classifier.model = torch.ao.quantization.quantize_dynamic(classifier.model, {torch.nn.Linear}, dtype=torch.qint8)
     classifier.ood_detector = load_ood_detector(model, looks_local)
+    classifier.prediction_sets = load_prediction_sets(model, looks_local)
+    id_order = [classifier.model.config.id2label[index] for index in range(len(classifier.model.config.id2label))]
+    if classifier.prediction_sets is not None and classifier.prediction_sets.labels != id_order:
+        warnings.warn(f"{CONFORMAL_FILE} was fitted for the labels {classifier.prediction_sets.labels}, not this model's {id_order}: prediction sets left out")
+        classifier.prediction_sets = None
     return classifier
 
 
@@ -115,6 +123,19 @@ def load_ood_detector(model: str, local: bool) -> OodDetector | None:
         return None
 
 
+def load_prediction_sets(model: str, local: bool) -> PredictionSets | None:
+    """The prediction-set thresholds saved beside the weights (conformal.json), or None where there are none."""
+    if local:
+        path = Path(model).expanduser() / CONFORMAL_FILE
+        return PredictionSets.load(path) if path.is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return PredictionSets.load(hf_hub_download(model, CONFORMAL_FILE))
+    except Exception:  # a Hub model without the file, or offline: no sets, as for an older folder
+        return None
+
+
 @dataclass
 class Prediction:
     """Top labels for one input and whether it looks like a chest X-ray at all, or the reason it could not be read."""
@@ -125,6 +146,19 @@ class Prediction:
     ood_score: float | None = None  # out-of-distribution score: higher = less like the training X-rays
     looks_like_chest_xray: bool | None = None  # False: the score is above the threshold; None: the model has no statistics
     saliency: np.ndarray | None = None  # Grad-CAM for the top label over the patch grid, 0..1 (only when asked for)
+    # Coverage level ("90%", "95%") -> the labels in the conformal prediction set, most probable first (cxr.conformal):
+    # at 95 %, a set that holds the true label for 95 % of X-rays of each class. None: the model folder has no conformal.json.
+    prediction_sets: dict[str, list[str]] | None = None
+
+    @property
+    def prediction_set(self) -> list[str] | None:
+        """The 95 % prediction set (the highest level stored), or None without one."""
+        return self.prediction_sets.get(level_name(LEVELS[-1])) if self.prediction_sets else None
+
+    @property
+    def prediction_set_line(self) -> str:
+        """E.g. "95% set: bacterial or viral pneumonia"; "" without a set (what the app shows beside the bars)."""
+        return describe_set(self.prediction_set)
 
     @property
     def top_label(self) -> str | None:
@@ -158,6 +192,7 @@ def classify(
         except ImageLoadError as error:
             predictions[index].error = str(error)
     detector = getattr(classifier, "ood_detector", None)
+    conformal = getattr(classifier, "prediction_sets", None)
     onnx_features = getattr(classifier, "onnx_features", None)
     if saliency and onnx_features:
         raise ValueError("Grad-CAM needs the PyTorch model's gradients: load the classifier without onnx=True")
@@ -168,6 +203,7 @@ def classify(
         probabilities = outputs["logits"].detach().float().softmax(dim=-1).cpu()
         heat = grad_cam(outputs, probabilities.argmax(dim=-1).tolist()) if saliency else None
         ood_scores, accepted = detector.check(outputs) if detector else (None, None)
+        sets = conformal.sets(probabilities.numpy()) if conformal else None
         for offset, row in enumerate(probabilities):
             prediction = predictions[decoded_index[start + offset]]
             top = row.topk(min(top_k, len(row)))
@@ -176,6 +212,8 @@ def classify(
                 prediction.ood_score, prediction.looks_like_chest_xray = float(ood_scores[offset]), bool(accepted[offset])
             if heat is not None:
                 prediction.saliency = heat[offset]
+            if sets is not None:
+                prediction.prediction_sets = sets[offset]
     return predictions
 
 
@@ -207,10 +245,16 @@ def predict_files(classifier: Pipeline, paths: list[Path], top_k: int = 3, batch
             bar.update(len(chunk))
 
 
+SET_COLUMNS = {level_name(level): f"set_{round(100 * level)}" for level in LEVELS}  # "95%" -> CSV column "set_95"
+EMPTY_SET = "(none)"  # a CSV cell for an empty prediction set, unlike "" for no set at all
+
+
 def write_predictions(predictions: Iterable[Prediction], output: Path, top_k: int = 3) -> tuple[int, int, int]:
-    """Write a CSV (one row per file: label_1, score_1, ..., ood_score, looks_like_chest_xray, error) or, for a
-    .json path, a JSON list with the same fields. `looks_like_chest_xray` is true/false, empty (null) where the
-    file could not be read or the model folder has no out-of-distribution statistics.
+    """Write a CSV (one row per file: label_1, score_1, ..., set_90, set_95, ood_score, looks_like_chest_xray, error)
+    or, for a .json path, a JSON list with the same fields (`prediction_sets`: {"90%": [labels], "95%": [labels]}).
+    `looks_like_chest_xray` is true/false, empty (null) where the file could not be read or the model folder has no
+    out-of-distribution statistics. `set_90` / `set_95` hold the conformal prediction set's labels joined by "; "
+    (most probable first), "(none)" for an empty set, and stay empty where the model folder has no conformal.json.
 
     Returns (rows written, rows that carry an error, rows that do not look like a chest X-ray)."""
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -219,6 +263,7 @@ def write_predictions(predictions: Iterable[Prediction], output: Path, top_k: in
             {
                 "file": p.source,
                 "predictions": [{"label": label, "score": score} for label, score in (p.scores or {}).items()],
+                "prediction_sets": p.prediction_sets,
                 "ood_score": p.ood_score,
                 "looks_like_chest_xray": p.looks_like_chest_xray,
                 "error": p.error,
@@ -227,7 +272,8 @@ def write_predictions(predictions: Iterable[Prediction], output: Path, top_k: in
         ]
         write_text_atomic(output, json.dumps(rows, indent=2))  # the CSV below streams instead: rows written survive an interruption
         return len(rows), sum(row["error"] is not None for row in rows), sum(row["looks_like_chest_xray"] is False for row in rows)
-    columns = ["file"] + [name for rank in range(1, top_k + 1) for name in (f"label_{rank}", f"score_{rank}")] + ["ood_score", "looks_like_chest_xray", "error"]
+    columns = ["file"] + [name for rank in range(1, top_k + 1) for name in (f"label_{rank}", f"score_{rank}")]
+    columns += [*SET_COLUMNS.values(), "ood_score", "looks_like_chest_xray", "error"]
     count = failed = flagged = 0
     with output.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -236,6 +282,9 @@ def write_predictions(predictions: Iterable[Prediction], output: Path, top_k: in
             row = {"file": prediction.source, "error": prediction.error or ""}
             for rank, (label, score) in enumerate((prediction.scores or {}).items(), start=1):
                 row[f"label_{rank}"], row[f"score_{rank}"] = label, f"{score:.6f}"
+            for level, labels in (prediction.prediction_sets or {}).items():
+                if level in SET_COLUMNS:
+                    row[SET_COLUMNS[level]] = "; ".join(labels) or EMPTY_SET
             if prediction.looks_like_chest_xray is not None:
                 row["ood_score"], row["looks_like_chest_xray"] = f"{prediction.ood_score:.6g}", str(prediction.looks_like_chest_xray).lower()
             writer.writerow(row)

@@ -35,8 +35,10 @@ of 234 (benchmarks/ood.py prints this sweep).
 from __future__ import annotations
 
 import argparse
+import contextvars
 import json
 import shutil
+import math
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,79 +66,104 @@ DEFAULT_SCORE = "mahalanobis"
 def forward_features(model, pixel_values: torch.Tensor, saliency: bool = False) -> dict[str, torch.Tensor]:
     """The logits, as the model's own forward computes them, and two penultimate feature vectors per image.
 
-    For a Vision Transformer (`ViTForImageClassification`):
+    One path for any image classifier `transformers` builds (ViT, DeiT, Swin, PVTv2, MobileViT, ResNet, ConvNeXt,
+    ...): the model's own forward with `output_hidden_states=True`, plus the input of its classifier head. Nothing
+    here names an architecture; a new one needs no new code as long as its head is `model.classifier` or
+    `model.head` and its hidden states are a token sequence (batch, tokens, features) or a feature map
+    (batch, channels, height, width), as every `AutoModelForImageClassification` model we tried returns.
 
-    - "cls": the final-layernormed CLS token, what the classifier head reads;
-    - "tokens": the last encoder block's output before that layernorm, its CLS token and the mean of its patch
-      tokens side by side. It keeps the scale the layernorm removes and sees the whole image, not only what
-      the head attends to; benchmarks/ood.py measured it as the better detector.
+    - "cls": what the classifier head reads (a ViT's final-layernormed CLS token, a Swin's or a CNN's pooled
+      vector), read by a forward pre-hook on the head;
+    - "tokens": statistics of the last hidden state (before any final normalisation, so it keeps the scale a
+      layernorm removes and sees the whole image, not only what the head reads). Its grid positions (the patch
+      tokens, or a feature map's cells) give their mean per feature; where the sequence starts with class or
+      distillation tokens (ViT, DeiT), those tokens are put before it (benchmarks/ood.py measured CLS + mean patch
+      as the better detector for a ViT); where it has none (a CNN, Swin, PVTv2), the head reads little more than
+      that mean, so the standard deviation per feature follows it instead: second-order statistics (texture,
+      contrast), in which noise, documents and photos differ most from an X-ray.
 
-    For a convolutional network (ResNet, ConvNeXt: a base model with `encoder.stages` and a pooled output):
-
-    - "cls": the pooled vector the classifier head reads;
-    - "tokens": the last stage's feature map, its spatial mean and spatial standard deviation per channel side
-      by side (before any normalisation of the pooled vector, as for the ViT). The standard deviation adds the
-      second-order statistics of each channel (texture, contrast), in which noise, documents and photos
-      differ most from an X-ray, at the cost of one more vector of the same size.
-
-    `saliency=True` also returns "block_input", with autograd tracking the logits back to it and no further (the
-    model's weights must not require gradients, as in `cxr.predict.load_classifier`): for a ViT the tokens
-    entering the last block (batch, tokens, features), for a convolutional network the last stage's feature
-    map (batch, channels, height, width). Grad-CAM (`cxr.saliency.grad_cam`) then costs a backward pass through
-    the last block (or the pooling) and the head only, instead of a second full forward and backward.
+    `saliency=True` also returns "hidden_states", the model's hidden states with autograd tracking the logits back
+    to them (the model's weights should not require gradients, as in `cxr.predict.load_classifier`):
+    `cxr.saliency.grad_cam` takes its gradient at the last of them whose grid the logits depend on.
     Several threads may call it on one model at once (the app's parallel requests): each gets its own tensors.
     """
     model.eval()
-    if hasattr(model, "vit"):
-        return _transformer_features(model, pixel_values, saliency)
-    return _convolutional_features(model, pixel_values, saliency)
-
-
-def _transformer_features(model, pixel_values: torch.Tensor, saliency: bool) -> dict[str, torch.Tensor]:
-    kept, caller = {}, threading.get_ident()
-
-    def track_block_input(block, args):
-        if threading.get_ident() != caller:  # another thread's pass through the same model (parallel requests)
-            return None
-        kept["block_input"] = args[0].detach().requires_grad_()
-        return (kept["block_input"], *args[1:])
-
-    hook = model.vit.layers[-1].register_forward_pre_hook(track_block_input) if saliency else None
+    pixel_values = pixel_values.to(model.device, model.dtype)
+    if saliency:
+        pixel_values = pixel_values.detach().requires_grad_()  # the graph then reaches every hidden state, whatever the weights
+    _install_head_hook(model)
+    recorded = []
+    token = _HEAD_INPUTS.set(recorded)
     try:
         with torch.set_grad_enabled(saliency):
-            outputs = model.vit(pixel_values.to(model.device, model.dtype), output_hidden_states=True)
-            cls = outputs.last_hidden_state[:, 0]
-            logits = model.classifier(cls)
+            outputs = model(pixel_values=pixel_values, output_hidden_states=True)
     finally:
-        if hook is not None:
-            hook.remove()
-    last_block = outputs.hidden_states[-1].detach()
-    tokens = torch.cat([last_block[:, 0], last_block[:, 1:].mean(dim=1)], dim=-1)
-    return {"logits": logits, "cls": cls.detach(), "tokens": tokens, **kept}
+        _HEAD_INPUTS.reset(token)
+    if len(recorded) != 1:
+        raise RuntimeError(f"{type(model).__name__}: its classifier head ran {len(recorded)} times in one forward pass; forward_features expects one")
+    last = outputs.hidden_states[-1].detach()
+    grid, prefix = feature_grid(last)
+    mean = grid.mean(dim=(2, 3))
+    if prefix is not None:
+        tokens = torch.cat([prefix.flatten(1), mean], dim=-1)
+    else:
+        tokens = torch.cat([mean, grid.std(dim=(2, 3), correction=0)], dim=-1)
+    features = {"logits": outputs.logits, "cls": recorded[0].detach().flatten(1), "tokens": tokens}
+    if saliency:
+        features["hidden_states"] = tuple(outputs.hidden_states)
+    return features
 
 
-def _convolutional_features(model, pixel_values: torch.Tensor, saliency: bool) -> dict[str, torch.Tensor]:
-    base = getattr(model, model.base_model_prefix)  # model.resnet, model.convnext, ...
-    kept, caller = {}, threading.get_ident()
+def feature_grid(hidden_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A hidden state as a feature map (batch, features, rows, columns), and its leading class/distillation tokens.
 
-    def track_feature_map(stage, args, output):
-        if threading.get_ident() != caller:  # another thread's pass through the same model (parallel requests)
-            return None
-        kept["block_input"] = output.detach().requires_grad_()
-        return kept["block_input"]
+    A feature map comes as it is (no such tokens: None). A token sequence (batch, tokens, features) ends with its
+    patch tokens in row-major order (ViT, DeiT, Swin, LeViT); inputs are square (the image processor resizes to a
+    square), so the grid is the largest square that fits and any tokens before it are class/distillation tokens
+    (None where there are none)."""
+    if hidden_state.dim() == 4:
+        return hidden_state, None
+    if hidden_state.dim() != 3:
+        raise ValueError(f"a hidden state of shape {tuple(hidden_state.shape)} is neither a token sequence nor a feature map")
+    batch, length, width = hidden_state.shape
+    side = math.isqrt(length)
+    extra = length - side * side
+    grid = hidden_state[:, extra:].transpose(1, 2).reshape(batch, width, side, side)
+    return grid, (hidden_state[:, :extra] if extra else None)
 
-    hook = base.encoder.stages[-1].register_forward_hook(track_feature_map) if saliency else None
-    try:
-        with torch.set_grad_enabled(saliency):
-            outputs = base(pixel_values.to(model.device, model.dtype))
-            cls = outputs.pooler_output.flatten(1)  # ResNet pools to (batch, channels, 1, 1); its head flattens the same way
-            logits = model.classifier(cls)
-    finally:
-        if hook is not None:
-            hook.remove()
-    feature_map = outputs.last_hidden_state.detach()
-    tokens = torch.cat([feature_map.mean(dim=(2, 3)), feature_map.std(dim=(2, 3), correction=0)], dim=-1)
-    return {"logits": logits, "cls": cls.detach(), "tokens": tokens, **kept}
+
+def classifier_module(model) -> torch.nn.Module:
+    """The module that turns the pooled features into logits: `model.classifier` (ViT, Swin, ResNet, ConvNeXt, PVTv2,
+    MobileViT, CvT, ...) or `model.head`."""
+    for name in ("classifier", "head"):
+        module = getattr(model, name, None)
+        if isinstance(module, torch.nn.Module):
+            return module
+    raise TypeError(f"{type(model).__name__} has no `classifier` or `head` module: not an image classifier forward_features can read")
+
+
+# The inputs of classifier heads during the current `forward_features` call: each call (each thread) sets its own
+# list, so parallel passes through one model never see each other's tensors; None outside such a call.
+_HEAD_INPUTS: contextvars.ContextVar[list | None] = contextvars.ContextVar("cxr_head_inputs", default=None)
+_HOOK_LOCK = threading.Lock()
+
+
+def _record_head_input(module, args) -> None:
+    kept = _HEAD_INPUTS.get()
+    if kept is not None:
+        kept.append(args[0])
+
+
+def _install_head_hook(model) -> None:
+    """A forward pre-hook on the classifier head that records its input, installed once per model (so no hook is
+    ever added or removed while another thread runs the model); it does nothing outside `forward_features`."""
+    head = classifier_module(model)
+    if getattr(head, "_cxr_records_input", False):
+        return
+    with _HOOK_LOCK:
+        if not getattr(head, "_cxr_records_input", False):
+            head.register_forward_pre_hook(_record_head_input)
+            head._cxr_records_input = True
 
 
 def embed_split(model, processor, split, batch_size: int = 64, desc: str = "Features") -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -191,8 +218,9 @@ def fold_temperature(model, temperature: float) -> None:
 
 
 def classifier_head(model) -> torch.nn.Linear:
-    """The Linear layer that gives the logits: `model.classifier` itself (ViT, ConvNeXt) or its last Linear (ResNet's is Flatten + Linear)."""
-    return [module for module in model.classifier.modules() if isinstance(module, torch.nn.Linear)][-1]
+    """The Linear layer that gives the logits: the classifier module itself (ViT, Swin, ConvNeXt) or its last Linear
+    (ResNet's is Flatten + Linear)."""
+    return [module for module in classifier_module(model).modules() if isinstance(module, torch.nn.Linear)][-1]
 
 
 def current_temperature(model) -> float:
@@ -334,6 +362,8 @@ def fit_reliability(model, processor, dataset, batch_size: int = 64, score_name:
             "nll_after": nll(outputs["logits"], labels),
         }
 
+    prediction_sets = fit_prediction_sets(model, dataset, held_out)
+
     train, train_labels = embed_split(model, processor, dataset["train"], batch_size, desc="Features: train")
     detector = OodDetector.fit(train, train_labels, held_out["validation"][0], score_name)
     ood = {
@@ -345,7 +375,41 @@ def fit_reliability(model, processor, dataset, batch_size: int = 64, score_name:
         "accepted": {split: float(detector.check(outputs)[1].mean()) for split, (outputs, _) in held_out.items()},
         "file": OOD_FILE,
     }
-    return detector, {"calibration": calibration, "ood": ood}
+    return detector, {"calibration": calibration, "ood": ood, "prediction_sets": prediction_sets}
+
+
+def fit_prediction_sets(model, dataset, held_out: dict) -> dict:
+    """Class-conditional conformal prediction sets (`cxr.conformal`) on the calibrated validation probabilities, and
+    their coverage on data the fit did not see: validation children held out from a half-split fit, and every
+    other held-out split (the test split, where the data has one). The thresholds are in the result
+    ("min_probability"); `save_prediction_sets` writes them into the model folder."""
+    from cxr.conformal import LEVELS, PredictionSets, held_out_check
+    from hf_data.prepare import read_patient_id
+
+    names = [model.config.id2label[index] for index in range(len(model.config.id2label))]
+    outputs, labels = held_out["validation"]
+    probabilities = softmax(outputs["logits"])
+    sets = PredictionSets.fit(probabilities, labels, names, LEVELS)
+    children = [read_patient_id(Path(image["path"]).name) for image in dataset["validation"]["image"]]
+    return {
+        "method": "class-conditional split-conformal (cxr/conformal.py), score 1 - calibrated probability",
+        "min_probability": sets.thresholds,
+        "labels": names,
+        "fitted_on": f"validation split ({len(labels)} images)",
+        "fitted_on_images_per_class": sets.fitted_on,
+        "validation_held_out_children": held_out_check(probabilities, labels, children, names),
+        "by_split": {split: sets.evaluate(softmax(split_outputs["logits"]), split_labels)
+                     for split, (split_outputs, split_labels) in held_out.items() if split != "validation"},
+        "file": "conformal.json",
+    }
+
+
+def save_prediction_sets(model_dir: str | Path, summary: dict) -> Path:
+    """Write the prediction-set thresholds of `fit_reliability`'s summary into the model folder (conformal.json)."""
+    from cxr.conformal import PredictionSets
+
+    fitted = summary["prediction_sets"]
+    return PredictionSets(fitted["labels"], fitted["min_probability"], fitted["fitted_on_images_per_class"]).save(model_dir)
 
 
 def save_reliability(model_dir: str | Path, detector: OodDetector, summary: dict) -> None:
@@ -369,6 +433,15 @@ def describe_reliability(summary: dict) -> str:
         lines.append(f"  {split}: ECE {figures['ece_before']:.4f} -> {figures['ece_after']:.4f}, NLL {figures['nll_before']:.4f} -> {figures['nll_after']:.4f}")
     lines.append(f"Out-of-distribution check: {ood['score']} score, threshold {ood['threshold']:.4g}; statistics from the {ood['fitted_on']}.")
     lines += [f"  {split}: {share:.1%} accepted" for split, share in ood["accepted"].items()]
+    if "prediction_sets" in summary:
+        sets = summary["prediction_sets"]
+        lines.append(f"Prediction sets (class-conditional conformal), fitted on the {sets['fitted_on']}: coverage / mean set size per class")
+        checks = {"validation children held out from a half-split fit": sets["validation_held_out_children"]} | sets["by_split"]
+        for where, report in checks.items():
+            for level in sets["min_probability"]:
+                per_class = ", ".join(f"{label} {figures['coverage']:.3f} / {figures['mean_set_size']:.2f}"
+                                      for label, figures in report[level]["by_class"].items() if figures["coverage"] is not None)
+                lines.append(f"  {where}, {level}: {per_class}")
     return "\n".join(lines)
 
 
@@ -443,10 +516,11 @@ def main(argv: list[str] | None = None) -> int:
         if (args.model_dir / name).is_file():
             shutil.copy2(args.model_dir / name, staging / name)
     save_reliability(staging, detector, summary)
+    save_prediction_sets(staging, summary)
     update_card(staging, summary)
     swap_in(staging, args.model_dir, replaced=("*.onnx",))
     print(describe_reliability(summary))
-    print(f"Saved into {args.model_dir}: calibrated head (model.safetensors, config.json), {OOD_FILE}, metrics.json.")
+    print(f"Saved into {args.model_dir}: calibrated head (model.safetensors, config.json), {OOD_FILE}, conformal.json, metrics.json.")
     return 0
 
 

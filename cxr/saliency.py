@@ -2,10 +2,11 @@
 
 Grad-CAM (Selvaraju et al. 2017): take a late grid of activations, weight each feature channel by the mean
 gradient of the chosen class's logit with respect to it, sum over channels, keep the positive part.
-For a convolutional network (ResNet, ConvNeXt) the grid is the classic one, the last stage's feature map
-(4 x 4 for the `scratch-resnet` preset). For a Vision Transformer it is the patch tokens that enter the last
-transformer block: one value per patch (a 14 x 14 grid for a 224 px, 16 px-patch ViT; 8 x 8 for the
-`scratch-small` preset). Either grid is stretched back over the image.
+The grid is the last hidden state the model returns whose grid the logits depend on, for any architecture: for a
+convolutional network (ResNet, ConvNeXt) the classic one, the last stage's feature map (4 x 4 for the
+`scratch-resnet` preset); for a Swin its last stage's tokens laid out as their window grid; for a Vision
+Transformer the patch tokens that enter the last transformer block: one value per patch (a 14 x 14 grid for a
+224 px, 16 px-patch ViT; 8 x 8 for the `scratch-small` preset). The grid is stretched back over the image.
 
 What it shows, honestly: a coarse hint of which regions pushed the model towards that class. It is not a
 lesion outline, not a diagnosis, and a model that learned a shortcut (a text marker, the image border)
@@ -41,24 +42,30 @@ def saliency_overlay(image: Image.Image, heat: np.ndarray, opacity: float = 0.6)
 def grad_cam(outputs: dict[str, torch.Tensor], class_indices: list[int]) -> np.ndarray:
     """Grad-CAM over the feature grid, one map per image of the batch for its class in `class_indices`.
 
-    `outputs` comes from `cxr.reliability.forward_features(..., saliency=True)`: its "block_input" is a ViT's
-    tokens (batch, tokens, features) or a CNN's feature map (batch, channels, rows, columns). Returns an array
-    (batch, rows, columns), each map scaled to 0..1 (all zeros where there is no evidence).
+    `outputs` comes from `cxr.reliability.forward_features(..., saliency=True)`. The grid is the last of its
+    "hidden_states" whose grid the chosen logits depend on, as `cxr.reliability.feature_grid` lays it out: a CNN's,
+    PVTv2's or MobileViT's last feature map, a Swin's last token sequence, and for a ViT or DeiT the tokens entering
+    the last block (the last block's output reaches the head only through its class token, so its patch tokens get
+    no gradient; one block earlier they still reach the class token). The choice is made by the gradient itself,
+    not by the architecture's name. Returns an array (batch, rows, columns), each map scaled to 0..1 (all zeros
+    where there is no evidence).
     """
-    activations = outputs["block_input"]
+    from cxr.reliability import feature_grid
+
     logits = outputs["logits"]
     # Images of a batch do not interact, so one backward pass of the sum gives each image its own gradient.
     chosen = logits[torch.arange(len(class_indices)), torch.as_tensor(class_indices)].sum()
-    (gradient,) = torch.autograd.grad(chosen, activations)
-    if activations.dim() == 4:  # a CNN's feature map: one weight per channel, the gradient's spatial mean
-        weights = gradient.float().mean(dim=(2, 3), keepdim=True)
-        cam = torch.relu((activations.detach().float() * weights).sum(dim=1)).cpu().numpy()
+    for hidden_state in reversed(outputs["hidden_states"]):
+        (gradient,) = torch.autograd.grad(chosen, hidden_state, retain_graph=True, allow_unused=True)
+        if gradient is None:
+            continue
+        grid_gradient = feature_grid(gradient)[0]
+        if bool(grid_gradient.any()):
+            break
     else:
-        # ViT tokens entering the last block: patch tokens can still reach the class token there. They are the last
-        # rows*columns tokens (after the class token, and DeiT's distillation token); inputs are square.
-        side = int((activations.shape[1] - 1) ** 0.5)
-        tokens = activations[:, -side * side :].detach().float()
-        weights = gradient[:, -side * side :].float().mean(dim=1, keepdim=True)
-        cam = torch.relu((tokens * weights).sum(dim=-1)).reshape(-1, side, side).cpu().numpy()
+        raise ValueError("the logits depend on no hidden state's grid: nothing for Grad-CAM to show")
+    activations = feature_grid(hidden_state.detach())[0].float()
+    weights = grid_gradient.float().mean(dim=(2, 3), keepdim=True)  # one weight per channel, the gradient's spatial mean
+    cam = torch.relu((activations * weights).sum(dim=1)).cpu().numpy()
     peak = cam.max(axis=(1, 2), keepdims=True)
     return np.divide(cam, peak, out=np.zeros_like(cam), where=peak > 0)

@@ -55,8 +55,8 @@ def test_forward_features_gives_the_models_own_logits_and_the_same_keys_as_for_a
     torch.testing.assert_close(outputs["logits"].detach(), expected)
     channels = model.config.hidden_sizes[-1]
     assert outputs["cls"].shape == (3, channels) and outputs["tokens"].shape == (3, 2 * channels)
-    assert outputs["block_input"].shape == (3, channels, 4, 4)  # the last stage's feature map: 32 px / 8
-    assert "block_input" not in forward_features(model, pixel_values)
+    assert outputs["hidden_states"][-1].shape == (3, channels, 4, 4)  # the last stage's feature map: 32 px / 8, what Grad-CAM reads
+    assert "hidden_states" not in forward_features(model, pixel_values)
 
 
 @pytest.mark.parametrize("name", ["resnet", "convnext"])

@@ -1,0 +1,147 @@
+"""One feature path for every architecture: the chest X-ray check's features, Grad-CAM and the ONNX export read a
+ViT, a Swin, a ResNet and a PVTv2 (each built tiny from its config) through the same code, and train_vit.py turns a
+Swin folder into a complete model folder that pipeline() loads."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageClassification, PvtV2Config, SwinConfig, pipeline
+from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+from conftest import train_tiny_model
+from cxr.models import build_model
+from cxr.onnx_runtime import OUTPUTS, load_onnx_features
+from cxr.predict import classify, load_classifier
+from cxr.reliability import OOD_FILE, OodDetector, classifier_head, feature_grid, fold_temperature, forward_features
+from cxr.saliency import grad_cam, saliency_overlay
+from inputs import chest_like
+
+LABELS = {0: "Bacterial pneumonia", 1: "Normal", 2: "Viral pneumonia"}
+LABEL_IDS = {label: index for index, label in LABELS.items()}
+SIZE = 32
+
+
+def tiny_swin_config():
+    # 4 px patches at 32 px: an 8 x 8 token grid, windows of 4, one patch merging -> a 4 x 4 grid of 32 features.
+    return SwinConfig(image_size=SIZE, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4,
+                      num_labels=3, id2label=LABELS, label2id=LABEL_IDS)
+
+
+def tiny_pvt_config():
+    return PvtV2Config(image_size=SIZE, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[7, 3],
+                       strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2], num_labels=3, id2label=LABELS, label2id=LABEL_IDS)
+
+
+def build(family: str):
+    torch.manual_seed(0)
+    if family == "vit":
+        model = build_model("scratch-tiny", LABELS)[0]
+    elif family == "resnet":
+        model = build_model("scratch-tiny-resnet", LABELS)[0]
+    else:
+        model = AutoModelForImageClassification.from_config(tiny_swin_config() if family == "swin" else tiny_pvt_config())
+    return model.eval().requires_grad_(False)
+
+
+# family -> (grid side Grad-CAM reads, features the head reads, size of the "tokens" features)
+FAMILIES = {
+    "vit": (4, 32, 2 * 32),  # CLS + mean patch token of the last block (32 wide)
+    "swin": (4, 32, 2 * 32),  # no class token: mean and standard deviation of the last 4 x 4 tokens
+    "resnet": (4, 16, 2 * 16),  # the last stage's 4 x 4 map of 16 channels
+    "pvt_v2": (4, 32, 2 * 32),  # the last stage's 4 x 4 map of 32 channels
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_features_are_the_models_own_logits_and_the_heads_input(family):
+    model = build(family)
+    side, width, tokens = FAMILIES[family]
+    pixel_values = torch.randn(5, 3, SIZE, SIZE)
+    with torch.no_grad():
+        expected = model(pixel_values=pixel_values).logits
+        head_input = []
+        hook = classifier_head(model).register_forward_pre_hook(lambda module, args: head_input.append(args[0]) and None)
+        model(pixel_values=pixel_values)
+        hook.remove()
+    outputs = forward_features(model, pixel_values)
+    torch.testing.assert_close(outputs["logits"], expected)
+    torch.testing.assert_close(outputs["cls"], head_input[0])  # exactly what the Linear layer giving the logits reads
+    assert outputs["cls"].shape == (5, width) and outputs["tokens"].shape == (5, tokens)
+    assert torch.isfinite(outputs["tokens"]).all()
+    # The out-of-distribution check fits and scores on these features, whatever the family.
+    train = {name: value.numpy() for name, value in forward_features(model, torch.randn(60, 3, SIZE, SIZE)).items()}
+    detector = OodDetector.fit(train, np.arange(60) % 3, train)
+    scores, accepted = detector.check(outputs)
+    assert scores.shape == (5,) and np.isfinite(scores).all() and accepted.dtype == bool
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_grad_cam_reads_the_last_grid_the_logits_depend_on_and_overlays_it(family):
+    model = build(family)
+    side = FAMILIES[family][0]
+    pixel_values = torch.randn(3, 3, SIZE, SIZE)
+    classes = [0, 1, 2]
+    outputs = forward_features(model, pixel_values, saliency=True)
+    heat = grad_cam(outputs, classes)
+    assert heat.shape == (3, side, side) and heat.min() >= 0.0 and heat.max() <= 1.0 and heat.max() > 0.0
+
+    # The textbook computation on a copy with its own full backward pass: the last hidden state for all but the
+    # ViT, whose last block reaches the head only through its class token (so one block earlier).
+    reference = copy.deepcopy(model).requires_grad_(True)
+    states = reference(pixel_values=pixel_values, output_hidden_states=True)
+    state = states.hidden_states[-2 if family == "vit" else -1]
+    (gradient,) = torch.autograd.grad(states.logits[torch.arange(3), torch.tensor(classes)].sum(), state)
+    grid, gradient_grid = feature_grid(state.detach())[0], feature_grid(gradient)[0]
+    cam = torch.relu((grid * gradient_grid.mean(dim=(2, 3), keepdim=True)).sum(dim=1)).numpy()
+    np.testing.assert_allclose(heat, cam / cam.max(axis=(1, 2), keepdims=True), atol=1e-5)
+
+    image = Image.fromarray(chest_like(), "L").convert("RGB")
+    overlay = np.asarray(saliency_overlay(image, heat[0]))
+    assert overlay.shape == (410, 512, 3) and overlay.dtype == np.uint8 and overlay.max() > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_onnx_export_runs_and_agrees_with_torch(family, tmp_path):
+    model = build(family)
+    fold_temperature(model, 1.5)  # the exported head is the calibrated one, as in a model folder
+    session = load_onnx_features(model, SIZE, int8=False, folder=tmp_path)
+    assert (tmp_path / "model.onnx").is_file()
+    for batch in (1, 4):  # the batch axis is dynamic
+        pixels = torch.randn(batch, 3, SIZE, SIZE)
+        expected, actual = forward_features(model, pixels), session(pixels)
+        for name in OUTPUTS:
+            torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def swin_model_dir(tmp_path_factory):
+    """train_vit.py --model FOLDER, where FOLDER holds a tiny Swin built from its config (random weights) and an image processor."""
+    workdir = tmp_path_factory.mktemp("swin_run")
+    start = workdir / "swin-start"
+    AutoModelForImageClassification.from_config(tiny_swin_config()).save_pretrained(start)
+    ViTImageProcessorPil(size={"height": SIZE, "width": SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(start)
+    return train_tiny_model(workdir, str(start))
+
+
+def test_train_vit_turns_a_swin_folder_into_a_complete_model_folder(swin_model_dir):
+    for name in ["model.safetensors", "config.json", "preprocessor_config.json", "metrics.json", "README.md", OOD_FILE]:
+        assert (swin_model_dir / name).is_file(), name
+    config = json.loads((swin_model_dir / "config.json").read_text())
+    metrics = json.loads((swin_model_dir / "metrics.json").read_text())
+    assert config["model_type"] == "swin" and config["calibration_temperature"] == pytest.approx(metrics["calibration"]["temperature"])
+    assert 0.0 <= metrics["test"]["macro_f1"] <= 1.0
+
+    image = Image.fromarray(chest_like(), "L").convert("RGB")
+    result = pipeline("image-classification", model=str(swin_model_dir))(image, top_k=3)
+    assert {item["label"] for item in result} == set(LABELS.values())
+    classifier = load_classifier(swin_model_dir)
+    assert classifier.ood_detector is not None
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8))
+    xray, not_xray = classify(classifier, [image, noise], saliency=True)
+    assert xray.scores == pytest.approx({item["label"]: item["score"] for item in result}, abs=1e-5)
+    for prediction in (xray, not_xray):
+        assert isinstance(prediction.looks_like_chest_xray, bool) and prediction.saliency.shape == (4, 4)
