@@ -1,10 +1,12 @@
 """Which network to train: a pretrained checkpoint (Hub id or local folder) or a preset built from a config.
 
 Offline, no weights can be downloaded, so the presets below build a network with random weights from a config
-alone: Vision Transformers (`ViTConfig`) and, for comparison, small ResNets (`ResNetConfig`), all through
-`AutoModelForImageClassification` and the same image processor. `build_model` always says which of the two
-(pretrained or preset) it did, so the outputs can be honest; a folder written by `pretrain_mae.py` (a ViT pretrained
-on the X-rays themselves, no downloads) says so in its pretraining.json, and that goes into the description too.
+alone: Vision Transformers (`ViTConfig`), transformers with built-in locality (Swin, PVTv2, MobileViT V2, CvT) and,
+for comparison, small ResNets (`ResNetConfig`), all through `AutoModelForImageClassification` and the same image
+processor; a folder holding only a config.json is built the same way. `build_model` always says which (pretrained,
+preset, config, or weights of unrecorded origin) it did, so the outputs can be honest; a folder written by
+`pretrain_mae.py` (a ViT pretrained on the X-rays themselves, no downloads) says so in its pretraining.json, and that
+goes into the description too.
 """
 
 from __future__ import annotations
@@ -13,7 +15,18 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import AutoImageProcessor, AutoModelForImageClassification, PretrainedConfig, ResNetConfig, ViTConfig
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    CvtConfig,
+    MobileViTV2Config,
+    PretrainedConfig,
+    PvtV2Config,
+    ResNetConfig,
+    SwinConfig,
+    ViTConfig,
+)
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
 DEFAULT_CHECKPOINT = "google/vit-base-patch16-224-in21k"
@@ -37,6 +50,18 @@ PRESETS: dict[str, tuple[type[PretrainedConfig], dict]] = {
     "scratch-resnet": (ResNetConfig, dict(image_size=128, layer_type="basic", embedding_size=32, depths=[2, 2, 2, 2], hidden_sizes=[32, 64, 128, 256])),
     # For tests: two one-block stages, 32 px (a 4 x 4 map after the last stage).
     "scratch-tiny-resnet": (ResNetConfig, dict(image_size=32, layer_type="basic", embedding_size=8, depths=[1, 1], hidden_sizes=[8, 16])),
+    # Transformers with the locality a plain ViT lacks, for the offline architecture comparison at about the ViT's cost
+    # (docs/architectures.md: a measured pilot chose each one's size and resolution).
+    # Swin (windowed attention, patch merging): Swin-T's layout at half width and three stages, 4-px patches at 128 px,
+    # 8 x 8 windows on grids of 32, 16 and 8 tokens (the last stage's one window is global attention).
+    "scratch-swin": (SwinConfig, dict(image_size=128, patch_size=4, embed_dim=48, depths=[2, 2, 6], num_heads=[3, 6, 12], window_size=8)),
+    # PVTv2 (overlapping convolutional patch embeddings, spatial-reduction attention): the B0 layout of Wang et al. 2022, at 128 px.
+    "scratch-pvt": (PvtV2Config, dict(image_size=128, hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2], num_attention_heads=[1, 2, 5, 8])),
+    # MobileViT V2 (MobileNet convolutions interleaved with separable-attention transformer blocks): MobileViTV2-0.5, 128 px.
+    "scratch-mobilevit": (MobileViTV2Config, dict(image_size=128, width_multiplier=0.5)),
+    # CvT (convolutional token embeddings and projections): CvT-13's three stages at half width and 1-2-4 blocks, 128 px.
+    # CvtConfig has no image_size field; as for the ResNet, it is kept in config.json as a record of the input size.
+    "scratch-cvt": (CvtConfig, dict(image_size=128, embed_dim=[32, 96, 192], num_heads=[1, 2, 3], depth=[1, 2, 4])),
 }
 
 
@@ -53,11 +78,18 @@ class ModelOrigin:
     teacher: str | None = None  # with --teacher: the trained model whose predictions it also learned from
     base_model: str | None = None  # the Hub id it was fine-tuned from (None for presets and local folders): the card's `base_model`
 
+    from_config: bool = False  # not pretrained: built from the config.json in the folder `name` rather than a preset
+    unrecorded: bool = False  # a local folder with weights but no record of how they were made (e.g. saved from a config)
+
     def describe(self) -> str:
         if self.pretraining:
             start = f"fine-tuned from `{self.name}`, {self.pretraining}"
+        elif self.unrecorded:
+            start = f"started from the weights in the local folder `{self.name}` (random if it was saved from a config: the folder does not record how they were made)"
         elif self.pretrained:
             start = f"fine-tuned from pretrained weights `{self.name}`"
+        elif self.from_config:
+            start = f"trained from scratch (random initialisation, no pretrained weights) with the architecture in `{self.name}/config.json`"
         else:
             start = f"trained from scratch (random initialisation, no pretrained weights) with the `{self.name}` preset"
         return start + (f", learning also from the predictions of the trained model `{self.teacher}` (distillation)" if self.teacher else "")
@@ -67,9 +99,14 @@ def build_model(name: str, id2label: dict[int, str]):
     """Return (model, image_processor, ModelOrigin) for a preset name, a Hub id or a local folder."""
     label2id = {label: index for index, label in id2label.items()}
     if name in PRESETS:
-        config_class, arguments = PRESETS[name]
-        config = config_class(**arguments, num_labels=len(id2label), id2label=id2label, label2id=label2id)
-        return AutoModelForImageClassification.from_config(config), preset_image_processor(name), ModelOrigin(name, pretrained=False)
+        model, processor = build_preset(name, id2label)
+        return model, processor, ModelOrigin(name, pretrained=False)
+    folder = Path(name).expanduser()
+    if (folder / "config.json").is_file() and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        # A folder with a config and no weights (`SomeConfig(...).save_pretrained(folder)`): that architecture from scratch.
+        config = AutoConfig.from_pretrained(folder, num_labels=len(id2label), id2label=id2label, label2id=label2id)
+        processor = AutoImageProcessor.from_pretrained(folder) if (folder / "preprocessor_config.json").is_file() else square_processor(config_image_size(config))
+        return AutoModelForImageClassification.from_config(config), processor, ModelOrigin(name, pretrained=False, from_config=True)
     try:
         processor = AutoImageProcessor.from_pretrained(name)
         # id2label sets the number of labels; a head of another size (e.g. ImageNet's) is replaced by a new one.
@@ -84,7 +121,10 @@ def build_model(name: str, id2label: dict[int, str]):
         ) from error
     pretraining = Path(name) / PRETRAINING_FILE
     description = json.loads(pretraining.read_text())["description"] if pretraining.is_file() else None
-    return model, processor, ModelOrigin(name, pretrained=True, pretraining=description, base_model=None if is_local_path(name) else name)
+    # A local folder that is neither a trained model folder (metrics.json) nor an MAE encoder (pretraining.json) may hold
+    # random weights saved from a config: say where the weights came from rather than calling them pretrained.
+    unrecorded = folder.is_dir() and description is None and not (folder / "metrics.json").is_file()
+    return model, processor, ModelOrigin(name, pretrained=True, pretraining=description, base_model=None if is_local_path(name) else name, unrecorded=unrecorded)
 
 
 def load_teacher(folder: str, id2label: dict[int, str], split_sizes: dict[str, int]):
@@ -128,14 +168,31 @@ def is_local_path(name: str) -> bool:
     )
 
 
-def preset_image_processor(name: str) -> ViTImageProcessorPil:
-    """The image processor of a preset: resize to its `image_size` and scale to [-1, 1].
+def build_preset(name: str, id2label: dict[int, str], **overrides):
+    """(model with random weights, image processor) of a preset, with any config arguments replaced by `overrides`
+    (e.g. image_size=160 for a pilot at another resolution)."""
+    config_class, arguments = PRESETS[name]
+    arguments = {**arguments, **overrides}
+    config = config_class(**arguments, num_labels=len(id2label), id2label=id2label, label2id={label: index for index, label in id2label.items()})
+    return AutoModelForImageClassification.from_config(config), square_processor(arguments["image_size"])
 
-    Same resize and normalisation as Google's ViT checkpoints for every preset, convolutional ones included,
-    so a scratch model and a fine-tuned one read pixels alike and a comparison differs only in the network.
-    """
-    size = PRESETS[name][1]["image_size"]
+
+def preset_image_processor(name: str) -> ViTImageProcessorPil:
+    """The image processor of a preset: resize to its `image_size` and scale to [-1, 1]."""
+    return square_processor(PRESETS[name][1]["image_size"])
+
+
+def square_processor(size: int) -> ViTImageProcessorPil:
+    """Resize to size x size and scale to [-1, 1]: the same resize and normalisation as Google's ViT checkpoints for
+    every network trained here from scratch, convolutional ones included, so a scratch model and a fine-tuned one read
+    pixels alike and a comparison differs only in the network."""
     return ViTImageProcessorPil(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+def config_image_size(config: PretrainedConfig) -> int:
+    """The input side a config records (`image_size`, an int or a pair); 224, the usual ImageNet size, if none."""
+    size = getattr(config, "image_size", None) or 224
+    return int(size[0] if isinstance(size, (list, tuple)) else size)
 
 
 def input_size(processor) -> int:

@@ -13,7 +13,7 @@ from transformers import AutoModelForImageClassification, PvtV2Config, SwinConfi
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
 from conftest import train_tiny_model
-from cxr.models import build_model
+from cxr.models import PRESETS, build_model, config_image_size, input_size
 from cxr.onnx_runtime import OUTPUTS, load_onnx_features
 from cxr.predict import classify, load_classifier
 from cxr.reliability import OOD_FILE, OodDetector, classifier_head, feature_grid, fold_temperature, forward_features
@@ -145,3 +145,25 @@ def test_train_vit_turns_a_swin_folder_into_a_complete_model_folder(swin_model_d
     assert xray.scores == pytest.approx({item["label"]: item["score"] for item in result}, abs=1e-5)
     for prediction in (xray, not_xray):
         assert isinstance(prediction.looks_like_chest_xray, bool) and prediction.saliency.shape == (4, 4)
+
+
+def test_a_config_folder_is_trained_from_scratch_and_saved_weights_are_not_called_pretrained(tmp_path):
+    # A folder holding only a config.json: that architecture with random weights, and the origin says so.
+    config_only = tmp_path / "config-only"
+    tiny_swin_config().save_pretrained(config_only)
+    model, processor, origin = build_model(str(config_only), LABELS)
+    assert type(model).__name__ == "SwinForImageClassification" and input_size(processor) == SIZE
+    assert not origin.pretrained and origin.describe().startswith("trained from scratch (random initialisation")
+    # Weights saved from a config (random) beside no record of how they were made: not "pretrained weights".
+    saved = tmp_path / "saved"
+    AutoModelForImageClassification.from_config(tiny_swin_config()).save_pretrained(saved)
+    ViTImageProcessorPil(size={"height": SIZE, "width": SIZE}).save_pretrained(saved)
+    description = build_model(str(saved), LABELS)[2].describe()
+    assert "pretrained weights" not in description and "does not record how they were made" in description
+
+
+@pytest.mark.parametrize("preset", ["scratch-swin", "scratch-pvt", "scratch-mobilevit", "scratch-cvt"])
+def test_comparison_presets_build_at_the_size_their_processor_resizes_to(preset):
+    model, processor, origin = build_model(preset, LABELS)
+    assert config_image_size(model.config) == input_size(processor) == PRESETS[preset][1]["image_size"]
+    assert 1e6 < model.num_parameters() < 4e6 and not origin.pretrained  # about the size of the ViT it is compared with
