@@ -19,7 +19,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep instead of spinning: see app.py
 
 from cxr.models import DEFAULT_MODEL_DIR
-from cxr.predict import ModelNotFoundError, find_images, load_classifier, predict_files, write_predictions
+from cxr.predict import ModelNotFoundError, OnnxExportError, find_images, load_classifier, predict_files, write_predictions
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no image files found in {' '.join(args.inputs)}")
     try:
         classifier = load_classifier(args.model, int8=args.int8, onnx=args.onnx)
-    except ModelNotFoundError as error:
+    except (ModelNotFoundError, OnnxExportError) as error:
         print(error, file=sys.stderr)
         return 1
     if classifier.ood_detector is None:

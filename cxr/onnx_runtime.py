@@ -45,6 +45,7 @@ import onnxruntime as ort
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
+from cxr.predict import OnnxExportError
 from cxr.reliability import forward_features
 
 OUTPUTS = ("logits", "cls", "tokens")  # the keys of forward_features(model, pixels) that classify and the OOD check read
@@ -115,11 +116,17 @@ def export(model, image_size: int, int8: bool, key: str, path: Path) -> None:
             # The legacy exporter's deprecation notice, and tracer warnings about input-size checks, which are
             # constant here: the image processor always resizes to image_size.
             warnings.simplefilter("ignore")
-            torch.onnx.export(
-                _Features(model), (example,), str(float32), dynamo=False, opset_version=OPSET,
-                input_names=["pixel_values"], output_names=list(OUTPUTS),
-                dynamic_axes={name: {0: "batch"} for name in ("pixel_values", *OUTPUTS)},
-            )
+            try:
+                torch.onnx.export(
+                    _Features(model), (example,), str(float32), dynamo=False, opset_version=OPSET,
+                    input_names=["pixel_values"], output_names=list(OUTPUTS),
+                    dynamic_axes={name: {0: "batch"} for name in ("pixel_values", *OUTPUTS)},
+                )
+            except torch.onnx.errors.UnsupportedOperatorError as error:  # e.g. MobileViT V2's fold (Col2Im)
+                raise OnnxExportError(
+                    f"{type(model).__name__} cannot be exported to ONNX here: {str(error).splitlines()[0]} "
+                    "Run it with PyTorch instead (without --onnx)."
+                ) from error
         source = float32
         if int8:
             source = Path(scratch) / "int8.onnx"

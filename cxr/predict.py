@@ -48,6 +48,11 @@ class ModelNotFoundError(RuntimeError):
     """No usable model at the given folder or Hub id; the message says how to make one."""
 
 
+class OnnxExportError(RuntimeError):
+    """`onnx=True`, but torch's ONNX exporter cannot write this architecture (raised by `cxr.onnx_runtime`; defined
+    here so that callers can catch it without importing onnxruntime)."""
+
+
 # What the batch predictor picks up in a folder: Pillow's common formats and DICOM.
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom"}
 

@@ -96,3 +96,20 @@ def test_batch_predictor_option(model_dir, xrays, tmp_path):
     assert predict.main([*map(str, xrays[:4]), "--model", str(model_dir), "--output", str(output), "--onnx", "--int8"]) == 0
     rows = list(csv.DictReader(output.open()))
     assert len(rows) == 4 and all(row["label_1"] and row["looks_like_chest_xray"] in ("true", "false") for row in rows)
+
+
+def test_an_architecture_the_exporter_cannot_write_is_a_clear_error(xrays, tmp_path, capsys):
+    # MobileViT V2's fold exports to Col2Im, which torch's exporter cannot write at the opset used here.
+    from transformers import MobileViTV2Config
+    from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
+
+    folder = tmp_path / "mobilevit"
+    config = MobileViTV2Config(image_size=64, width_multiplier=0.25, n_attn_blocks=[1, 1, 1], num_labels=3,
+                               id2label={0: "Bacterial pneumonia", 1: "Normal", 2: "Viral pneumonia"})
+    AutoModelForImageClassification.from_config(config).save_pretrained(folder)
+    ViTImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(folder)
+    output = tmp_path / "predictions.csv"
+    assert predict.main([str(xrays[0]), "--model", str(folder), "--output", str(output), "--onnx"]) == 1
+    assert "cannot be exported to ONNX" in capsys.readouterr().err and not output.exists()
+    assert not list(folder.glob("*.onnx")) and not list(folder.glob(".onnx-export-*"))  # nothing half-written left behind
+    assert predict.main([str(xrays[0]), "--model", str(folder), "--output", str(output)]) == 0  # PyTorch still serves it
