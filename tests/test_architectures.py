@@ -1,5 +1,5 @@
 """One feature path for every architecture: the chest X-ray check's features, Grad-CAM and the ONNX export read a
-ViT, a Swin, a ResNet and a PVTv2 (each built tiny from its config) through the same code, and train_vit.py turns a
+ViT, a Swin, a ResNet, a PVTv2 and a CvT (each built tiny from its config) through the same code, and train_vit.py turns a
 Swin folder into a complete model folder that pipeline() loads."""
 
 import copy
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModelForImageClassification, PvtV2Config, SwinConfig, pipeline
+from transformers import AutoModelForImageClassification, CvtConfig, PvtV2Config, SwinConfig, pipeline
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
 from conftest import train_tiny_model
@@ -36,6 +36,15 @@ def tiny_pvt_config():
                        strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2], num_labels=3, id2label=LABELS, label2id=LABEL_IDS)
 
 
+def tiny_cvt_config():
+    # Stride 4, 2, 2 at 32 px: grids of 8, 4 and 2; the last stage carries the class token the head reads. Stage i needs
+    # more than i blocks: transformers 5.23 indexes the per-stage drop-path list by the stage number.
+    return CvtConfig(embed_dim=[8, 16, 32], num_heads=[1, 2, 2], depth=[1, 2, 3], mlp_ratio=[2.0, 2.0, 2.0], num_labels=3, id2label=LABELS, label2id=LABEL_IDS)
+
+
+TINY_CONFIGS = {"swin": tiny_swin_config, "pvt_v2": tiny_pvt_config, "cvt": tiny_cvt_config}
+
+
 def build(family: str):
     torch.manual_seed(0)
     if family == "vit":
@@ -43,7 +52,7 @@ def build(family: str):
     elif family == "resnet":
         model = build_model("scratch-tiny-resnet", LABELS)[0]
     else:
-        model = AutoModelForImageClassification.from_config(tiny_swin_config() if family == "swin" else tiny_pvt_config())
+        model = AutoModelForImageClassification.from_config(TINY_CONFIGS[family]())
     return model.eval().requires_grad_(False)
 
 
@@ -53,7 +62,11 @@ FAMILIES = {
     "swin": (4, 32, 2 * 32),  # no class token: mean and standard deviation of the last 4 x 4 tokens
     "resnet": (4, 16, 2 * 16),  # the last stage's 4 x 4 map of 16 channels
     "pvt_v2": (4, 32, 2 * 32),  # the last stage's 4 x 4 map of 32 channels
+    # The head reads the last stage's class token; that stage's 2 x 2 grid reaches it only through the token, so
+    # Grad-CAM takes the second stage's 4 x 4 grid (as a ViT's, one block earlier).
+    "cvt": (4, 32, 2 * 32),
 }
+EARLIER_GRID = ("vit", "cvt")  # families whose last grid reaches the logits only through a class token
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -93,7 +106,7 @@ def test_grad_cam_reads_the_last_grid_the_logits_depend_on_and_overlays_it(famil
     # ViT, whose last block reaches the head only through its class token (so one block earlier).
     reference = copy.deepcopy(model).requires_grad_(True)
     states = reference(pixel_values=pixel_values, output_hidden_states=True)
-    state = states.hidden_states[-2 if family == "vit" else -1]
+    state = states.hidden_states[-2 if family in EARLIER_GRID else -1]
     (gradient,) = torch.autograd.grad(states.logits[torch.arange(3), torch.tensor(classes)].sum(), state)
     grid, gradient_grid = feature_grid(state.detach())[0], feature_grid(gradient)[0]
     cam = torch.relu((grid * gradient_grid.mean(dim=(2, 3), keepdim=True)).sum(dim=1)).numpy()
