@@ -405,27 +405,33 @@ def test_a_pasted_image_is_classified_and_a_file_wins_over_it(served, tmp_path):
 def test_a_full_queue_refuses_the_next_request_at_once(tiny_model_dir, monkeypatch):
     """CONCURRENCY_LIMIT requests run, QUEUE_SIZE wait, and one more is refused ("queue is full"), not queued."""
     from gradio_client import Client, handle_file
+    from gradio_client.utils import Status
 
     monkeypatch.setattr(app, "QUEUE_SIZE", 2)  # small, so the test needs few requests; build_demo reads it
     release = threading.Event()
-    monkeypatch.setattr(app, "predict", lambda classifier, path: (release.wait(60), ("", {"Normal": 1.0}, None, {}))[1])
+    monkeypatch.setattr(app, "predict", lambda classifier, path: (release.wait(120), ("", {"Normal": 1.0}, None, {}))[1])
     demo = app.build_demo(str(tiny_model_dir), examples=None)
     demo.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)
+
+    def submit_and_wait_for(status):
+        job = client.submit(xray, api_name="/predict")
+        deadline = time.monotonic() + 60
+        while job.status().code != status and not job.done() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return job
+
     try:
         client = Client(demo.local_url, verbose=False)
         xray = handle_file(str(app.EXAMPLES_DIR / "NORMAL2-IM-0772-0001.jpeg"))
-        jobs = [client.submit(xray, api_name="/predict") for _ in range(app.CONCURRENCY_LIMIT + app.QUEUE_SIZE + 1)]
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not any(job.done() for job in jobs):
-            time.sleep(0.2)
-        time.sleep(1)  # the refusal comes at once, while the others still wait: nothing else may be done
-        refused = [job for job in jobs if job.done()]
-        assert len(refused) == 1
+        running = [submit_and_wait_for(Status.PROCESSING) for _ in range(app.CONCURRENCY_LIMIT)]
+        waiting = [submit_and_wait_for(Status.IN_QUEUE) for _ in range(app.QUEUE_SIZE)]
+        assert [job.status().code for job in running + waiting] == [Status.PROCESSING] * len(running) + [Status.IN_QUEUE] * len(waiting)
+        one_more = submit_and_wait_for(Status.FINISHED)
+        assert one_more.done(), f"the request past the queue's limit was not refused: {one_more.status().code}"
         with pytest.raises(Exception, match="(?i)queue is full"):
-            refused[0].result()
+            one_more.result()
         release.set()
-        answers = [job.result(timeout=60) for job in jobs if job is not refused[0]]
-        assert len(answers) == app.CONCURRENCY_LIMIT + app.QUEUE_SIZE
+        assert all(job.result(timeout=60)[1]["label"] == "Normal" for job in running + waiting)  # the accepted ones are answered
     finally:
         release.set()
         demo.close()
