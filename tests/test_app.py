@@ -373,6 +373,7 @@ def test_the_preview_is_the_image_as_the_loader_decodes_it(classifier, tmp_path,
 
 
 MARKUP_NAME = "<img src=x onerror=alert(1)><b>bold.png"  # a file name may hold any character but '/'
+MARKUP_DICOM = "<b>MONO</b><img src=x>"  # a DICOM's Photometric Interpretation, which the decoder's message quotes
 
 
 def test_error_messages_are_plain_text_even_when_the_file_name_is_markup(classifier, tmp_path):
@@ -385,6 +386,11 @@ def test_error_messages_are_plain_text_even_when_the_file_name_is_markup(classif
         message = raised.value.message
         assert "<" not in message and ">" not in message
         assert "&lt;img src=x onerror=alert(1)&gt;&lt;b&gt;bold.png" in message and "not an image" in message
+    scan = tmp_path / "scan.dcm"
+    scan.write_bytes(dicom_bytes(np.zeros((160, 200), np.uint16), photometric=MARKUP_DICOM))
+    with pytest.raises(gr.Error) as raised:
+        app.predict(classifier, str(scan))
+    assert "&lt;b&gt;MONO&lt;/b&gt;&lt;img src=x&gt;" in raised.value.message and "<" not in raised.value.message
 
 
 def test_a_pasted_image_is_classified_and_a_file_wins_over_it(served, tmp_path):
