@@ -260,7 +260,7 @@ def test_app_client_and_pipeline_agree(served, classifier, tiny_model_dir, tmp_p
 
 
 def test_no_model_exits_with_the_training_command_and_no_traceback(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(tmp_path / "gradio"))
     env.pop("XRAY_MODEL", None)
     result = subprocess.run(
         [sys.executable, str(REPO / "app.py"), "--model", str(tmp_path / "no-model-here")],
