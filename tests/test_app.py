@@ -260,7 +260,7 @@ def test_app_client_and_pipeline_agree(served, classifier, tiny_model_dir, tmp_p
 
 
 def test_no_model_exits_with_the_training_command_and_no_traceback(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(tmp_path / "gradio"))
     env.pop("XRAY_MODEL", None)
     result = subprocess.run(
         [sys.executable, str(REPO / "app.py"), "--model", str(tmp_path / "no-model-here")],
@@ -373,6 +373,7 @@ def test_the_preview_is_the_image_as_the_loader_decodes_it(classifier, tmp_path,
 
 
 MARKUP_NAME = "<img src=x onerror=alert(1)><b>bold.png"  # a file name may hold any character but '/'
+MARKUP_DICOM = "<b>MONO</b><img src=x>"  # a DICOM's Photometric Interpretation, which the decoder's message quotes
 
 
 def test_error_messages_are_plain_text_even_when_the_file_name_is_markup(classifier, tmp_path):
@@ -385,6 +386,11 @@ def test_error_messages_are_plain_text_even_when_the_file_name_is_markup(classif
         message = raised.value.message
         assert "<" not in message and ">" not in message
         assert "&lt;img src=x onerror=alert(1)&gt;&lt;b&gt;bold.png" in message and "not an image" in message
+    scan = tmp_path / "scan.dcm"
+    scan.write_bytes(dicom_bytes(np.zeros((160, 200), np.uint16), photometric=MARKUP_DICOM))
+    with pytest.raises(gr.Error) as raised:
+        app.predict(classifier, str(scan))
+    assert "&lt;b&gt;MONO&lt;/b&gt;&lt;img src=x&gt;" in raised.value.message and "<" not in raised.value.message
 
 
 def test_a_pasted_image_is_classified_and_a_file_wins_over_it(served, tmp_path):
@@ -405,27 +411,33 @@ def test_a_pasted_image_is_classified_and_a_file_wins_over_it(served, tmp_path):
 def test_a_full_queue_refuses_the_next_request_at_once(tiny_model_dir, monkeypatch):
     """CONCURRENCY_LIMIT requests run, QUEUE_SIZE wait, and one more is refused ("queue is full"), not queued."""
     from gradio_client import Client, handle_file
+    from gradio_client.utils import Status
 
     monkeypatch.setattr(app, "QUEUE_SIZE", 2)  # small, so the test needs few requests; build_demo reads it
     release = threading.Event()
-    monkeypatch.setattr(app, "predict", lambda classifier, path: (release.wait(60), ("", {"Normal": 1.0}, None, {}))[1])
+    monkeypatch.setattr(app, "predict", lambda classifier, path: (release.wait(120), ("", {"Normal": 1.0}, None, {}))[1])
     demo = app.build_demo(str(tiny_model_dir), examples=None)
     demo.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)
+
+    def submit_and_wait_for(status):
+        job = client.submit(xray, api_name="/predict")
+        deadline = time.monotonic() + 60
+        while job.status().code != status and not job.done() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return job
+
     try:
         client = Client(demo.local_url, verbose=False)
         xray = handle_file(str(app.EXAMPLES_DIR / "NORMAL2-IM-0772-0001.jpeg"))
-        jobs = [client.submit(xray, api_name="/predict") for _ in range(app.CONCURRENCY_LIMIT + app.QUEUE_SIZE + 1)]
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not any(job.done() for job in jobs):
-            time.sleep(0.2)
-        time.sleep(1)  # the refusal comes at once, while the others still wait: nothing else may be done
-        refused = [job for job in jobs if job.done()]
-        assert len(refused) == 1
+        running = [submit_and_wait_for(Status.PROCESSING) for _ in range(app.CONCURRENCY_LIMIT)]
+        waiting = [submit_and_wait_for(Status.IN_QUEUE) for _ in range(app.QUEUE_SIZE)]
+        assert [job.status().code for job in running + waiting] == [Status.PROCESSING] * len(running) + [Status.IN_QUEUE] * len(waiting)
+        one_more = submit_and_wait_for(Status.FINISHED)
+        assert one_more.done(), f"the request past the queue's limit was not refused: {one_more.status().code}"
         with pytest.raises(Exception, match="(?i)queue is full"):
-            refused[0].result()
+            one_more.result()
         release.set()
-        answers = [job.result(timeout=60) for job in jobs if job is not refused[0]]
-        assert len(answers) == app.CONCURRENCY_LIMIT + app.QUEUE_SIZE
+        assert all(job.result(timeout=60)[1]["label"] == "Normal" for job in running + waiting)  # the accepted ones are answered
     finally:
         release.set()
         demo.close()

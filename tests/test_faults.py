@@ -441,7 +441,7 @@ def test_uploads_are_deleted_and_the_queue_cannot_be_skipped(tiny_model_dir, tmp
     cache = tmp_path / "gradio-cache"
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
     monkeypatch.setattr(app, "DELETE_CACHE", (1, 1))  # the app's (60, 120), faster
-    demo = app.build_demo(str(tiny_model_dir))
+    demo = app.build_demo(str(tiny_model_dir), examples=None)  # examples stay cached by design; only uploads must go
     assert demo._queue.max_size == app.QUEUE_SIZE and demo._queue.default_concurrency_limit == app.CONCURRENCY_LIMIT
     [predict] = [fn for fn in demo.fns.values() if fn.api_name == "predict"]
     assert predict.queue and predict.concurrency_limit == "default" and demo.api_open is False
