@@ -86,7 +86,8 @@ def served(tiny_model_dir):
 @pytest.mark.parametrize("name", GOOD)
 def test_every_image_kind_gets_three_labels_an_overlay_and_the_xray_check(classifier, tmp_path, name):
     warning, scores, overlay, check = app.predict(classifier, str(write(tmp_path, name, GOOD)))
-    assert set(check) == {"looks_like_chest_xray", "ood_score", "threshold", "score"}
+    assert set(check) == {"looks_like_chest_xray", "ood_score", "threshold", "score", "prediction_sets"}
+    assert set(check["prediction_sets"]) == {"90%", "95%"} and set(check["prediction_sets"]["95%"]) <= LABELS
     assert isinstance(check["looks_like_chest_xray"], bool) and check["score"] == "mahalanobis"
     assert check["looks_like_chest_xray"] == (check["ood_score"] <= check["threshold"])
     assert bool(warning) == (not check["looks_like_chest_xray"])  # the warning shows exactly when the check fails
@@ -253,6 +254,7 @@ def test_app_client_and_pipeline_agree(served, classifier, tiny_model_dir, tmp_p
     for label_name in LABELS:
         assert via_client[label_name] == pytest.approx(in_app[label_name], abs=1e-5)
         assert via_pipeline[label_name] == pytest.approx(in_app[label_name], abs=1e-5)
+    assert check.pop("prediction_sets") == check_in_app.pop("prediction_sets") == classify(classifier, [path])[0].prediction_sets
     assert check == pytest.approx(check_in_app)
 
 
@@ -385,12 +387,31 @@ def test_error_messages_are_plain_text_even_when_the_file_name_is_markup(classif
             call(classifier, str(path))
         message = raised.value.message
         assert "<" not in message and ">" not in message
-        assert "&lt;img src=x onerror=alert(1)&gt;&lt;b&gt;bold.png" in message and "not an image" in message
+        assert "img src=x onerror=alert(1)" in message and "bold.png" in message and "not an image" in message
     scan = tmp_path / "scan.dcm"
     scan.write_bytes(dicom_bytes(np.zeros((160, 200), np.uint16), photometric=MARKUP_DICOM))
     with pytest.raises(gr.Error) as raised:
         app.predict(classifier, str(scan))
-    assert "&lt;b&gt;MONO&lt;/b&gt;&lt;img src=x&gt;" in raised.value.message and "<" not in raised.value.message
+    assert "MONO" in raised.value.message and "<" not in raised.value.message
+    # The loader already keeps markup out of its own messages; the app escapes whatever else an error may quote.
+    assert app.plain_error("<b>x</b> & <img src=y>").message == "&lt;b&gt;x&lt;/b&gt; &amp; &lt;img src=y&gt;"
+
+
+def test_uploads_are_decoded_in_a_worker_capped_in_time(classifier, tmp_path, monkeypatch):
+    """A stranger's file is decoded in a worker process with time and memory caps (cxr.images, isolate=True)."""
+    import cxr.images
+
+    path = write(tmp_path, "gray.png", GOOD)
+    monkeypatch.setattr(cxr.images, "DECODE_SECONDS", 1e-6)  # no decode finishes in time, so the cap must show
+    for call in (app.predict, app.preview):
+        with pytest.raises(gr.Error, match="took longer than"):
+            call(classifier, str(path))
+
+
+def test_the_bars_are_headed_by_the_95_percent_prediction_set():
+    sets = {"90%": ["Bacterial pneumonia"], "95%": ["Bacterial pneumonia", "Viral pneumonia"]}
+    assert app.prediction_set_heading({"prediction_sets": sets}) == "95% set: bacterial or viral pneumonia"
+    assert app.prediction_set_heading({"prediction_sets": None}) == "Prediction"  # a folder without conformal.json
 
 
 def test_a_pasted_image_is_classified_and_a_file_wins_over_it(served, tmp_path):
