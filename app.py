@@ -12,8 +12,9 @@ out-of-distribution statistics), and the overlay comes from `cxr.saliency`. Run 
 Inputs: a file (any format the loader reads, DICOM included) or an image pasted or dropped into the preview, which
 shows the X-ray as the loader decoded it. The API at /predict takes the file and, optionally, the pasted image
 (the file wins when both are given), and returns four outputs, in order: a warning (Markdown, empty unless the
-upload does not look like a pediatric chest X-ray), the three probabilities (Label), the Grad-CAM overlay (Image),
-and the check itself (JSON: looks_like_chest_xray, ood_score, threshold, score). /preview returns the decoded X-ray.
+upload does not look like a pediatric chest X-ray), the three probabilities (Label; the page heads the bars with the
+95% prediction set), the Grad-CAM overlay (Image), and the check itself (JSON: looks_like_chest_xray, ood_score,
+threshold, score, prediction_sets). /preview returns the decoded X-ray.
 Error messages are plain text: markup in them (from a file name or a decoder) is escaped.
 """
 
@@ -34,6 +35,7 @@ from gradio import processing_utils
 from PIL import Image
 from transformers import Pipeline
 
+from cxr.conformal import LEVELS, describe_set, level_name
 from cxr.images import MAX_FILE_BYTES, ImageLoadError, load_image
 from cxr.models import DEFAULT_MODEL_DIR, input_size
 from cxr.predict import IMAGE_SUFFIXES, ModelNotFoundError, classify, load_classifier, model_summary
@@ -106,7 +108,8 @@ def plain_error(message: str) -> gr.Error:
 def decode(classifier: Pipeline, path: str) -> Image.Image:
     """The upload as the model will see it (the project's one loader, at the model's draft size), or a plain gr.Error."""
     try:
-        return load_image(path, draft_size=input_size(classifier.image_processor))
+        # In a worker capped in memory and time: a stranger's file may cost more than its header admits.
+        return load_image(path, draft_size=input_size(classifier.image_processor), isolate=True)
     except ImageLoadError as error:
         raise plain_error(str(error)) from error
 
@@ -125,8 +128,8 @@ def predict(classifier: Pipeline, path: str | None) -> tuple[str, dict[str, floa
     """One uploaded file -> (warning, {label: probability} for the three classes, saliency overlay, the X-ray check).
 
     The warning is Markdown, empty unless the upload does not look like a chest X-ray; the check is
-    {looks_like_chest_xray, ood_score, threshold, score}, with None values for a model folder without
-    out-of-distribution statistics. Unreadable files raise gr.Error."""
+    {looks_like_chest_xray, ood_score, threshold, score, prediction_sets}, with None values for a model folder without
+    out-of-distribution statistics (or without conformal.json). Unreadable files raise gr.Error."""
     if not path:
         raise plain_error("No file: upload a chest X-ray (JPEG, PNG or DICOM) or paste one first.")
     image = decode(classifier, path)  # decoded once (as `classify` decodes), for both the prediction and the overlay
@@ -139,9 +142,16 @@ def predict(classifier: Pipeline, path: str | None) -> tuple[str, dict[str, floa
         "ood_score": prediction.ood_score,
         "threshold": detector.threshold if detector else None,
         "score": detector.score_name if detector else None,
+        "prediction_sets": prediction.prediction_sets,
     }
     warning = NOT_AN_XRAY.format(score=prediction.ood_score, threshold=detector.threshold) if prediction.looks_like_chest_xray is False else ""
     return warning, prediction.scores, saliency_overlay(image, prediction.saliency), check
+
+
+def prediction_set_heading(check: dict) -> str:
+    """The heading of the bars: the widest stored prediction set ("95% set: bacterial or viral pneumonia"), else "Prediction"."""
+    sets = check.get("prediction_sets") or {}
+    return describe_set(sets.get(level_name(LEVELS[-1]))) or "Prediction"
 
 
 def describe_model(model: str, has_xray_check: bool | None = None) -> str:
@@ -229,9 +239,9 @@ def build_demo(model: str = DEFAULT_MODEL_DIR, examples: str | Path | None = EXA
         inputs=[upload, seen],
         outputs=[
             gr.Markdown(elem_id="xray-warning"),
-            gr.Label(num_top_classes=3, label="Prediction", elem_id="prediction"),
+            bars := gr.Label(num_top_classes=3, label="Prediction", elem_id="prediction"),
             gr.Image(type="pil", format="jpeg", label="Regions that drove the top prediction (Grad-CAM, coarse)", elem_id="saliency"),
-            gr.JSON(label="Chest X-ray check (out-of-distribution score; higher = less like the training X-rays)", elem_id="xray-check"),
+            check := gr.JSON(label="Chest X-ray check (out-of-distribution score; higher = less like the training X-rays)", elem_id="xray-check"),
         ],
         examples=find_examples(examples) or None,
         cache_examples=False,
@@ -248,6 +258,8 @@ def build_demo(model: str = DEFAULT_MODEL_DIR, examples: str | Path | None = EXA
         upload.change(lambda path: preview(classifier, path) if path else gr.skip(), upload, seen, api_name="preview")
         upload.clear(lambda: None, None, seen, api_visibility="private")
         seen.input(lambda _: None, seen, upload, api_visibility="private")
+        # The bars' heading shows the prediction set; set apart from /predict, whose Label output stays a plain value.
+        check.change(lambda shown: gr.Label(label=prediction_set_heading(shown or {})), check, bars, api_visibility="private")
     return demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE, api_open=False)
 
 

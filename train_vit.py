@@ -3,8 +3,8 @@
     # offline quick start: generated stand-in images, a small ViT from scratch, a few minutes on a laptop
     python train_vit.py --data_dir synthetic --model scratch-small --learning_rate 1e-3 --num_train_epochs 8
 
-    # the Kaggle download with the pretrained default (needs network for the weights)
-    python train_vit.py --data_dir ~/Downloads/chest_xray
+    # the Kaggle download with the pretrained default (needs network for the weights) and settings that suit it
+    python train_vit.py --data_dir ~/Downloads/chest_xray --recipe vit-pretrained
 
 One `main()`, top to bottom: typed arguments -> prepare the imagefolder tree (hf_data) -> load it -> model
 and image processor -> Trainer (augmentation, class-weighted loss, early stopping) -> train -> calibration

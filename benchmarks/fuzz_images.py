@@ -2,6 +2,7 @@
 
     python -m benchmarks.fuzz_images --seconds 120
     python -m benchmarks.fuzz_images --seconds 60 --model outputs/vit-xray   # also app.predict on what decodes
+    python -m benchmarks.fuzz_images --worst --time-limit 60 --repeats 2     # the table in docs/security.md
 
 Hypothesis draws the inputs (no shrinking: every input is kept going, none stops the run):
   mutate   a valid seed file (JPEG gray/RGB/CMYK/progressive/EXIF-rotated, PNG 1/8/16-bit, palette, alpha, GIF, BMP,
@@ -13,6 +14,10 @@ Hypothesis draws the inputs (no shrinking: every input is kept going, none stops
   bomb     a valid PNG of zeros at or just over the 40-megapixel limit, 8/16-bit gray, RGB or RGBA (real decoding)
   magic    random bytes behind a real format's magic number
 each passed as bytes, or as a file whose name says .png, .jpeg or .dcm (names decide the DICOM path too).
+
+--worst builds each worst case of issue 15 on purpose (40-megapixel legitimate uploads, RLE RGB at the pixel limit,
+padded DICOM, a mismatched embedded frame, palette, window width 0, deflate, progressive scans, EPS, a forged header in
+each format) and prints, per case, its peak memory over the worker at rest, its time and the loader's answer.
 
 Each input runs in a worker process, one at a time; the parent kills the worker when an input takes longer than
 --time-limit or its memory passes --memory-limit, and starts a new one. The worker resets its peak-memory mark
@@ -359,6 +364,7 @@ def worst_cases():
     yield "40 MP 8-bit grey PNG", ramp_png("L", (side, side)), None, True
     yield "40 MP 16-bit grey PNG", ramp_png("I;16", (side, side)), None, True
     yield "40 MP 8-bit RGB PNG", ramp_png("RGB", (side, side)), None, True
+    yield "40 MP RGBA PNG (20000 x 2000, transparency made black)", zero_png("RGBA", (20000, 2000)), None, False
     yield "40 MP 8-bit grey JPEG", encode(Image.fromarray(np.tile(picture(side, 1)[0], (side, 1)), "L"), "JPEG", quality=90), None, True
     progressive = encode(Image.fromarray(np.tile(picture(side, 1)[0], (side, 1)), "L"), "JPEG", progressive=True)
     end, last = progressive.rindex(b"\xff\xd9"), progressive.rindex(b"\xff\xda")
@@ -452,12 +458,14 @@ def forged_dicom(rows: int, columns: int, exact: bool = False, **tags) -> bytes:
     return buffer.getvalue()
 
 
-def measure_worst_cases(runner: "Runner", repeats: int) -> None:
+def measure_worst_cases(runner: "Runner", repeats: int, only: str = "") -> None:
     """Print the worst-case table: per case its peak memory over the worker at rest, its time, and the loader's answer."""
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in psutil.getloadavg())} ({psutil.cpu_count()} cores); best of {repeats}\n")
     print(f"| case | file | peak extra MiB | seconds | answer |\n|---|---:|---:|---:|---|")
     rows, reference = [], 0.0
     for label, data, suffix, legitimate in worst_cases():
+        if only not in label and not legitimate:
+            continue
         results = []
         for _ in range(repeats):  # a fresh worker each time: memory an earlier case left to malloc would hide this one's
             runner.restart()
@@ -620,11 +628,12 @@ def main() -> None:
     parser.add_argument("--replay", type=Path, help="Run one saved input (its .json beside it gives the suffix) and print the outcome.")
     parser.add_argument("--worst", action="store_true", help="Instead of fuzzing, measure each worst case (docs/security.md) and print the table.")
     parser.add_argument("--repeats", type=int, default=1, help="With --worst: runs per case; the table keeps the best (the CPU may be shared).")
+    parser.add_argument("--case", default="", help="With --worst: only the cases whose label contains this text (to rerun an outlier).")
     args = parser.parse_args()
 
     runner = Runner(args.model, args.time_limit, args.memory_limit)
     if args.worst:
-        measure_worst_cases(runner, args.repeats)
+        measure_worst_cases(runner, args.repeats, args.case)
         runner.close()
         return
     if args.replay:

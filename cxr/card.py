@@ -172,8 +172,33 @@ def reliability_section(summary: dict | None) -> str:
         f"{ood['threshold']:.4g} is flagged as not looking like a pediatric chest X-ray. The threshold accepts {ood.get('accept_rate', 0.95):.0%} of the validation X-rays "
         f"(accepted: {accepted}). The project's app and batch predictor (`cxr.predict`) report the flag; plain `pipeline()` does not. "
         "`python -m benchmarks.ood` measures it on real X-rays, photos, documents, noise and altered X-rays.",
+        *prediction_sets_paragraph(summary.get("prediction_sets")),
         SECTION_END,
     ])
+
+
+def prediction_sets_paragraph(sets: dict | None) -> list[str]:
+    """Card lines for the conformal prediction sets: what they promise and the coverage measured on data the fit did not see."""
+    if not sets:
+        return []
+    checks = {"validation children held out of the fit": sets["validation_held_out_children"], **sets.get("by_split", {})}
+    rows = [
+        f"| {where} | {level} | {report['coverage']:.3f} | {report['mean_set_size']:.2f} | "
+        + " / ".join(f"{c['coverage']:.2f}, {c['mean_set_size']:.2f}" for c in report["by_class"].values()) + " |"
+        for where, by_level in checks.items()
+        for level, report in by_level.items() if isinstance(report, dict)
+    ]
+    return [
+        "",
+        f"**Prediction sets.** `conformal.json` holds class-conditional split-conformal thresholds fitted on the {sets['fitted_on']}: "
+        "the 90% (95%) set holds every label whose calibrated probability reaches that label's threshold, and contains the true "
+        "label for at least 90% (95%) of X-rays of each class, on data like the validation split. A set of two or three labels "
+        "says the model cannot tell those apart at that confidence. Coverage and mean set size measured on data the fit did not see:",
+        "",
+        f"| held out | level | coverage | mean set size | per class ({' / '.join(sets['labels'])}): coverage, size |",
+        "|---|---|---|---|---|",
+        *rows,
+    ]
 
 
 def replace_reliability_section(card_text: str, summary: dict) -> str:

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr.folders import write_text_atomic
+
 CONFORMAL_FILE = "conformal.json"
 LEVELS = (0.90, 0.95)  # coverage levels fitted and stored; the app shows the last
 
@@ -92,9 +94,7 @@ class PredictionSets:
             "min_probability": self.thresholds,
             "fitted_on_images_per_class": self.fitted_on,
         }
-        scratch = path.with_name(f".{path.name}.partial")
-        scratch.write_text(json.dumps(document, indent=2))
-        scratch.replace(path)  # atomic: a reader sees the old file or the new one
+        write_text_atomic(path, json.dumps(document, indent=2))
         return path
 
     @classmethod

@@ -408,12 +408,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
         return Image.fromarray(_stretch_to_uint8(np.asarray(image)), mode="L").convert("RGB")
     if image.mode == "P":
-        image = image.convert("RGBA")
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
-        # Transparent areas become black, the background of an X-ray.
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        # Transparent areas become black, the background of an X-ray: black pasted through the inverted alpha, which
+        # costs one RGB copy and two alpha bands where a composite over a black RGBA image cost four full copies.
+        if image.mode not in ("RGBA", "LA"):
+            image = image.convert("RGBA")
+        transparency = image.getchannel("A").point(lambda alpha: 255 - alpha)
+        rgb = image.convert("RGB")
+        rgb.paste((0, 0, 0), mask=transparency)
+        return rgb
     return image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
 
 

@@ -44,7 +44,7 @@ BAD = {  # file name -> (bytes, words the message must contain)
     "notes.txt": (lambda: b"this is a text file, not an X-ray\n" * 20, "not an image"),
     "disguised.png": (lambda: b"this is a text file, not an X-ray\n" * 20, "not an image"),
     "truncated.jpeg": (lambda: encode(Image.fromarray(chest_like(), "L"), "JPEG")[:600], "truncated"),
-    "bomb.png": (lambda: png_claiming_size(50_000, 50_000), "megapixels"),
+    "bomb.png": (lambda: png_claiming_size(6325, 6325), "6325 x 6325 px; images over 40 megapixels"),  # under Pillow's own bomb limit
     "empty.png": (lambda: b"", "empty"),
     "broken.dcm": (lambda: b"\0" * 128 + b"DICM" + b"\x02\x00" * 40, "DICOM"),
 }
@@ -86,7 +86,8 @@ def served(tiny_model_dir):
 @pytest.mark.parametrize("name", GOOD)
 def test_every_image_kind_gets_three_labels_an_overlay_and_the_xray_check(classifier, tmp_path, name):
     warning, scores, overlay, check = app.predict(classifier, str(write(tmp_path, name, GOOD)))
-    assert set(check) == {"looks_like_chest_xray", "ood_score", "threshold", "score"}
+    assert set(check) == {"looks_like_chest_xray", "ood_score", "threshold", "score", "prediction_sets"}
+    assert set(check["prediction_sets"]) == {"90%", "95%"} and set(check["prediction_sets"]["95%"]) <= LABELS
     assert isinstance(check["looks_like_chest_xray"], bool) and check["score"] == "mahalanobis"
     assert check["looks_like_chest_xray"] == (check["ood_score"] <= check["threshold"])
     assert bool(warning) == (not check["looks_like_chest_xray"])  # the warning shows exactly when the check fails
@@ -253,6 +254,7 @@ def test_app_client_and_pipeline_agree(served, classifier, tiny_model_dir, tmp_p
     for label_name in LABELS:
         assert via_client[label_name] == pytest.approx(in_app[label_name], abs=1e-5)
         assert via_pipeline[label_name] == pytest.approx(in_app[label_name], abs=1e-5)
+    assert check.pop("prediction_sets") == check_in_app.pop("prediction_sets") == classify(classifier, [path])[0].prediction_sets
     assert check == pytest.approx(check_in_app)
 
 
@@ -260,7 +262,7 @@ def test_app_client_and_pipeline_agree(served, classifier, tiny_model_dir, tmp_p
 
 
 def test_no_model_exits_with_the_training_command_and_no_traceback(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(tmp_path / "gradio"))
     env.pop("XRAY_MODEL", None)
     result = subprocess.run(
         [sys.executable, str(REPO / "app.py"), "--model", str(tmp_path / "no-model-here")],
@@ -373,6 +375,7 @@ def test_the_preview_is_the_image_as_the_loader_decodes_it(classifier, tmp_path,
 
 
 MARKUP_NAME = "<img src=x onerror=alert(1)><b>bold.png"  # a file name may hold any character but '/'
+MARKUP_DICOM = "<b>MONO</b><img src=x>"  # a DICOM's Photometric Interpretation, which the decoder's message quotes
 
 
 def test_error_messages_are_plain_text_even_when_the_file_name_is_markup(classifier, tmp_path):
@@ -384,7 +387,31 @@ def test_error_messages_are_plain_text_even_when_the_file_name_is_markup(classif
             call(classifier, str(path))
         message = raised.value.message
         assert "<" not in message and ">" not in message
-        assert "&lt;img src=x onerror=alert(1)&gt;&lt;b&gt;bold.png" in message and "not an image" in message
+        assert "img src=x onerror=alert(1)" in message and "bold.png" in message and "not an image" in message
+    scan = tmp_path / "scan.dcm"
+    scan.write_bytes(dicom_bytes(np.zeros((160, 200), np.uint16), photometric=MARKUP_DICOM))
+    with pytest.raises(gr.Error) as raised:
+        app.predict(classifier, str(scan))
+    assert "MONO" in raised.value.message and "<" not in raised.value.message
+    # The loader already keeps markup out of its own messages; the app escapes whatever else an error may quote.
+    assert app.plain_error("<b>x</b> & <img src=y>").message == "&lt;b&gt;x&lt;/b&gt; &amp; &lt;img src=y&gt;"
+
+
+def test_uploads_are_decoded_in_a_worker_capped_in_time(classifier, tmp_path, monkeypatch):
+    """A stranger's file is decoded in a worker process with time and memory caps (cxr.images, isolate=True)."""
+    import cxr.images
+
+    path = write(tmp_path, "gray.png", GOOD)
+    monkeypatch.setattr(cxr.images, "DECODE_SECONDS", 1e-6)  # no decode finishes in time, so the cap must show
+    for call in (app.predict, app.preview):
+        with pytest.raises(gr.Error, match="took longer than"):
+            call(classifier, str(path))
+
+
+def test_the_bars_are_headed_by_the_95_percent_prediction_set():
+    sets = {"90%": ["Bacterial pneumonia"], "95%": ["Bacterial pneumonia", "Viral pneumonia"]}
+    assert app.prediction_set_heading({"prediction_sets": sets}) == "95% set: bacterial or viral pneumonia"
+    assert app.prediction_set_heading({"prediction_sets": None}) == "Prediction"  # a folder without conformal.json
 
 
 def test_a_pasted_image_is_classified_and_a_file_wins_over_it(served, tmp_path):
@@ -405,27 +432,33 @@ def test_a_pasted_image_is_classified_and_a_file_wins_over_it(served, tmp_path):
 def test_a_full_queue_refuses_the_next_request_at_once(tiny_model_dir, monkeypatch):
     """CONCURRENCY_LIMIT requests run, QUEUE_SIZE wait, and one more is refused ("queue is full"), not queued."""
     from gradio_client import Client, handle_file
+    from gradio_client.utils import Status
 
     monkeypatch.setattr(app, "QUEUE_SIZE", 2)  # small, so the test needs few requests; build_demo reads it
     release = threading.Event()
-    monkeypatch.setattr(app, "predict", lambda classifier, path: (release.wait(60), ("", {"Normal": 1.0}, None, {}))[1])
+    monkeypatch.setattr(app, "predict", lambda classifier, path: (release.wait(120), ("", {"Normal": 1.0}, None, {}))[1])
     demo = app.build_demo(str(tiny_model_dir), examples=None)
     demo.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)
+
+    def submit_and_wait_for(status):
+        job = client.submit(xray, api_name="/predict")
+        deadline = time.monotonic() + 60
+        while job.status().code != status and not job.done() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return job
+
     try:
         client = Client(demo.local_url, verbose=False)
         xray = handle_file(str(app.EXAMPLES_DIR / "NORMAL2-IM-0772-0001.jpeg"))
-        jobs = [client.submit(xray, api_name="/predict") for _ in range(app.CONCURRENCY_LIMIT + app.QUEUE_SIZE + 1)]
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not any(job.done() for job in jobs):
-            time.sleep(0.2)
-        time.sleep(1)  # the refusal comes at once, while the others still wait: nothing else may be done
-        refused = [job for job in jobs if job.done()]
-        assert len(refused) == 1
+        running = [submit_and_wait_for(Status.PROCESSING) for _ in range(app.CONCURRENCY_LIMIT)]
+        waiting = [submit_and_wait_for(Status.IN_QUEUE) for _ in range(app.QUEUE_SIZE)]
+        assert [job.status().code for job in running + waiting] == [Status.PROCESSING] * len(running) + [Status.IN_QUEUE] * len(waiting)
+        one_more = submit_and_wait_for(Status.FINISHED)
+        assert one_more.done(), f"the request past the queue's limit was not refused: {one_more.status().code}"
         with pytest.raises(Exception, match="(?i)queue is full"):
-            refused[0].result()
+            one_more.result()
         release.set()
-        answers = [job.result(timeout=60) for job in jobs if job is not refused[0]]
-        assert len(answers) == app.CONCURRENCY_LIMIT + app.QUEUE_SIZE
+        assert all(job.result(timeout=60)[1]["label"] == "Normal" for job in running + waiting)  # the accepted ones are answered
     finally:
         release.set()
         demo.close()

@@ -1,8 +1,9 @@
-"""The app in a real (headless) Chromium: upload an X-ray, read the three labels, see the overlay, survive a bad file,
-and see the warning above the labels when the upload is not a chest X-ray.
+"""The app in a real (headless) Chromium: upload an X-ray, see it as the model sees it (DICOM too) before submitting,
+read the three labels, see the overlay, click a shipped example, survive a bad file (whose name is markup, shown as
+text), and see the warning above the labels when the upload is not a chest X-ray.
 
 Skips where Chromium or chromedriver is absent (Debian: apt-get install chromium chromium-driver).
-Set SCREENSHOT_DIR to keep the screenshot of the page with a result.
+Set SCREENSHOT_DIR to keep the screenshots of the page with a result (an upload; an example clicked).
 """
 
 import os
@@ -13,19 +14,17 @@ import pytest
 from PIL import Image
 
 import app
-from test_app import LABELS, free_port
+from inputs import dicom_bytes
+from test_app import LABELS, MARKUP_DICOM, free_port
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 TIMEOUT = 60  # seconds; a result takes about one on two CPU cores
 
 
 @pytest.fixture(scope="module")
-def page_url(tiny_model_dir, tmp_path_factory):
-    """The app as `main()` launches it, with a folder of examples, on a free loopback port."""
-    examples = tmp_path_factory.mktemp("examples")
-    y, x = np.mgrid[0:256, 0:320]
-    Image.fromarray(((np.sin(x / 23.0) * np.cos(y / 19.0) + 1) * 120).astype(np.uint8), "L").save(examples / "example-chest.png")
-    args = app.parse_args(["--model", str(tiny_model_dir), "--examples", str(examples), "--port", str(free_port())])
+def page_url(tiny_model_dir):
+    """The app as `main()` launches it, with its default (shipped) examples, on a free loopback port."""
+    args = app.parse_args(["--model", str(tiny_model_dir), "--port", str(free_port())])
     demo = app.build_demo(args.model, args.examples)
     demo.launch(**app.launch_options(args), prevent_thread_lock=True, quiet=True)
     yield demo.local_url
@@ -136,6 +135,9 @@ def test_upload_shows_three_labels_and_the_overlay(browser, page_url, tiny_model
     # has only seen synthetic ones, so either can happen).
     [prediction] = classify(load_classifier(tiny_model_dir), [xray])
     assert ("does not look like a pediatric chest X-ray" in warning_text(browser)) == (prediction.looks_like_chest_xray is False)
+    # The bars are headed by the model's 95% prediction set.
+    assert prediction.prediction_set_line.startswith("95% set: ")
+    assert prediction.prediction_set_line in browser.find_element(By.ID, "prediction").text
 
     screenshot_dir = Path(os.environ.get("SCREENSHOT_DIR") or tmp_path)
     screenshot_dir.mkdir(parents=True, exist_ok=True)
@@ -177,12 +179,62 @@ def test_a_photo_gets_the_warning_above_the_labels_and_the_check_says_why(browse
     assert "looks_like_chest_xray" in check and "false" in check and "ood_score" in check
 
 
-def test_an_example_from_the_users_folder_runs(browser, page_url):
+def preview_width(browser) -> int:
+    """The natural width of the image shown in the preview ("what the model sees"), 0 while there is none."""
+    from selenium.webdriver.common.by import By
+
+    images = browser.find_elements(By.CSS_SELECTOR, "#xray-preview img")
+    return max([browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) or 0 for image in images], default=0)
+
+
+def test_a_dicom_upload_shows_what_the_model_sees_before_submitting(browser, page_url, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    y, x = np.mgrid[0:160, 0:200]
+    scan = tmp_path / "scan.dcm"
+    scan.write_bytes(dicom_bytes(((x * 13 + y * 7) % 4096).astype(np.uint16)))  # 12-bit values, no browser shows this file
+    open_page(browser, page_url)
+    assert preview_width(browser) == 0
+    browser.find_element(By.CSS_SELECTOR, "#xray-file input[type=file]").send_keys(str(scan))
+    WebDriverWait(browser, TIMEOUT).until(lambda driver: preview_width(driver) == 200)  # decoded by our loader, before any Submit
+    assert not label_names(browser)
+    click_button(browser, "Submit")
+    assert wait_for_result(browser) == LABELS
+
+
+def test_a_shipped_example_is_a_thumbnail_that_runs_when_clicked(browser, page_url):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     open_page(browser, page_url)
-    click_button(browser, "example-chest.png")
-    WebDriverWait(browser, TIMEOUT).until(lambda driver: "example-chest" in driver.find_element(By.ID, "xray-file").text)
+    thumbnails = browser.find_elements(By.CSS_SELECTOR, "button.gallery-item img")
+    assert len(thumbnails) == 3
+    WebDriverWait(browser, TIMEOUT).until(lambda driver: all(driver.execute_script("return arguments[0].naturalWidth", t) for t in thumbnails))
+    thumbnails[0].click()
+    WebDriverWait(browser, TIMEOUT).until(lambda driver: preview_width(driver) == 1024)  # the example, shown as the model gets it
     click_button(browser, "Submit")
     assert wait_for_result(browser) == LABELS
+    WebDriverWait(browser, TIMEOUT).until(overlay_loaded)
+    screenshot_dir = Path(os.environ.get("SCREENSHOT_DIR") or "/nonexistent")
+    if os.environ.get("SCREENSHOT_DIR"):
+        screenshot_dir.mkdir(parents=True, exist_ok=True)
+        assert browser.save_screenshot(str(screenshot_dir / "app_example_clicked.png"))
+
+
+def test_markup_in_a_decoder_message_is_shown_as_text_not_rendered(browser, page_url, tmp_path):
+    """Gradio renders error messages as HTML; ours quote what the decoder says about the file (here a DICOM's
+    Photometric Interpretation, written as tags), which must stay text. (Gradio strips '<' and '>' from uploaded
+    file names itself.)"""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    bad = tmp_path / "scan.dcm"
+    bad.write_bytes(dicom_bytes(np.zeros((160, 200), np.uint16), photometric=MARKUP_DICOM))
+    open_page(browser, page_url)
+    browser.find_element(By.CSS_SELECTOR, "#xray-file input[type=file]").send_keys(str(bad))
+    toast = '[data-testid="toast-text"]'
+    WebDriverWait(browser, TIMEOUT).until(lambda driver: any("scan.dcm" in e.text for e in driver.find_elements(By.CSS_SELECTOR, toast)))
+    texts = [e.text for e in browser.find_elements(By.CSS_SELECTOR, toast)]
+    assert any("MONO" in text and "<" not in text for text in texts), texts  # the loader turns markup characters into '?'
+    assert not browser.find_elements(By.CSS_SELECTOR, f"{toast} img, {toast} b")

@@ -69,6 +69,9 @@ def test_train_vit_stores_the_thresholds_and_their_coverage(tiny_model_dir):
             assert 0.0 <= report[level]["coverage"] <= 1.0 and 0.0 <= report[level]["mean_set_size"] <= 3.0
             assert set(report[level]["by_class"]) == set(NAMES)
     assert load_classifier(tiny_model_dir).prediction_sets.thresholds == stored["min_probability"]
+    card = (tiny_model_dir / "README.md").read_text()
+    held_out = metrics["by_split"]["test"]["95%"]
+    assert "**Prediction sets.**" in card and f"| test | 95% | {held_out['coverage']:.3f} | {held_out['mean_set_size']:.2f} |" in card
 
 
 @pytest.fixture

@@ -366,7 +366,7 @@ def test_a_hostile_data_folder_is_reported_file_by_file_and_left_unchanged(tmp_p
     png = bytearray(good["normal/normal_0.png"])
     png[len(png) // 2 :: 7] = bytes(len(png[len(png) // 2 :: 7]))  # damaged pixel data behind an intact header
     (normal / "damaged.png").write_bytes(bytes(png))
-    (normal / "bomb.png").write_bytes(png_claiming_size(60_000, 60_000))
+    (normal / "bomb.png").write_bytes(png_claiming_size(6325, 6325))  # over our limit, under Pillow's own
     os.mkfifo(normal / "pipe.png")  # opening it for reading would wait for a writer forever
     os.symlink("/dev/zero", normal / "zeros.png")  # reading it would never end
     os.symlink(tmp_path / "nowhere.png", normal / "dangling.png")
@@ -380,7 +380,7 @@ def test_a_hostile_data_folder_is_reported_file_by_file_and_left_unchanged(tmp_p
     skipped = {Path(path).name: reason for path, reason in report.skipped}
     assert expected_skips <= set(skipped), f"not reported: {expected_skips - set(skipped)}"
     assert "not a regular file" in skipped["pipe.png"] and "not a regular file" in skipped["zeros.png"]
-    assert "megapixels" in skipped["bomb.png"]
+    assert "6325 x 6325 px; images over 40 megapixels" in skipped["bomb.png"]
     assert sum(sum(per_class.values()) for per_class in report.counts.values()) == len(good)  # every good image kept
     assert fingerprint(source) == before  # nothing in the source was changed, added or removed
 
@@ -441,7 +441,7 @@ def test_uploads_are_deleted_and_the_queue_cannot_be_skipped(tiny_model_dir, tmp
     cache = tmp_path / "gradio-cache"
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
     monkeypatch.setattr(app, "DELETE_CACHE", (1, 1))  # the app's (60, 120), faster
-    demo = app.build_demo(str(tiny_model_dir))
+    demo = app.build_demo(str(tiny_model_dir), examples=None)  # examples stay cached by design; only uploads must go
     assert demo._queue.max_size == app.QUEUE_SIZE and demo._queue.default_concurrency_limit == app.CONCURRENCY_LIMIT
     [predict] = [fn for fn in demo.fns.values() if fn.api_name == "predict"]
     assert predict.queue and predict.concurrency_limit == "default" and demo.api_open is False
