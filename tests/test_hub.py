@@ -17,7 +17,7 @@ from cxr.hub import model_folder_files, publish_model_folder
 
 TINY = ["--synthetic_images_per_class", "40", "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--disable_tqdm", "true", "--report_to", "none"]
 MODEL_FOLDER = [
-    "README.md", "config.json", "confusion_matrix_test.png", "confusion_matrix_validation.png", "metrics.json",
+    "README.md", "config.json", "conformal.json", "confusion_matrix_test.png", "confusion_matrix_validation.png", "metrics.json",
     "model.safetensors", "ood.safetensors", "preprocessor_config.json", "training_curves.png",
 ]
 
