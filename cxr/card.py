@@ -21,6 +21,10 @@ NETWORKS = {
     "deit": ("A Vision Transformer (DeiT)", "ViT"),
     "resnet": ("A convolutional network (ResNet)", "ResNet"),
     "convnext": ("A convolutional network (ConvNeXt)", "ConvNeXt"),
+    "swin": ("A Swin Transformer (windowed attention)", "Swin"),
+    "pvt_v2": ("A Pyramid Vision Transformer v2 (PVTv2)", "PVTv2"),
+    "mobilevitv2": ("A MobileViT V2 (convolution-transformer hybrid)", "MobileViT"),
+    "cvt": ("A Convolutional vision Transformer (CvT)", "CvT"),
 }
 
 HEADLINE = [

@@ -147,6 +147,7 @@ def test_train_vit_turns_a_swin_folder_into_a_complete_model_folder(swin_model_d
     metrics = json.loads((swin_model_dir / "metrics.json").read_text())
     assert config["model_type"] == "swin" and config["calibration_temperature"] == pytest.approx(metrics["calibration"]["temperature"])
     assert 0.0 <= metrics["test"]["macro_f1"] <= 1.0
+    assert "A Swin Transformer (windowed attention)" in (swin_model_dir / "README.md").read_text()  # the card names the family
 
     image = Image.fromarray(chest_like(), "L").convert("RGB")
     result = pipeline("image-classification", model=str(swin_model_dir))(image, top_k=3)

@@ -111,7 +111,7 @@ def test_the_space_starts_as_spaces_starts_it_and_answers_from_the_hub_cache(spa
         example = sorted((space / "examples").glob("*.jpeg"))[0]
         warning, label, _, check = client.predict(handle_file(str(example)), api_name="/predict")
         assert {item["label"] for item in label["confidences"]} == LABELS
-        assert set(check) == {"looks_like_chest_xray", "ood_score", "threshold", "score"} and check["score"] == "mahalanobis"
+        assert set(check) == {"looks_like_chest_xray", "ood_score", "threshold", "score", "prediction_sets"} and check["score"] == "mahalanobis"
         assert bool(warning) == (not check["looks_like_chest_xray"])
         page = client.config
         assert MODEL_ID in str(page)  # the description names the model it serves
