@@ -67,6 +67,8 @@ def test_requirements_are_slim_pinned_as_the_repository_and_take_pytorchs_cpu_wh
     assert pinned["torch"] == pins()["torch"] and pinned["gradio"] == pins()["gradio"]
     assert all(pins()[name.lower().replace("_", "-")] == version for name, version in pinned.items())
     assert not {"pytest", "selenium", "hypothesis", "optuna", "onnx", "onnxruntime", "scikit-image", "datasets", "accelerate"} & set(pinned)
+    # pydicom finds its decoders at run time, not by import: compressed DICOM uploads need them listed
+    assert {"pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pyjpegls"} <= set(pinned)
 
 
 def test_requirements_cover_every_package_the_app_imports_at_start(space):
