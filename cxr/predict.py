@@ -117,27 +117,24 @@ def _load_classifier(model: str | Path, device: str | int | None = None, int8: b
 
 def load_ood_detector(model: str, local: bool) -> OodDetector | None:
     """The out-of-distribution statistics saved beside the weights (local folder or Hub copy), or None where there are none."""
-    if local:
-        path = Path(model).expanduser() / OOD_FILE
-        return OodDetector.load(path) if path.is_file() else None
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return OodDetector.load(hf_hub_download(model, OOD_FILE))
-    except Exception:  # a Hub model without the file, or offline: no flag, as for an older folder
-        return None
+    return load_beside_weights(model, local, OOD_FILE, OodDetector.load)
 
 
 def load_prediction_sets(model: str, local: bool) -> PredictionSets | None:
     """The prediction-set thresholds saved beside the weights (conformal.json), or None where there are none."""
+    return load_beside_weights(model, local, CONFORMAL_FILE, PredictionSets.load)
+
+
+def load_beside_weights(model: str, local: bool, name: str, load):
+    """`load(path)` of the file `name` in the model folder or its Hub copy; None where the folder has none."""
     if local:
-        path = Path(model).expanduser() / CONFORMAL_FILE
-        return PredictionSets.load(path) if path.is_file() else None
+        path = Path(model).expanduser() / name
+        return load(path) if path.is_file() else None
     try:
         from huggingface_hub import hf_hub_download
 
-        return PredictionSets.load(hf_hub_download(model, CONFORMAL_FILE))
-    except Exception:  # a Hub model without the file, or offline: no sets, as for an older folder
+        return load(hf_hub_download(model, name))
+    except Exception:  # a Hub model without the file, or offline: left out, as for an older folder
         return None
 
 
