@@ -38,7 +38,7 @@ from cxr.folders import staging_folder, staging_path, swap_in, write_text_atomic
 from cxr.hub import publish_model_folder
 from cxr.metrics import plot_confusion_matrix, plot_training_curves, softmax, trainer_metrics
 from cxr.models import DEFAULT_CHECKPOINT, DEFAULT_MODEL_DIR, PRESETS, build_model, input_size, load_teacher
-from cxr.reliability import describe_reliability, fit_reliability, save_prediction_sets, save_reliability
+from cxr.reliability import describe_reliability, fit_reliability, save_reliability
 from cxr.training import XrayTrainer, check_writable, checkpoint_to_resume, class_weights, collate, peak_memory_mib, pixel_transform, weighted_loss
 from hf_data import DISPLAY_NAMES
 
@@ -234,8 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         **results,
     }
     write_text_atomic(staging / "metrics.json", json.dumps(summary, indent=2))
-    save_reliability(staging, ood_detector, reliability)  # ood.safetensors, and the calibration figures into metrics.json
-    save_prediction_sets(staging, reliability)  # conformal.json: the prediction sets' thresholds
+    save_reliability(staging, ood_detector, reliability)  # ood.safetensors, conformal.json, and their figures into metrics.json
     card = render_model_card(
         model=trainer.model,
         origin=origin,

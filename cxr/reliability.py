@@ -413,9 +413,11 @@ def save_prediction_sets(model_dir: str | Path, summary: dict) -> Path:
 
 
 def save_reliability(model_dir: str | Path, detector: OodDetector, summary: dict) -> None:
-    """Write the detector and merge the summary into the folder's metrics.json (the weights are saved by the caller)."""
+    """Write the detector and the prediction-set thresholds, and merge the summary into the folder's metrics.json (the
+    weights are saved by the caller)."""
     model_dir = Path(model_dir)
     detector.save(model_dir)
+    save_prediction_sets(model_dir, summary)
     metrics_file = model_dir / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     metrics.update(summary)
@@ -516,7 +518,6 @@ def main(argv: list[str] | None = None) -> int:
         if (args.model_dir / name).is_file():
             shutil.copy2(args.model_dir / name, staging / name)
     save_reliability(staging, detector, summary)
-    save_prediction_sets(staging, summary)
     update_card(staging, summary)
     swap_in(staging, args.model_dir, replaced=("*.onnx",))
     print(describe_reliability(summary))
