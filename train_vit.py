@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         # workers over gloo. Without this, accelerate treats each process as a separate run, all writing one folder.
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     parser = HfArgumentParser((DataArguments, ModelArguments, SearchArguments, XrayTrainingArguments), description=__doc__.split("\n")[0])
-    given_argv = sys.argv[1:] if argv is None else argv
+    from_command_line, given_argv = argv is None, sys.argv[1:] if argv is None else argv
     argv = with_recipe(given_argv)
     data_args, model_args, search_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     publish, training_args.push_to_hub = training_args.push_to_hub, False  # Trainer never pushes: the finished folder is published at the end
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary |= calibrated_parts(summary, reliability)  # the calibration, X-ray check and sets, in the one metrics.json
     # run.json: the options as typed, with any --recipe expanded (the card shows every option), and as resolved.
     record = run_record(
-        given=given_argv, expanded=argv, program=Path(sys.argv[0]).name,
+        given=given_argv, expanded=argv, program=Path(sys.argv[0]).name if from_command_line else "train_vit.py",
         model=model_args, data=options_of(data_args) | {"prepared_dir": str(prepared_dir.resolve()), "source": str(data_args.source), "synthetic": data_args.synthetic},
         search=search_args, training=options_of(training_args) | {"push_to_hub": publish},
     )
