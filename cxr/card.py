@@ -68,7 +68,7 @@ def hub_eval_results(metrics: dict, class_keys: list[str], display_names: list[s
         for key, label in HEADLINE
         if key in metrics
     ]
-    for key, name in zip(class_keys, display_names):
+    for key, name in zip(class_keys, display_names, strict=True):
         for metric_type in ("precision", "recall"):
             results.append(EvalResult(**dataset, metric_type=metric_type, metric_args={"average": "binary", "pos_label": key},
                                       metric_name=f"{metric_type.capitalize()} ({name})", metric_value=round(metrics[f"{metric_type}_{key}"], 4)))
@@ -105,7 +105,7 @@ def render_model_card(record: dict, summary: dict) -> ModelCard:
             f1=f"{metrics[f'f1_{key}']:.3f}",
             support=metrics[f"support_{key}"],
         )
-        for key, name in zip(class_keys, display_names)
+        for key, name in zip(class_keys, display_names, strict=True)
     ]
     network, network_short = NETWORKS.get(network_facts["model_type"], (f"A `{network_facts['architecture']}`", "network"))
     data_description = (

@@ -108,6 +108,7 @@ def warn_if_other_split(model_dir: Path, dataset) -> None:
     before = trained_split_sizes(model_dir)
     if before and before != now:
         print(
-            f"Warning: these splits ({now}) differ from the ones the model was trained with ({before}). If validation images were "
-            "training images, the temperature and threshold are fitted on seen data: use the same data, --validation_fraction and --seed."
+            f"Warning: these splits ({now}) differ from the ones the model was trained with ({before}). "
+            "If validation images were training images, the temperature and threshold are fitted on seen data: "
+            "use the same data, --validation_fraction and --seed."
         )

@@ -24,7 +24,7 @@ ID2LABEL = {0: "Bacterial pneumonia", 1: "Normal", 2: "Viral pneumonia"}
 
 @pytest.fixture
 def saved_vit(tmp_path):
-    """A scratch-tiny ViT saved with `save_pretrained` (as Trainer saves a checkpoint), and a fresh one to reload into."""
+    """A scratch-tiny ViT saved by `save_pretrained` (as in a Trainer checkpoint) and a fresh one to load it into."""
     torch.manual_seed(0)
     saved, _, _ = build_model("scratch-tiny", ID2LABEL)
     saved.save_pretrained(tmp_path / "checkpoint-1")
@@ -88,11 +88,15 @@ def torn_reads(save, folder: Path, seconds: float = 20.0) -> set[int]:
 def test_canary_stock_gradio_save_pil_to_cache_still_rewrites_a_shared_file_in_place(tmp_path):
     """Gradio 6.31 (no upstream issue found): install_gradio_cache_patch."""
     assert torn_reads(workarounds.stock_save_pil_to_cache(), tmp_path), (
-        "Gradio's own save_pil_to_cache no longer tears a file being read: delete the Gradio patch from cxr/workarounds.py")
+        "Gradio's own save_pil_to_cache no longer tears a file being read: delete its patch from cxr/workarounds.py"
+    )
 
 
 def test_the_gradio_patch_is_installed_by_the_demo_not_by_importing_the_app(tiny_model_dir, monkeypatch):
-    check = "import gradio.processing_utils as p, app, cxr.workarounds as w; assert p.save_pil_to_cache is not w.save_pil_to_cache"
+    check = (
+        "import gradio.processing_utils as p, app, cxr.workarounds as w; "
+        "assert p.save_pil_to_cache is not w.save_pil_to_cache"
+    )
     imported = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True)
     assert imported.returncode == 0, imported.stderr[-2000:]
 
