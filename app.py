@@ -24,14 +24,12 @@ import argparse
 import html
 import os
 import re
-import tempfile
 from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning, so a busy machine's cores are not starved; set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import gradio as gr  # noqa: E402 (after the environment setting above)
-from gradio import processing_utils
 from PIL import Image
 from transformers import Pipeline
 
@@ -40,6 +38,7 @@ from cxr.images import MAX_FILE_BYTES, ImageLoadError, load_image
 from cxr.models import DEFAULT_MODEL_DIR, input_size
 from cxr.predict import IMAGE_SUFFIXES, ModelNotFoundError, classify, load_classifier, model_summary
 from cxr.saliency import saliency_overlay
+from cxr.workarounds import install_gradio_cache_patch
 
 # Serving limits for a small CPU box; docs/deployment.md has the measurements behind them.
 CONCURRENCY_LIMIT = 2  # one prediction in Python while the other keeps torch busy; each slot may hold a worst-case decode
@@ -72,31 +71,6 @@ NOT_AN_XRAY = (
     "The probabilities below mean nothing for it. If it is a chest X-ray, check that it is the right way up, "
     "not inverted (bones should be bright), and not a photo of a screen."
 )
-
-
-def save_pil_to_cache(image: Image.Image, cache_dir: str, name: str = "image", format: str = "webp") -> str:
-    """Gradio's `processing_utils.save_pil_to_cache`, made safe for identical answers at the same time.
-
-    Gradio 6.31 names a cached image after the hash of its bytes and rewrites that file in place on every answer.
-    Two users uploading the same X-ray (a class clicking one example) get byte-identical overlays, so one user's
-    download could read the file while the other's answer had just truncated it: 6 of 300 requests failed that
-    way with 20 clients sending one image (benchmarks.load). Here an existing copy is reused, and a new one is
-    written under a temporary name and renamed into place, as Gradio already does for files
-    (`processing_utils.save_file_to_cache`)."""
-    data = processing_utils.encode_pil_to_bytes(image, format)
-    folder = Path(cache_dir) / processing_utils.hash_bytes(data)
-    folder.mkdir(exist_ok=True, parents=True)
-    path = (folder / f"{name}.{format}").resolve()
-    if path.exists():
-        os.utime(path)  # the cache clean-up ages files by their time: this answer needs the copy for a while yet
-        return str(path)
-    with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{name}.", delete=False) as staging:
-        staging.write(data)
-    os.replace(staging.name, path)
-    return str(path)
-
-
-processing_utils.save_pil_to_cache = save_pil_to_cache  # gr.Image outputs call it through this module attribute
 
 
 def plain_error(message: str) -> gr.Error:
@@ -212,6 +186,7 @@ def find_examples(folder: str | Path | None) -> list[list[str | None]]:
 def build_demo(model: str = DEFAULT_MODEL_DIR, examples: str | Path | None = EXAMPLES_DIR) -> gr.Interface:
     """The Interface for `model` (a local folder or Hub id), loaded once here, with its queue limits (CONCURRENCY_LIMIT,
     QUEUE_SIZE) and upload clean-up (DELETE_CACHE); raises ModelNotFoundError if the model is absent."""
+    install_gradio_cache_patch()  # identical answers share one cached overlay: write it whole (cxr.workarounds)
     classifier = load_classifier(model)
 
     def classify_xray(xray: str | None = None, pasted: str | None = None) -> tuple[str, dict[str, float], Image.Image, dict]:

@@ -1,7 +1,7 @@
 """Pretrain a ViT on the training X-rays themselves by masked autoencoding (MAE): the offline stand-in for ImageNet weights.
 
-    python pretrain_mae.py --data_dir ../shared/data/chest_xray                 # writes outputs/mae-encoder
-    python train_vit.py --data_dir ../shared/data/chest_xray --recipe vit-mae   # fine-tunes it (README, "Train on the real X-rays")
+    python pretrain_mae.py --data_dir ~/Downloads/chest_xray                 # writes outputs/mae-encoder
+    python train_vit.py --data_dir ~/Downloads/chest_xray --recipe vit-mae   # fine-tunes it (README, "Train on the real X-rays")
 
 `ViTMAEForPreTraining` hides most of each image's patches and learns to paint them back from the rest; no labels are
 used. It predicts raw pixels; the MAE paper's per-patch normalised targets are an option (--norm_pix_loss).
@@ -32,6 +32,7 @@ from cxr.data import DataArguments, prepare_and_load
 from cxr.models import DEFAULT_ENCODER_DIR, PRESETS, PRETRAINING_FILE, preset_image_processor
 from cxr.folders import write_text_atomic
 from cxr.training import XrayTrainer, check_writable, checkpoint_to_resume, peak_memory_mib, pixel_transform
+from cxr.workarounds import add_mae_position_tables
 
 VIT_PRESETS = [name for name, (config_class, _) in PRESETS.items() if config_class is ViTConfig]
 
@@ -56,7 +57,7 @@ class MaeTrainingArguments(TrainingArguments):
     """`TrainingArguments` with MAE's usual settings (AdamW betas 0.9/0.95, weight decay 0.05, cosine schedule)."""
 
     output_dir: str = field(default=DEFAULT_ENCODER_DIR, metadata={"help": "The encoder folder to write (and its checkpoints)."})
-    num_train_epochs: float = field(default=10.0, metadata={"help": "Pretraining epochs over the training split (10: about 10 minutes for the Kermany train split on 2 CPU cores)."})
+    num_train_epochs: float = field(default=10.0, metadata={"help": "Pretraining epochs over the training split."})
     per_device_train_batch_size: int = field(default=64, metadata={"help": "Batch size per device."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Peak AdamW learning rate."})
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> Path:
             decoder_intermediate_size=4 * mae_args.decoder_hidden_size,
         )
     )
-    add_position_tables(model)
+    add_mae_position_tables(model)  # transformers leaves the fixed sin-cos tables at zero (cxr.workarounds)
     print(f"MAE: a {mae_args.model} encoder ({model.vit.num_parameters() / 1e6:.1f} M parameters) on {len(dataset['train'])} training images, "
           f"{mae_args.mask_ratio:.0%} of patches hidden; no labels are used.")
 
@@ -140,16 +141,6 @@ def main(argv: list[str] | None = None) -> Path:
     print(f"\nEncoder folder: {output_dir}  ({record['description']})")
     print(f"Fine-tune it:  python train_vit.py --data_dir {data_args.data_dir} --recipe vit-mae --model {output_dir}")
     return output_dir
-
-
-def add_position_tables(model: ViTMAEForPreTraining) -> None:
-    """Fill MAE's fixed sin-cos position tables, which transformers 5.23 leaves at zero in a model built from a config
-    (its weight init skips the encoder's table and zeroes the decoder's). Without them no patch knows where it is: the
-    decoder can only paint every hidden patch the same grey, and the loss stalls at the pixels' variance."""
-    embeddings = model.vit.embeddings
-    embeddings.patch_embeddings.projection._is_hf_initialized = False  # else initialize_weights returns at once
-    embeddings.initialize_weights()  # encoder: sin-cos table, patch projection and class token as in the MAE paper
-    model.decoder.initialize_weights(embeddings.patch_embeddings.num_patches)  # decoder: sin-cos table and mask token
 
 
 @torch.no_grad()

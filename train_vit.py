@@ -9,7 +9,8 @@
 One `main()`, top to bottom: typed arguments -> prepare the imagefolder tree (hf_data) -> load it -> model
 and image processor -> Trainer (augmentation, class-weighted loss, early stopping) -> train -> calibration
 temperature and out-of-distribution statistics (cxr.reliability) -> evaluate -> one model folder: weights
-(safetensors, temperature folded in), image processor, ood.safetensors, metrics.json, plots and the model card.
+(safetensors, temperature folded in), image processor, ood.safetensors, run.json (every resolved option), metrics.json,
+plots and the model card.
 Run with --help for every option (ours first, then the standard `TrainingArguments`).
 
 Several processes (`torchrun --nproc_per_node N train_vit.py ...` or `accelerate launch --multi_gpu --num_processes N
@@ -20,7 +21,6 @@ prepared once, by the process that saves, while the others wait; only that proce
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shlex
 import shutil
@@ -32,13 +32,14 @@ from pathlib import Path
 import torch
 from transformers import EarlyStoppingCallback, HfArgumentParser, TrainingArguments, set_seed
 
-from cxr.card import render_model_card
-from cxr.data import DataArguments, prepare_and_load
-from cxr.folders import staging_folder, staging_path, swap_in, write_text_atomic
+from cxr.card import hardware, render_model_card
+from cxr.data import DataArguments, default_prepared_dir, prepare_and_load
+from cxr.folders import staging_folder, staging_path, swap_in
 from cxr.hub import publish_model_folder
 from cxr.metrics import plot_confusion_matrix, plot_training_curves, softmax, trainer_metrics
 from cxr.models import DEFAULT_CHECKPOINT, DEFAULT_MODEL_DIR, PRESETS, build_model, input_size, load_teacher
 from cxr.reliability import describe_reliability, fit_reliability, save_reliability
+from cxr.run_record import calibrated_parts, options_of, run_record, write_metrics, write_run
 from cxr.training import XrayTrainer, check_writable, checkpoint_to_resume, class_weights, collate, peak_memory_mib, pixel_transform, weighted_loss
 from hf_data import DISPLAY_NAMES
 
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
         # workers over gloo. Without this, accelerate treats each process as a separate run, all writing one folder.
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     parser = HfArgumentParser((DataArguments, ModelArguments, SearchArguments, XrayTrainingArguments), description=__doc__.split("\n")[0])
-    argv = with_recipe(sys.argv[1:] if argv is None else argv)
+    from_command_line, given_argv = argv is None, sys.argv[1:] if argv is None else argv
+    argv = with_recipe(given_argv)
     data_args, model_args, search_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     publish, training_args.push_to_hub = training_args.push_to_hub, False  # Trainer never pushes: the finished folder is published at the end
     set_seed(training_args.seed)
@@ -140,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     last_checkpoint = checkpoint_to_resume(output_dir, model_args.resume, model_args.overwrite_output_dir, training_args.should_save)
 
     # Data: the user's folders -> an imagefolder tree of links -> a DatasetDict (train and validation split by patient).
+    prepared_dir = Path(data_args.prepared_dir or default_prepared_dir(data_args.source, data_args.validation_fraction, data_args.split_seed, data_args.keep_kaggle_val))
     dataset, report = prepare_and_load(data_args, training_args)
     class_keys = dataset["train"].features["label"].names
     id2label = {index: DISPLAY_NAMES[key] for index, key in enumerate(class_keys)}
@@ -217,46 +220,36 @@ def main(argv: list[str] | None = None) -> dict:
 
     trainer.save_model(str(staging))  # model (safetensors, calibrated head) + image processor: what pipeline() and app.py load
     if training_args.should_save:
-        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the model folder holds none (settings are in the card)
+        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the model folder holds none (settings are in run.json)
     if not trainer.is_world_process_zero():
         if training_args.should_save:  # --save_on_each_node: this node's copy of the weights
             swap_in(staging, output_dir, replaced=MODEL_FILES)
         return results
     plot_training_curves(trainer.state.log_history, staging / "training_curves.png")
-    eval_split = "test" if "test" in results else "validation"
-    command = "python " + shlex.join([Path(sys.argv[0]).name, *argv])  # with any --recipe expanded: the card shows every option
     summary = {
         "model_origin": asdict(origin) | {"description": origin.describe()},
+        "model": {
+            "architecture": type(trainer.model).__name__, "model_type": trainer.model.config.model_type,
+            "parameters": trainer.model.num_parameters(), "image_size": input_size(processor),
+            "class_keys": class_keys, "labels": list(id2label.values()),
+        },
         "data": {"source": str(data_args.source), "synthetic": data_args.synthetic, "counts": report.counts, "skipped": len(report.skipped)},
-        "train": train_result.metrics | {"peak_memory_mib": peak_memory_mib()},
+        "train": train_result.metrics | {"peak_memory_mib": peak_memory_mib(), "hardware": hardware()},
         "best_checkpoint": trainer.state.best_model_checkpoint,
         **({"search": search} if search else {}),
         **results,
     }
-    write_text_atomic(staging / "metrics.json", json.dumps(summary, indent=2))
-    save_reliability(staging, ood_detector, reliability)  # ood.safetensors, conformal.json, and their figures into metrics.json
-    card = render_model_card(
-        model=trainer.model,
-        origin=origin,
-        metrics=results[eval_split],
-        eval_split=eval_split,
-        class_keys=class_keys,
-        data_description=(
-            "SYNTHETIC generated stand-in images (not X-rays), for pipeline checks only; these figures say nothing about X-rays."
-            if data_args.synthetic
-            else f"{sum(report.counts['train'].values())} training images from `{data_args.source}` (Kermany et al. 2018 pediatric chest X-rays, CC BY 4.0)."
-        ),
-        synthetic_data=data_args.synthetic,
-        recipe=(
-            f"AdamW, learning rate {training_args.learning_rate:g}, weight decay {training_args.weight_decay:g}, batch {training_args.per_device_train_batch_size}, "
-            f"up to {training_args.num_train_epochs:g} epochs with early stopping, class-weighted cross-entropy, crop/rotation/exposure augmentation"
-        ),
-        train_runtime_s=train_result.metrics.get("train_runtime", 0.0),
-        command=command,
-        model_id=training_args.hub_model_id or output_dir.name,
-        image_size=input_size(processor),
-        reliability=reliability,
+    summary |= calibrated_parts(summary, reliability)  # the calibration, X-ray check and sets, in the one metrics.json
+    # run.json: the options as typed, with any --recipe expanded (the card shows every option), and as resolved.
+    record = run_record(
+        given=given_argv, expanded=argv, program=Path(sys.argv[0]).name if from_command_line else "train_vit.py",
+        model=model_args, data=options_of(data_args) | {"prepared_dir": str(prepared_dir.resolve()), "source": str(data_args.source), "synthetic": data_args.synthetic},
+        search=search_args, training=options_of(training_args) | {"push_to_hub": publish},
     )
+    write_run(staging, record)
+    write_metrics(staging, summary)
+    save_reliability(staging, ood_detector, reliability)  # ood.safetensors and conformal.json
+    card = render_model_card(record, summary)
     card.save(staging / "README.md")
     swap_in(staging, output_dir, replaced=MODEL_FILES)  # the old model (if any) is replaced in one step, its checkpoints carried over
     print(f"\nModel folder: {output_dir}  ({origin.describe()})")

@@ -16,9 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import statistics
 from collections import defaultdict
 from pathlib import Path
+
+from cxr.run_record import read_metrics, read_run
 
 COLUMNS = [
     ("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("f1_bacterial_pneumonia", "F1 bacterial"), ("f1_normal", "F1 normal"),
@@ -28,13 +31,11 @@ COLUMNS = [
 
 
 def recipe_of(folder: Path) -> str:
-    """The options the run was started with, from its model card (less --data_dir and --output_dir)."""
-    card = (folder / "README.md").read_text() if (folder / "README.md").is_file() else ""
-    found = re.search(r"\*\*Command:\*\* `python train_vit.py (.*?)`", card)
-    if not found:
+    """The options the run was started with, recipes expanded, from its run.json (less the data and output folders)."""
+    argv = read_run(folder).get("expanded_argv")
+    if argv is None:
         return "?"
-    options = re.sub(r"--(data_dir|output_dir|prepared_dir|save_total_limit) \S+ ?", "", found[1]).strip()
-    return options
+    return re.sub(r"--(data_dir|output_dir|prepared_dir|save_total_limit) \S+ ?", "", shlex.join(argv)).strip()
 
 
 def wall_minutes(summary: dict) -> str:
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     print("| model folder | split | " + " | ".join(title for _, title in COLUMNS) + " | wall time | peak memory |")
     print("|---|---|" + "---:|" * (len(COLUMNS) + 2))
-    summaries = {folder: json.loads((folder / "metrics.json").read_text()) for folder in args.folders}
+    summaries = {folder: read_metrics(folder) for folder in args.folders}
     for folder, summary in summaries.items():
         train = summary["train"]
         memory = f"{train['peak_memory_mib'] / 1024:.1f} GiB" if "peak_memory_mib" in train else "-"
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     for folder in args.folders:
         seeds[re.sub(r"--seed \S+ ?|--resume( [Tt]rue)? ?", "", recipe_of(folder)).strip()].append(folder)
     for options, folders in seeds.items():
-        if len(folders) < 2:
+        if len(folders) < 2 or options == "?":  # folders without a run.json are not known to share options
             continue
         print(f"\nAcross {len(folders)} seeds of `{options}` (validation split; mean ± standard deviation, range):\n")
         validation = [summaries[folder]["validation"] for folder in folders]

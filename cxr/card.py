@@ -68,80 +68,84 @@ def hub_eval_results(metrics: dict, class_keys: list[str], display_names: list[s
         for key, label in HEADLINE
         if key in metrics
     ]
-    for key, name in zip(class_keys, display_names):
+    for key, name in zip(class_keys, display_names, strict=True):
         for metric_type in ("precision", "recall"):
             results.append(EvalResult(**dataset, metric_type=metric_type, metric_args={"average": "binary", "pos_label": key},
                                       metric_name=f"{metric_type.capitalize()} ({name})", metric_value=round(metrics[f"{metric_type}_{key}"], 4)))
     return results
 
 
-def render_model_card(
-    *,
-    model,
-    origin,
-    metrics: dict,
-    eval_split: str,
-    class_keys: list[str],
-    data_description: str,
-    synthetic_data: bool,
-    recipe: str,
-    train_runtime_s: float,
-    command: str,
-    model_id: str,
-    image_size: int,
-    reliability: dict | None = None,
-) -> ModelCard:
-    """Build the card from the figures of one finished run. `metrics` are un-prefixed (`accuracy`, ...);
-    `image_size` is the input side in pixels (the image processor's); `reliability` is the summary of
-    `cxr.reliability.fit_reliability` (calibration and out-of-distribution check)."""
+def render_model_card(record: dict, summary: dict) -> ModelCard:
+    """Build the card of a finished run from its two records: `record` is the folder's run.json (the command and the
+    resolved options, `cxr.run_record`), `summary` its metrics.json (every figure, the model's make-up, calibration,
+    the X-ray check and prediction sets). The headline split is the test split where the run had one."""
+    eval_split = "test" if "test" in summary else "validation"
+    metrics, network_facts, origin = summary[eval_split], summary["model"], summary["model_origin"]
+    class_keys, display_names = network_facts["class_keys"], network_facts["labels"]
+    data, training = record["data"], record["training"]
+    synthetic_data = data["synthetic"]
+    model_id = training.get("hub_model_id") or Path(training["output_dir"]).name
     card_data = ModelCardData(
         language="en",
         license="apache-2.0",  # the code's license (LICENSE); the training images stay CC BY 4.0, credited in the card
         library_name="transformers",
         pipeline_tag="image-classification",
-        tags=["vision", "image-classification", model.config.model_type, "medical-imaging", "chest-x-ray", "pneumonia"],
-        base_model=origin.base_model,  # only a Hub id: never a local folder or a preset
+        tags=["vision", "image-classification", network_facts["model_type"], "medical-imaging", "chest-x-ray", "pneumonia"],
+        base_model=origin.get("base_model"),  # only a Hub id: never a local folder or a preset
         datasets=None if synthetic_data else [HUB_DATASET],
         metrics=HUB_METRIC_IDS,
         model_name=model_id,
-        eval_results=hub_eval_results(metrics, class_keys, [model.config.id2label[index] for index in range(len(class_keys))], eval_split, synthetic_data),
+        eval_results=hub_eval_results(metrics, class_keys, display_names, eval_split, synthetic_data),
     )
     per_class = [
         dict(
-            name=model.config.id2label[index],
+            name=name,
             precision=f"{metrics[f'precision_{key}']:.3f}",
             recall=f"{metrics[f'recall_{key}']:.3f}",
             f1=f"{metrics[f'f1_{key}']:.3f}",
             support=metrics[f"support_{key}"],
         )
-        for index, key in enumerate(class_keys)
+        for key, name in zip(class_keys, display_names, strict=True)
     ]
-    network, network_short = NETWORKS.get(model.config.model_type, (f"A `{type(model).__name__}`", "network"))
-    hardware = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    network, network_short = NETWORKS.get(network_facts["model_type"], (f"A `{network_facts['architecture']}`", "network"))
+    data_description = (
+        "SYNTHETIC generated stand-in images (not X-rays), for pipeline checks only; these figures say nothing about X-rays."
+        if synthetic_data
+        else f"{sum(summary['data']['counts']['train'].values())} training images from `{data['source']}` (Kermany et al. 2018 pediatric chest X-rays, CC BY 4.0)."
+    )
+    recipe = (
+        f"AdamW, learning rate {training['learning_rate']:g}, weight decay {training['weight_decay']:g}, batch {training['per_device_train_batch_size']}, "
+        f"up to {training['num_train_epochs']:g} epochs with early stopping, class-weighted cross-entropy, crop/rotation/exposure augmentation"
+    )
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE),
         model_name=model_id,
         model_id=model_id,
-        origin=origin.describe(),
-        pretrained=origin.pretrained,
-        in_domain_pretraining=bool(origin.pretraining),
+        origin=origin["description"],
+        pretrained=origin["pretrained"],
+        in_domain_pretraining=bool(origin.get("pretraining")),
         network=network,
         network_short=network_short,
-        architecture=type(model).__name__,
-        parameters=f"{model.num_parameters() / 1e6:.1f} M",
-        image_size=image_size,
+        architecture=network_facts["architecture"],
+        parameters=f"{network_facts['parameters'] / 1e6:.1f} M",
+        image_size=network_facts["image_size"],
         data_description=data_description,
         recipe=recipe,
-        train_runtime=f"{train_runtime_s / 60:.1f} minutes",
-        hardware=hardware,
-        command=command,
+        train_runtime=f"{summary['train'].get('train_runtime', 0.0) / 60:.1f} minutes",
+        hardware=summary["train"]["hardware"],
+        command=record["expanded_command"],
         eval_split=eval_split,
         eval_size=sum(metrics[f"support_{key}"] for key in class_keys),
         headline_metrics=[(label, f"{metrics[key]:.3f}") for key, label in HEADLINE if key in metrics],
         per_class=per_class,
-        reliability=reliability_section(reliability),
+        reliability=reliability_section(summary if "calibration" in summary else None),
     )
+
+
+def hardware() -> str:
+    """What trained the model, for the card: the GPU's name, or the CPU and torch's thread count."""
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 SECTION_START, SECTION_END = "<!-- reliability -->", "<!-- /reliability -->"

@@ -1,7 +1,7 @@
 """Publish a finished model folder to the Hugging Face Hub: exactly the files inference needs, nothing mid-training.
 
 `train_vit.py --push_to_hub` calls `publish_model_folder` once, after the folder is complete (calibrated weights,
-`ood.safetensors`, `metrics.json`, plots, our card). Trainer's own push is kept off: it would save the model again
+`ood.safetensors`, `run.json`, `metrics.json`, plots, our card). Trainer's own push is kept off: it would save the model again
 (writing the pickle `training_args.bin`), replace our card with its generic one, and with its default strategy push
 every checkpoint, uncalibrated and without the out-of-distribution statistics, to the repo users load.
 

@@ -29,6 +29,8 @@ from transformers import (
 )
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
+from cxr.run_record import trained_split_sizes
+
 DEFAULT_CHECKPOINT = "google/vit-base-patch16-224-in21k"
 DEFAULT_MODEL_DIR = "outputs/vit-xray"  # where train_vit.py writes and app.py reads, unless told otherwise
 DEFAULT_ENCODER_DIR = "outputs/mae-encoder"  # where pretrain_mae.py writes and --recipe vit-mae reads
@@ -147,14 +149,6 @@ def load_teacher(folder: str, id2label: dict[int, str], split_sizes: dict[str, i
             f"({split_sizes}): it may have seen this run's validation images. Train it on the same data, --validation_fraction and --split_seed."
         )
     return model, AutoImageProcessor.from_pretrained(path)
-
-
-def trained_split_sizes(model_dir: str | Path) -> dict[str, int]:
-    """Images per split (train, validation, ...) of the data a train_vit.py model folder was trained on, from its
-    metrics.json; empty when the folder has none."""
-    metrics_file = Path(model_dir) / "metrics.json"
-    counts = json.loads(metrics_file.read_text()).get("data", {}).get("counts", {}) if metrics_file.is_file() else {}
-    return {split: sum(by_class.values()) for split, by_class in counts.items()}
 
 
 def is_local_path(name: str) -> bool:

@@ -35,6 +35,7 @@ from cxr.conformal import CONFORMAL_FILE, LEVELS, PredictionSets, describe_set, 
 from cxr.images import ImageLoadError, ImageSource, load_image
 from cxr.models import input_size, is_local_path
 from cxr.reliability import OOD_FILE, OodDetector, forward_features
+from cxr.run_record import read_metrics
 from cxr.saliency import grad_cam
 
 TRAIN_HINT = (
@@ -221,10 +222,7 @@ def classify(
 
 def model_summary(model: str | Path) -> dict:
     """What the model folder says about itself (metrics.json from train_vit.py); empty for a bare checkpoint."""
-    metrics_file = Path(model).expanduser() / "metrics.json"
-    if not metrics_file.is_file():
-        return {}
-    return json.loads(metrics_file.read_text())
+    return read_metrics(model)
 
 
 def find_images(inputs: Iterable[str | Path]) -> list[Path]:

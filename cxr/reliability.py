@@ -52,7 +52,7 @@ from tqdm import tqdm
 
 from cxr.folders import staging_folder, swap_in, write_text_atomic
 from cxr.metrics import expected_calibration_error, softmax
-from cxr.models import trained_split_sizes
+from cxr.run_record import calibrated_parts, read_metrics, update_metrics, warn_if_other_split
 
 OOD_FILE = "ood.safetensors"
 ACCEPT_RATE = 0.97  # share of real validation X-rays the threshold lets through (why 97 and not 95: see the module docstring)
@@ -413,18 +413,11 @@ def save_prediction_sets(model_dir: str | Path, summary: dict) -> Path:
 
 
 def save_reliability(model_dir: str | Path, detector: OodDetector, summary: dict) -> None:
-    """Write the detector and the prediction-set thresholds, and merge the summary into the folder's metrics.json (the
-    weights are saved by the caller)."""
+    """Write the detector and the prediction-set thresholds (the weights are saved by the caller, the figures go into
+    metrics.json through `cxr.run_record`)."""
     model_dir = Path(model_dir)
     detector.save(model_dir)
     save_prediction_sets(model_dir, summary)
-    metrics_file = model_dir / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    metrics.update(summary)
-    for split, figures in summary["calibration"]["by_split"].items():  # held-out figures now describe the calibrated model
-        if isinstance(metrics.get(split), dict):
-            metrics[split]["expected_calibration_error"] = figures["ece_after"]
-    write_text_atomic(metrics_file, json.dumps(metrics, indent=2))
 
 
 def describe_reliability(summary: dict) -> str:
@@ -464,17 +457,6 @@ def load_data(data_dir: str, prepared_dir: str | None, validation_fraction: floa
         prepared = Path(prepared_dir or default_prepared_dir(source, validation_fraction, seed, keep_kaggle_val=False))
         print(prepare_dataset(source, prepared, validation_fraction=validation_fraction, seed=seed).summary())
     return load_prepared(prepared)
-
-
-def warn_if_other_split(model_dir: Path, dataset) -> None:
-    """The temperature must be fitted on images the model did not train on: compare split sizes with metrics.json."""
-    now = {split: len(dataset[split]) for split in dataset}
-    before = trained_split_sizes(model_dir)
-    if before and before != now:
-        print(
-            f"Warning: these splits ({now}) differ from the ones the model was trained with ({before}). If validation images were "
-            "training images, the temperature and threshold are fitted on seen data: use the same data, --validation_fraction and --seed."
-        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -518,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         if (args.model_dir / name).is_file():
             shutil.copy2(args.model_dir / name, staging / name)
     save_reliability(staging, detector, summary)
+    update_metrics(staging, **calibrated_parts(read_metrics(staging), summary))
     update_card(staging, summary)
     swap_in(staging, args.model_dir, replaced=("*.onnx",))
     print(describe_reliability(summary))

@@ -1,7 +1,6 @@
 """The pieces `train_vit.py` (and `pretrain_mae.py`) hand to `Trainer`: pixel transforms, the batch collator, the
-class-weighted loss, a `Trainer` that reloads checkpoints correctly and can evaluate, select and save a moving average
-of the weights and learn from a teacher network, and two checks on the run itself (a writable output folder up
-front, peak memory at the end)."""
+class-weighted loss, `XrayTrainer` (a `Trainer` composed of the checkpoint-reload fix, weight averaging and
+distillation), and two checks on the run itself (a writable output folder up front, peak memory at the end)."""
 
 from __future__ import annotations
 
@@ -12,19 +11,19 @@ import resource
 import shutil
 import sys
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from transformers import Trainer
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from cxr.augment import augment_xray
+from cxr.averaging import TRAINING_WEIGHTS, WeightAveraging  # noqa: F401 (TRAINING_WEIGHTS: where checkpoints keep the trained weights)
+from cxr.distillation import Distillation
 from cxr.images import load_image
 from cxr.models import input_size
+from cxr.workarounds import CheckpointReloadFix
 
 
 def pixel_transform(processor, augment: bool, teacher_processor=None):
@@ -76,121 +75,10 @@ def weighted_loss(weights: torch.Tensor, label_smoothing: float = 0.0):
     return compute_loss
 
 
-TRAINING_WEIGHTS = "training_weights.safetensors"  # in a checkpoint whose model is the average: the weights being trained
-
-
-class XrayTrainer(Trainer):
-    """`Trainer` whose checkpoint reloads go through `from_pretrained`, with optional weight averaging.
-
-    transformers 5.23's Trainer reloads a checkpoint (for `resume_from_checkpoint` and
-    `load_best_model_at_end`) with a raw `load_state_dict(strict=False)`. `save_pretrained` writes ViT
-    weights under their legacy names (`vit.encoder.layer.*`) while the model now calls them
-    `vit.layers.*`, so every encoder weight is silently skipped: resume restarts from random weights and
-    "best model" is really the last one (huggingface/transformers#43701). `from_pretrained` applies the
-    renaming, so we load through it and copy the weights in, strictly.
-
-    `weight_average_decay` > 0 keeps an exponential moving average of the weights, updated after every optimizer
-    step, and swaps it into the model for each evaluation and checkpoint: validation scores, the best-checkpoint
-    choice and the saved model are the average's, which is steadier from epoch to epoch than the weights of the
-    last step. Each checkpoint also keeps the weights being trained (`TRAINING_WEIGHTS`), so `--resume` continues
-    exactly. Trainer has no built-in averaging (transformers 5.23).
-
-    With a `teacher` (a trained classifier; distillation as in DeiT, Touvron et al. 2021, with hard labels) the
-    training loss is `(1 - distillation_weight)` x the loss on the true labels plus `distillation_weight` x the same
-    loss on the teacher's top label for the same augmented image (`teacher_pixel_values` from `pixel_transform`).
-    DeiT's idea is that a convolutional teacher passes on the locality a ViT trained from scratch on few images
-    lacks (measured here, it helped the offline ViT a little: README). Evaluation and the saved model involve the
-    student alone.
-    """
-
-    def __init__(self, *args, weight_average_decay: float = 0.0, teacher=None, distillation_weight: float = 0.5, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.weight_average_decay = weight_average_decay
-        self.teacher = teacher.eval().requires_grad_(False).to(self.args.device) if teacher is not None else None
-        self.distillation_weight = distillation_weight
-        self.averaged_weights: dict[str, torch.Tensor] | None = None
-        self.averaged_step = 0
-        self.stashed_weights: dict[str, torch.Tensor] | None = None  # the trained weights while the average is in the model
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        teacher_pixel_values = inputs.pop("teacher_pixel_values", None)
-        if self.teacher is None or teacher_pixel_values is None:  # no teacher, or an evaluation batch
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        with torch.no_grad():
-            teacher_labels = self.teacher(pixel_values=teacher_pixel_values).logits.argmax(dim=-1)
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        distillation_loss = self.compute_loss_func(outputs, teacher_labels, num_items_in_batch=num_items_in_batch)
-        loss = (1 - self.distillation_weight) * loss + self.distillation_weight * distillation_loss
-        return (loss, outputs) if return_outputs else loss
-
-    def _unwrapped(self):
-        return self.accelerator.unwrap_model(self.model)
-
-    def _load_weights(self, checkpoint: str) -> None:
-        model = self._unwrapped()
-        reloaded = type(model).from_pretrained(checkpoint, dtype=next(model.parameters()).dtype)
-        model.load_state_dict(reloaded.state_dict(), strict=True)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        self._load_weights(resume_from_checkpoint)
-        training_weights = Path(resume_from_checkpoint) / TRAINING_WEIGHTS
-        if self.weight_average_decay and training_weights.is_file():
-            self.averaged_weights = {name: value.detach().clone() for name, value in self._unwrapped().state_dict().items()}
-            self._unwrapped().load_state_dict(load_file(training_weights), strict=True)
-
-    def _load_best_model(self):
-        self._load_weights(self.state.best_model_checkpoint)
-
-    def _update_average(self) -> None:
-        step = self.state.global_step
-        if step <= self.averaged_step:  # Trainer calls us again at the end of an epoch for the same step
-            return
-        current = self._unwrapped().state_dict()
-        if self.averaged_weights is None:
-            self.averaged_weights = {name: value.detach().clone() for name, value in current.items()}
-        else:
-            decay = min(self.weight_average_decay, (1 + step) / (10 + step))  # early on, forget the random start faster
-            with torch.no_grad():
-                for name, value in current.items():
-                    average = self.averaged_weights[name]
-                    if average.is_floating_point():
-                        average.lerp_(value, 1 - decay)
-                    else:
-                        average.copy_(value)
-        self.averaged_step = step
-
-    @contextmanager
-    def _averaged_weights_in_model(self):
-        model = self._unwrapped()
-        self.stashed_weights = {name: value.detach().clone() for name, value in model.state_dict().items()}
-        model.load_state_dict(self.averaged_weights, strict=True)
-        try:
-            yield
-        finally:
-            model.load_state_dict(self.stashed_weights, strict=True)
-            self.stashed_weights = None
-
-    def _maybe_log_save_evaluate(self, *args, **kwargs):
-        if not self.weight_average_decay:
-            return super()._maybe_log_save_evaluate(*args, **kwargs)
-        self._update_average()
-        if not (self.control.should_evaluate or self.control.should_save):
-            return super()._maybe_log_save_evaluate(*args, **kwargs)
-        with self._averaged_weights_in_model():
-            return super()._maybe_log_save_evaluate(*args, **kwargs)
-
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.stashed_weights is not None and self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            save_file({name: value.contiguous() for name, value in self.stashed_weights.items()}, folder / TRAINING_WEIGHTS)
-
-    def train(self, *args, **kwargs):
-        self.averaged_weights, self.averaged_step = None, 0  # a fresh average for each run (and each search trial)
-        result = super().train(*args, **kwargs)
-        if self.averaged_weights is not None and not self.args.load_best_model_at_end:
-            self._unwrapped().load_state_dict(self.averaged_weights, strict=True)  # the average is the model we keep
-        return result
+class XrayTrainer(WeightAveraging, Distillation, CheckpointReloadFix, Trainer):
+    """`Trainer` with checkpoint reloads that restore every weight (`cxr.workarounds`), optional weight averaging
+    (`cxr.averaging`, `weight_average_decay`) and optional distillation from a teacher (`cxr.distillation`, `teacher`,
+    `distillation_weight`)."""
 
 
 def check_writable(output_dir: Path) -> None:

@@ -189,18 +189,21 @@ def test_overlay_tints_only_where_the_evidence_is():
 
 def test_an_overlay_being_downloaded_is_never_seen_half_written(tmp_path):
     """Identical answers (two users, one X-ray) share one cached file: saving it again must not truncate it
-    under a download in progress (Gradio 6.31's own save rewrites it in place: see app.save_pil_to_cache)."""
+    under a download in progress (Gradio 6.31's own save rewrites it in place: see cxr.workarounds.save_pil_to_cache)."""
     import gradio.processing_utils
 
-    assert gradio.processing_utils.save_pil_to_cache is app.save_pil_to_cache  # what gr.Image outputs call
+    from cxr.workarounds import install_gradio_cache_patch, save_pil_to_cache
+
+    install_gradio_cache_patch()  # as app.build_demo does
+    assert gradio.processing_utils.save_pil_to_cache is save_pil_to_cache  # what gr.Image outputs call
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (400, 500, 3), dtype=np.uint8))
-    path = Path(app.save_pil_to_cache(image, str(tmp_path), format="jpeg"))
+    path = Path(save_pil_to_cache(image, str(tmp_path), format="jpeg"))
     size = path.stat().st_size
     stop = threading.Event()
 
     def answer_again_and_again():
         while not stop.is_set():
-            assert app.save_pil_to_cache(image, str(tmp_path), format="jpeg") == str(path)
+            assert save_pil_to_cache(image, str(tmp_path), format="jpeg") == str(path)
 
     writer = threading.Thread(target=answer_again_and_again)
     writer.start()
@@ -211,7 +214,7 @@ def test_an_overlay_being_downloaded_is_never_seen_half_written(tmp_path):
         writer.join()
     assert sizes_read == {size}
     other = Image.fromarray(np.zeros((400, 500, 3), dtype=np.uint8))
-    assert app.save_pil_to_cache(other, str(tmp_path), format="jpeg") != str(path)
+    assert save_pil_to_cache(other, str(tmp_path), format="jpeg") != str(path)
 
 
 # ---- the served app, through gradio_client ------------------------------------------------------------

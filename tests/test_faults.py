@@ -10,8 +10,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
-import shlex
 import shutil
 import signal
 import socket
@@ -28,6 +26,7 @@ from PIL import Image
 
 import app
 import train_vit
+from cxr.run_record import read_metrics, read_run
 from hf_data import prepare_dataset
 from inputs import encode, png_claiming_size
 
@@ -40,8 +39,8 @@ RUN = [
 
 
 def recipe_of(model_dir: Path) -> list[str]:
-    """The train_vit.py arguments a model folder was made with (from its card), less --output_dir."""
-    command = shlex.split(re.search(r"\*\*Command:\*\* `(.*)`", (model_dir / "README.md").read_text())[1])[2:]
+    """The train_vit.py arguments a model folder was made with (from its run.json, recipes expanded), less --output_dir."""
+    command = read_run(model_dir)["expanded_argv"]
     at = command.index("--output_dir")
     return command[:at] + command[at + 2 :]
 
@@ -122,7 +121,7 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint_to_the_same_resu
     assert [figures(entry) for entry in evaluations] == [figures(entry) for entry in reference_evaluations]  # the resumed epoch too
     final, reference = weights(output / "model.safetensors"), weights(tiny_model_dir / "model.safetensors")
     assert all(torch.equal(final[key], reference[key]) for key in reference), "resumed: the same final weights, bit for bit"
-    summary, reference_summary = (json.loads((folder / "metrics.json").read_text()) for folder in (output, tiny_model_dir))
+    summary, reference_summary = (read_metrics(folder) for folder in (output, tiny_model_dir))
     for split in ("validation", "test"):
         assert figures(summary[split]) == figures(reference_summary[split]), split
 
@@ -136,7 +135,7 @@ def test_two_runs_started_at_once_on_one_data_folder_both_finish(tmp_path):
     for run in runs:
         output, _ = run.communicate(timeout=300)
         assert run.returncode == 0, output[-3000:]
-    counts = [json.loads((tmp_path / f"run{index}" / "metrics.json").read_text())["data"]["counts"] for index in range(2)]
+    counts = [read_metrics(tmp_path / f"run{index}")["data"]["counts"] for index in range(2)]
     assert counts[0] == counts[1] and sum(counts[0]["train"].values()) > 0
 
 
@@ -161,7 +160,7 @@ def make_distinct(folder: Path) -> Path:
     detector = OodDetector.load(folder / OOD_FILE)
     detector.thresholds = {name: 2 * value + 1 for name, value in detector.thresholds.items()}
     detector.save(folder)
-    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics = read_metrics(folder)
     metrics["ood"]["threshold"] = detector.threshold
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return folder
@@ -172,7 +171,7 @@ def version_of(folder: Path) -> tuple[float, float]:
     from cxr.reliability import OOD_FILE, OodDetector
 
     threshold = OodDetector.load(folder / OOD_FILE).threshold
-    assert json.loads((folder / "metrics.json").read_text())["ood"]["threshold"] == threshold, "metrics.json and ood.safetensors disagree"
+    assert read_metrics(folder)["ood"]["threshold"] == threshold, "metrics.json and ood.safetensors disagree"
     return float(weights(folder / "model.safetensors")["classifier.bias"][0]), threshold
 
 
@@ -311,7 +310,7 @@ def test_a_rerun_into_a_folder_with_checkpoints_stops_unless_told_to_resume_or_o
     train_vit.main([*RUN, "--output_dir", str(folder), "--overwrite_output_dir", "--num_train_epochs", "1"])
     assert (folder / "my-notes.txt").read_text() == "kept"
     assert [path.name for path in folder.glob("checkpoint-*")] == [old_checkpoints[0].name]  # the new run's one epoch
-    assert json.loads((folder / "metrics.json").read_text())["train"]["epoch"] == 1.0
+    assert read_metrics(folder)["train"]["epoch"] == 1.0
 
 
 # ---- a hostile data folder -----------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """The Hub: `--push_to_hub` publishes exactly the finished model folder (no network: huggingface_hub's calls are
 recorded), and a checkpoint given by Hub id is fine-tuned offline from a Hugging Face cache."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -14,11 +15,12 @@ from transformers import Trainer
 import train_vit
 
 from cxr.hub import model_folder_files, publish_model_folder
+from cxr.run_record import read_metrics
 
 TINY = ["--synthetic_images_per_class", "40", "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--disable_tqdm", "true", "--report_to", "none"]
 MODEL_FOLDER = [
     "README.md", "config.json", "conformal.json", "confusion_matrix_test.png", "confusion_matrix_validation.png", "metrics.json",
-    "model.safetensors", "ood.safetensors", "preprocessor_config.json", "training_curves.png",
+    "model.safetensors", "ood.safetensors", "preprocessor_config.json", "run.json", "training_curves.png",
 ]
 
 
@@ -135,7 +137,7 @@ def test_a_hub_checkpoint_is_fine_tuned_offline_with_a_new_head_and_its_own_proc
     processor = json.loads((output / "preprocessor_config.json").read_text())
     assert (processor["image_mean"], processor["image_std"], processor["size"]) == (MEAN, STD, {"height": SIZE, "width": SIZE})
 
-    origin = json.loads((output / "metrics.json").read_text())["model_origin"]
+    origin = read_metrics(output)["model_origin"]
     assert origin["pretrained"] is True and origin["base_model"] == HUB_ID
     assert origin["description"] == f"fine-tuned from pretrained weights `{HUB_ID}`"
     card = ModelCard.load(output / "README.md")
@@ -156,7 +158,7 @@ def test_the_card_follows_the_hubs_conventions_and_its_model_index_reads_back(ti
     name, results = model_index_to_eval_results(data.to_dict()["model-index"])
     assert [r.metric_value for r in results] == [r.metric_value for r in data.eval_results]
     by_name = {r.metric_name: r for r in results}
-    summary = json.loads((tiny_model_dir / "metrics.json").read_text())["test"]
+    summary = read_metrics(tiny_model_dir)["test"]
     macro_f1 = by_name["Macro-F1 (3 classes)"]
     assert (macro_f1.metric_type, macro_f1.metric_args, macro_f1.metric_value) == ("f1", {"average": "macro"}, round(summary["macro_f1"], 4))
     assert by_name["ROC-AUC (one-vs-rest, macro)"].metric_type == "roc_auc"
@@ -173,17 +175,20 @@ def test_base_model_names_only_hub_ids(tiny_model_dir, tmp_path):
 
     from cxr.card import render_model_card
     from cxr.models import ModelOrigin, build_model
+    from cxr.run_record import read_run
 
     id2label = {0: "Bacterial pneumonia", 1: "Normal", 2: "Viral pneumonia"}
     model, processor, origin = build_model(str(tiny_model_dir), id2label)
     assert origin.pretrained and origin.base_model is None  # a local folder
-    keys = ["bacterial_pneumonia", "normal", "viral_pneumonia"]
-    metrics = json.loads((tiny_model_dir / "metrics.json").read_text())["test"]
-    common = dict(model=model, metrics=metrics, eval_split="test", class_keys=keys, data_description="d", recipe="r",
-                  train_runtime_s=1.0, command="c", model_id="x", image_size=32)
-    local = ModelCard(str(render_model_card(origin=origin, synthetic_data=True, **common)))
+    record, summary = read_run(tiny_model_dir), read_metrics(tiny_model_dir)
+
+    def card(origin: ModelOrigin, synthetic_data: bool) -> ModelCard:
+        run = record | {"data": record["data"] | {"synthetic": synthetic_data}}
+        return ModelCard(str(render_model_card(run, summary | {"model_origin": dataclasses.asdict(origin) | {"description": origin.describe()}})))
+
+    local = card(origin, synthetic_data=True)
     assert local.data.base_model is None and local.data.datasets is None
-    hub = ModelCard(str(render_model_card(origin=ModelOrigin("google/vit-base-patch16-224-in21k", True, base_model="google/vit-base-patch16-224-in21k"), synthetic_data=False, **common)))
+    hub = card(ModelOrigin("google/vit-base-patch16-224-in21k", True, base_model="google/vit-base-patch16-224-in21k"), synthetic_data=False)
     assert hub.data.base_model == "google/vit-base-patch16-224-in21k"
     assert hub.data.datasets == ["hf-vision/chest-xray-pneumonia"] and hub.data.eval_results[0].dataset_type == "hf-vision/chest-xray-pneumonia"
 

@@ -55,9 +55,10 @@ def test_every_patch_knows_where_it_is():
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
 
     from cxr.models import PRESETS
+    from cxr.workarounds import add_mae_position_tables
 
     model = ViTMAEForPreTraining(ViTMAEConfig(**PRESETS["scratch-tiny"][1]))
-    pretrain_mae.add_position_tables(model)
+    add_mae_position_tables(model)
     for table in (model.vit.embeddings.position_embeddings[0, 1:], model.decoder.decoder_pos_embed[0, 1:]):
         assert len(torch.unique(table, dim=0)) == len(table)  # a different vector for every patch position
 

@@ -11,6 +11,7 @@ from transformers import pipeline
 
 import train_vit
 from cxr.models import ModelOrigin, build_model
+from cxr.run_record import read_run
 
 TINY = ["--synthetic_images_per_class", "40", "--model", "scratch-tiny", "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--disable_tqdm", "true"]
 
@@ -160,6 +161,9 @@ def test_a_recipe_supplies_options_and_the_command_line_overrides_them(tmp_path,
     summary = json.loads((tmp_path / "recipe" / "metrics.json").read_text())
     assert summary["model_origin"]["name"] == "scratch-tiny"  # the command line's --model wins over the recipe's
     assert summary["train"]["epoch"] == 1.0
+    record = read_run(tmp_path / "recipe")  # as typed, expanded, and resolved (enums as their values)
+    assert record["argv"][:4] == ["--data_dir", "synthetic", "--recipe", "vit-offline"] and "--lr_scheduler_type" in record["expanded_argv"]
+    assert (record["training"]["lr_scheduler_type"], record["training"]["label_smoothing_factor"], record["model"]["model"]) == ("cosine", 0.1, "scratch-tiny")
     with pytest.raises(SystemExit, match="No recipe 'no-such'.*vit-offline"):
         train_vit.main(["--data_dir", "synthetic", "--recipe", "no-such"])
 

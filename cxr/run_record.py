@@ -1,0 +1,114 @@
+"""The record a model folder keeps of its run, as data: `run.json` (the command and every resolved option, as timm's
+`args.yaml`) and `metrics.json` (every figure, written once by `train_vit.py`). Everything that reads either file
+goes through `read_run` / `read_metrics` here."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import shlex
+from pathlib import Path
+
+from cxr.folders import write_text_atomic
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.json"
+
+
+def json_safe(value):
+    """`value` with enums, paths and other objects as strings, so `json.dumps` takes it as it is."""
+    if isinstance(value, enum.Enum):
+        return json_safe(value.value)
+    if isinstance(value, dict):
+        return {str(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [json_safe(item) for item in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return str(value)
+
+
+def options_of(arguments) -> dict:
+    """Every field of an arguments dataclass (`TrainingArguments` through its own `to_dict`, which hides tokens)."""
+    if hasattr(arguments, "to_dict"):
+        return json_safe(arguments.to_dict())
+    return json_safe({option.name: getattr(arguments, option.name) for option in dataclasses.fields(arguments) if option.init})
+
+
+def run_record(*, given: list[str], expanded: list[str], program: str = "train_vit.py", **sections) -> dict:
+    """The content of run.json: the command as typed, the command with every --recipe expanded (what the card
+    shows), and one section of resolved options per arguments dataclass (or plain dict) in `sections`."""
+    return {
+        "command": "python " + shlex.join([program, *given]),
+        "expanded_command": "python " + shlex.join([program, *expanded]),
+        "argv": list(given),
+        "expanded_argv": list(expanded),
+        **{name: part if isinstance(part, dict) else options_of(part) for name, part in sections.items()},
+    }
+
+
+def write_run(folder: str | Path, record: dict) -> Path:
+    path = Path(folder) / RUN_FILE
+    write_text_atomic(path, json.dumps(json_safe(record), indent=2))
+    return path
+
+
+def write_metrics(folder: str | Path, summary: dict) -> Path:
+    path = Path(folder) / METRICS_FILE
+    write_text_atomic(path, json.dumps(json_safe(summary), indent=2))
+    return path
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def read_run(folder: str | Path) -> dict:
+    """The folder's run.json; empty for a folder without one (a bare checkpoint, or a model from before the record)."""
+    return _read(Path(folder).expanduser() / RUN_FILE)
+
+
+def read_metrics(folder: str | Path) -> dict:
+    """The folder's metrics.json; empty for a folder without one."""
+    return _read(Path(folder).expanduser() / METRICS_FILE)
+
+
+def calibrated_parts(summary: dict, reliability: dict) -> dict:
+    """The parts of metrics.json a reliability fit sets: its own summary, and each held-out split's figures with the
+    calibration error of the calibrated model (the weights saved have the temperature folded in)."""
+    splits = {
+        split: {**summary[split], "expected_calibration_error": figures["ece_after"]}
+        for split, figures in reliability["calibration"]["by_split"].items()
+        if isinstance(summary.get(split), dict)
+    }
+    return {**reliability, **splits}
+
+
+def update_metrics(folder: str | Path, **parts) -> dict:
+    """Replace top-level parts of an existing folder's metrics.json (a refit on a finished folder), atomically."""
+    summary = read_metrics(folder) | parts
+    write_metrics(folder, summary)
+    return summary
+
+
+def trained_split_sizes(model_dir: str | Path) -> dict[str, int]:
+    """{split: number of images} of the data a model folder was trained and evaluated on, from the counts in its
+    metrics.json; empty when the folder has none."""
+    counts = read_metrics(model_dir).get("data", {}).get("counts", {})
+    return {split: sum(per_class.values()) for split, per_class in counts.items()}
+
+
+def warn_if_other_split(model_dir: Path, dataset) -> None:
+    """The temperature must be fitted on images the model did not train on: compare split sizes with metrics.json."""
+    now = {split: len(dataset[split]) for split in dataset}
+    before = trained_split_sizes(model_dir)
+    if before and before != now:
+        print(
+            f"Warning: these splits ({now}) differ from the ones the model was trained with ({before}). "
+            "If validation images were training images, the temperature and threshold are fitted on seen data: "
+            "use the same data, --validation_fraction and --seed."
+        )
