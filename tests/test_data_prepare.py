@@ -329,7 +329,7 @@ def test_load_prepared_gives_splits_and_class_label(kaggle, tmp_path):
 
 def test_cli_prepare_prints_the_summary(kaggle, tmp_path, capsys):
     source, _ = kaggle
-    assert main(["prepare", str(source), str(tmp_path / "prepared"), "--validation-fraction", "0.25", "--seed", "1"]) == 0
+    assert main(["prepare", str(source), str(tmp_path / "prepared"), "--validation_fraction", "0.25", "--split_seed", "1"]) == 0
     printed = capsys.readouterr().out
     assert "bacterial_pneumonia" in printed and "validation" in printed and "No files skipped" in printed
 

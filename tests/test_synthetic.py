@@ -110,6 +110,6 @@ def test_rerun_replaces_its_own_images_only(tmp_path):
 
 
 def test_cli_synthetic(tmp_path, capsys):
-    assert main(["synthetic", str(tmp_path / "synthetic"), "--images-per-class", "6", "--size", "48", "--seed", "3"]) == 0
+    assert main(["synthetic", str(tmp_path / "synthetic"), "--images_per_class", "6", "--size", "48", "--seed", "3"]) == 0
     assert "not X-rays" in capsys.readouterr().out
     assert len(images_under(tmp_path / "synthetic")) == 18
