@@ -39,7 +39,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep 
 import torch  # noqa: E402
 from transformers import AutoConfig
 
-from benchmarks.load import find_images
+from benchmarks.common import sample_benchmark_images
 from cxr.models import PRESETS, build_model
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "xray_originals"
@@ -177,7 +177,8 @@ def app_latency(model_dir: str, image: Path, requests: int, no_work: bool = Fals
     `no_work`: through the same app answering at once (benchmarks.load.NO_WORK_APP)."""
     from gradio_client import handle_file
 
-    from benchmarks.load import free_port, loopback_client, start_server
+    from benchmarks.common import free_port
+    from benchmarks.load import loopback_client, start_server
 
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="xray-latency-") as scratch:
@@ -214,7 +215,7 @@ def main() -> None:
     if not images:
         raise SystemExit(f"No images in {args.images}")
     # The distinct timed images plus a fixed sample of training X-rays (none where that folder is absent).
-    check_images = find_images(args.images, KAGGLE_TRAIN, args.agreement_images)
+    check_images = sample_benchmark_images(args.images, KAGGLE_TRAIN, args.agreement_images)
     if args.worker:
         print(json.dumps(worker(*args.worker, images, args.batch_size, check_images)))
         return
