@@ -4,7 +4,6 @@ import copy
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,9 @@ import app
 from cxr.images import MAX_FILE_BYTES
 from cxr.predict import classify, load_classifier
 from inputs import chest_like, dicom_bytes, encode, png_claiming_size
+from benchmarks.common import free_port
+from helpers import validation_images
+from inputs import MARKUP_DICOM, MARKUP_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = {"Normal", "Bacterial pneumonia", "Viral pneumonia"}
@@ -62,12 +64,6 @@ def write(folder: Path, name: str, table: dict) -> Path:
 @pytest.fixture(scope="module")
 def classifier(tiny_model_dir):
     return load_classifier(tiny_model_dir)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +114,7 @@ def test_a_non_xray_upload_gets_a_warning_above_the_three_labels(classifier, tmp
 
 def test_validation_images_mostly_get_no_warning(classifier, tiny_model_dir):
     """The tiny model's own (synthetic) validation images: the threshold was set to accept ACCEPT_RATE (97 %) of them."""
-    files = sorted((tiny_model_dir.parent / "data" / "prepared" / "synthetic" / "validation").rglob("*.png"))
+    files = validation_images(tiny_model_dir)
     results = [app.predict(classifier, str(path)) for path in files]
     assert all(bool(warning) != check["looks_like_chest_xray"] for warning, _, _, check in results)
     assert sum(check["looks_like_chest_xray"] for _, _, _, check in results) >= 0.8 * len(files)
@@ -372,10 +368,6 @@ def test_the_preview_is_the_image_as_the_loader_decodes_it(classifier, tmp_path,
     if max(decoded.size) <= app.PREVIEW_SIDE:
         np.testing.assert_array_equal(np.asarray(shown), np.asarray(decoded))
     assert app.preview(classifier, None) is None
-
-
-MARKUP_NAME = "<img src=x onerror=alert(1)><b>bold.png"  # a file name may hold any character but '/'
-MARKUP_DICOM = "<b>MONO</b><img src=x>"  # a DICOM's Photometric Interpretation, which the decoder's message quotes
 
 
 def test_error_messages_are_plain_text_even_when_the_file_name_is_markup(classifier, tmp_path):

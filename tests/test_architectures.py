@@ -12,7 +12,6 @@ from PIL import Image
 from transformers import AutoModelForImageClassification, CvtConfig, PvtV2Config, SwinConfig, pipeline
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
-from conftest import train_tiny_model
 from cxr.models import PRESETS, build_model, config_image_size, input_size
 from cxr.onnx_runtime import OUTPUTS, load_onnx_features
 from cxr.predict import classify, load_classifier
@@ -131,7 +130,7 @@ def test_onnx_export_runs_and_agrees_with_torch(family, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def swin_model_dir(tmp_path_factory):
+def swin_model_dir(tmp_path_factory, train_tiny_model):
     """train_vit.py --model FOLDER, where FOLDER holds a tiny Swin built from its config (random weights) and an image processor."""
     workdir = tmp_path_factory.mktemp("swin_run")
     start = workdir / "swin-start"

@@ -7,15 +7,12 @@ Training runs are tiny (scratch-tiny on the synthetic set, seconds each) and hap
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
 import shlex
 import shutil
 import signal
-import socket
-import stat
 import subprocess
 import sys
 import time
@@ -26,6 +23,8 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks.common import free_port
+from helpers import TINY_RUN, folder_checksums
 import app
 import train_vit
 from hf_data import prepare_dataset
@@ -33,10 +32,7 @@ from inputs import encode, png_claiming_size
 
 REPO = Path(__file__).resolve().parents[1]
 # The recipe of the `tiny_model_dir` fixture (conftest.py), which serves as the uninterrupted reference run.
-RUN = [
-    "--data_dir", "synthetic", "--synthetic_images_per_class", "40", "--model", "scratch-tiny", "--num_train_epochs", "2",
-    "--learning_rate", "3e-3", "--per_device_train_batch_size", "16", "--disable_tqdm", "true", "--report_to", "none",
-]
+RUN = TINY_RUN
 
 
 def recipe_of(model_dir: Path) -> list[str]:
@@ -145,7 +141,7 @@ def test_two_runs_started_at_once_on_one_data_folder_both_finish(tmp_path):
 
 def folder_bytes(folder: Path) -> dict[str, str]:
     """Every file under `folder` (checkpoints included), by its sha256."""
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.rglob("*")) if path.is_file()}
+    return folder_checksums(folder, follow_links=True)
 
 
 def make_distinct(folder: Path) -> Path:
@@ -321,23 +317,6 @@ def test_a_rerun_into_a_folder_with_checkpoints_stops_unless_told_to_resume_or_o
 # decompression bomb, all at once, with every source entry checked unchanged afterwards.
 
 
-def fingerprint(folder: Path) -> dict[str, str]:
-    """Every entry under `folder`, never opening anything but regular files: sha256, link target, or kind."""
-    found = {}
-    for parent, subfolders, files in os.walk(folder):
-        for name in subfolders + files:
-            path = Path(parent, name)
-            mode = path.lstat().st_mode
-            key = str(path.relative_to(folder))
-            if stat.S_ISLNK(mode):
-                found[key] = "-> " + os.readlink(path)
-            elif stat.S_ISREG(mode):
-                found[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-            else:
-                found[key] = stat.filemode(mode)
-    return found
-
-
 @contextlib.contextmanager
 def time_limit(seconds: int):
     def hang(signum, frame):
@@ -372,7 +351,7 @@ def test_a_hostile_data_folder_is_reported_file_by_file_and_left_unchanged(tmp_p
     os.symlink(tmp_path / "nowhere.png", normal / "dangling.png")
     (normal / "folder.png").mkdir()  # a folder named like an image
     expected_skips = {"damaged.png", "bomb.png", "pipe.png", "zeros.png", "dangling.png"}
-    before = fingerprint(source)
+    before = folder_checksums(source)  # opens nothing but regular files: the pipe and /dev/zero link cannot hang it
 
     with time_limit(60):
         report = prepare_dataset(source, tmp_path / "prepared")
@@ -382,7 +361,7 @@ def test_a_hostile_data_folder_is_reported_file_by_file_and_left_unchanged(tmp_p
     assert "not a regular file" in skipped["pipe.png"] and "not a regular file" in skipped["zeros.png"]
     assert "6325 x 6325 px; images over 40 megapixels" in skipped["bomb.png"]
     assert sum(sum(per_class.values()) for per_class in report.counts.values()) == len(good)  # every good image kept
-    assert fingerprint(source) == before  # nothing in the source was changed, added or removed
+    assert folder_checksums(source) == before  # nothing in the source was changed, added or removed
 
 
 # ---- a read-only or full disk --------------------------------------------------------------------------------------
@@ -426,12 +405,6 @@ def test_a_full_disk_stops_the_run_before_training(tmp_path, monkeypatch):
 
 
 # ---- the served app: uploads are not kept, and the queue is bounded -------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_uploads_are_deleted_and_the_queue_cannot_be_skipped(tiny_model_dir, tmp_path, monkeypatch):

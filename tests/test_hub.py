@@ -11,11 +11,12 @@ from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects
 from transformers import Trainer
 
+from helpers import tiny_run
 import train_vit
 
 from cxr.hub import model_folder_files, publish_model_folder
 
-TINY = ["--synthetic_images_per_class", "40", "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--disable_tqdm", "true", "--report_to", "none"]
+TINY = tiny_run(drop=("data_dir", "model", "num_train_epochs"))  # each test names its data and model
 MODEL_FOLDER = [
     "README.md", "config.json", "conformal.json", "confusion_matrix_test.png", "confusion_matrix_validation.png", "metrics.json",
     "model.safetensors", "ood.safetensors", "preprocessor_config.json", "training_curves.png",
@@ -102,7 +103,7 @@ def hub_checkpoint(tmp_path, monkeypatch):
     from transformers import ViTConfig, ViTForImageClassification
     from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
-    from hub_cache import fill_hub_cache
+    from benchmarks.common import fill_hub_cache
 
     labels = {index: f"imagenet_class_{index}" for index in range(10)}
     config = ViTConfig(image_size=SIZE, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,

@@ -7,12 +7,13 @@ import pytest
 import torch
 from transformers import TrainingArguments, ViTModel
 
+from helpers import prepared_data, tiny_run
 import pretrain_mae
 import train_vit
 from cxr.data import DataArguments, prepare_and_load
 from cxr.models import build_model
 
-TINY_DATA = ["--data_dir", "synthetic", "--synthetic_images_per_class", "40", "--disable_tqdm", "true"]
+TINY_DATA = tiny_run(drop=("model", "num_train_epochs", "learning_rate", "per_device_train_batch_size", "report_to"))  # the data and quiet progress
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def test_every_patch_knows_where_it_is():
 
 def test_pretraining_sees_only_the_training_split(encoder_dir):
     record = json.loads((encoder_dir / "pretraining.json").read_text())
-    with open(encoder_dir.parent / "data" / "prepared" / "synthetic" / "manifest.csv") as manifest:
+    with open(prepared_data(encoder_dir) / "manifest.csv") as manifest:
         splits = [row["split"] for row in csv.DictReader(manifest)]
     assert record["train_images"] == splits.count("train") < len(splits)
     assert record["split_seed"] == 42 and "without labels or downloaded weights" in record["description"]

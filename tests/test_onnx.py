@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageClassification
 
+from helpers import validation_images
 import predict
 from cxr import onnx_runtime
 from cxr.onnx_runtime import FINGERPRINT_KEY, ONNX_FILES, load_onnx_features
@@ -27,7 +28,7 @@ def model_dir(tiny_model_dir, tmp_path):
 @pytest.fixture
 def xrays(tiny_model_dir):
     """The tiny model's own (synthetic) validation images: what it was trained for, so its answers are not coin flips."""
-    files = sorted((tiny_model_dir.parent / "data" / "prepared" / "synthetic" / "validation").rglob("*.png"))
+    files = validation_images(tiny_model_dir)
     return files[::2][:16]
 
 

@@ -13,9 +13,9 @@ import pytest
 import yaml
 from huggingface_hub import SpaceCard
 
-from benchmarks.space_start import free_port, space_environment, start_space, stop
+from benchmarks.common import fill_hub_cache, free_port
+from benchmarks.space_start import space_environment, start_space, stop
 from cxr.space import assemble, local_modules, main, pins, third_party_imports
-from hub_cache import fill_hub_cache
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_ID = "test-org/vit-xray-tiny"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
+from helpers import folder_checksums
 from cxr.images import load_image
 from hf_data import CLASS_NAMES, load_prepared, make_synthetic_dataset, prepare_dataset
 from hf_data.__main__ import main
@@ -25,7 +25,7 @@ def images_under(folder: Path) -> list[Path]:
 
 
 def digest(folder: Path) -> dict[str, str]:
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() for path in images_under(folder)}
+    return {name: checksum for name, checksum in folder_checksums(folder).items() if name.endswith(".png")}
 
 
 def test_layout_names_and_readme(tmp_path):

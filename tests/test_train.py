@@ -9,10 +9,11 @@ import pytest
 from PIL import Image
 from transformers import pipeline
 
+from helpers import tiny_run
 import train_vit
 from cxr.models import ModelOrigin, build_model
 
-TINY = ["--synthetic_images_per_class", "40", "--model", "scratch-tiny", "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--disable_tqdm", "true"]
+TINY = tiny_run(drop=("data_dir", "num_train_epochs", "report_to"))  # each test names its data, and epochs where it needs other than the default
 
 
 def test_model_folder_has_everything_inference_needs(tiny_model_dir):
