@@ -8,8 +8,8 @@ per-request TLS set-up: see `loopback_client`; --verify_tls keeps it):
   1. warm-up, then --single requests one at a time: the latency of one upload with nobody else waiting;
   2. --clients threads, each with its own Client, each sending its next image as soon as its last answer came,
      until --requests answers (or --max_seconds) are reached.
-Images: the full-resolution originals in ../shared/data/xray_originals and a fixed sample of the 224 px Kaggle
-training images in ../shared/data/chest_xray/train, cycled. The overlay each answer links to is downloaded too, as
+Images: the full-resolution originals in --data's xray_originals/ and a fixed sample of the 224 px Kaggle training
+images in its chest_xray/train/, cycled. The overlay each answer links to is downloaded too, as
 the page does.
 
 Prints requests/s, latency percentiles and errors of both phases; the server's resident memory (psutil) after
@@ -90,8 +90,8 @@ def loopback_client(url: str, verify_tls: bool = False, **kwargs):
 
     gradio_client opens a new httpx client for each of the 4 HTTP requests of a prediction (upload, join, events,
     overlay download), and each one loads the certifi CA bundle into a fresh TLS context, unless told not to
-    verify certificates: about 60 ms of CPU apiece here, more than the small model's whole prediction, and a cost no
-    browser pays. Over http:// there is no TLS to verify, so `ssl_verify=False` changes nothing else.
+    verify certificates: a CPU cost per request that can exceed a small model's whole prediction (docs/benchmarks.md),
+    and one no browser pays. Over http:// there is no TLS to verify, so `ssl_verify=False` changes nothing else.
     `verify_tls=True` keeps gradio_client's default, to see what it costs (--verify_tls).
     """
     from gradio_client import Client

@@ -1,6 +1,6 @@
 """Inference speed: the plain one-image-at-a-time pipeline against the project's batched paths, and the app's latency.
 
-    python -m benchmarks.speed                          # ViT-B/16 (random weights) and scratch-small on ../shared/data/xray_originals
+    python -m benchmarks.speed                          # ViT-B/16 (random weights) and scratch-small on the X-rays in --images
     python -m benchmarks.speed --model outputs/vit-xray # also a trained model folder (top-1 agreement means most here)
 
 Same model, same images (full-resolution JPEGs: decoding and resizing included), one path after another:
@@ -203,7 +203,7 @@ def main() -> None:
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="Folder of X-ray images to classify.")
     parser.add_argument("--repeat", type=int, default=2, help="Pass over the images this many times (more images, steadier figures).")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--agreement_images", type=int, default=200, help="Kaggle training X-rays (a fixed sample from ../shared/data/chest_xray/train) each path also labels, untimed, after the timed run: top-1 agreement is counted over them and the distinct timed images.")
+    parser.add_argument("--agreement_images", type=int, default=200, help="Kaggle training X-rays (a fixed sample from the chest_xray/train/ folder beside the default --images) each path also labels, untimed, after the timed run: top-1 agreement is counted over them and the distinct timed images.")
     parser.add_argument("--presets", nargs="*", default=["scratch-base", "scratch-small"], help=f"Architectures built with random weights: {', '.join(PRESETS)}.")
     parser.add_argument("--model", action="append", default=[], help="A trained model folder to add (repeatable).")
     parser.add_argument("--requests", type=int, default=20, help="Single requests sent through the app per model (0 skips the app).")
