@@ -213,6 +213,7 @@ def test_an_overlay_being_downloaded_is_never_seen_half_written(tmp_path):
 # ---- the served app, through gradio_client ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_client_gets_a_prediction_and_a_clear_error_and_the_server_keeps_serving(served, tmp_path):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
@@ -232,12 +233,14 @@ def test_client_gets_a_prediction_and_a_clear_error_and_the_server_keeps_serving
     assert {item["label"] for item in again["confidences"]} == LABELS
 
 
+@pytest.mark.slow
 def test_served_on_loopback_with_a_bounded_upload_size(served):
     assert served.local_url.startswith("http://127.0.0.1:")
     assert served.max_file_size == MAX_FILE_BYTES
     assert served.share_url is None
 
 
+@pytest.mark.slow
 def test_app_client_and_pipeline_agree(served, classifier, tiny_model_dir, tmp_path):
     from gradio_client import Client, handle_file
     from transformers import pipeline
@@ -406,6 +409,7 @@ def test_the_bars_are_headed_by_the_95_percent_prediction_set():
     assert app.prediction_set_heading({"prediction_sets": None}) == "Prediction"  # a folder without conformal.json
 
 
+@pytest.mark.slow
 def test_a_pasted_image_is_classified_and_a_file_wins_over_it(served, tmp_path):
     from gradio_client import Client, handle_file
 
@@ -421,6 +425,7 @@ def test_a_pasted_image_is_classified_and_a_file_wins_over_it(served, tmp_path):
     assert Image.open(preview).size == (200, 160)  # the DICOM as decoded, which no browser can show
 
 
+@pytest.mark.slow
 def test_a_full_queue_refuses_the_next_request_at_once(tiny_model_dir, monkeypatch):
     """CONCURRENCY_LIMIT requests run, QUEUE_SIZE wait, and one more is refused ("queue is full"), not queued."""
     from gradio_client import Client, handle_file

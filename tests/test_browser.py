@@ -19,6 +19,8 @@ from benchmarks.common import free_port
 from hf_data import DISPLAY_NAMES
 from inputs import MARKUP_DICOM
 
+pytestmark = [pytest.mark.browser, pytest.mark.slow]  # a real Chromium driving a served app
+
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 LABELS = set(DISPLAY_NAMES.values())
 TIMEOUT = 60  # seconds; generous, so a busy machine is not mistaken for a broken page

@@ -18,9 +18,10 @@ from helpers import tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with the gloo backend is not available"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with the gloo backend is not available"),
+]
 
 
 def test_two_processes_train_one_model_that_one_process_writes(tiny_model_dir, tmp_path):

@@ -64,6 +64,7 @@ def weights(path: Path) -> dict:
 # ---- a run killed mid-way resumes ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_from_its_last_complete_checkpoint_to_the_same_result(tiny_model_dir, tmp_path):
     """SIGKILL right after the first checkpoint, then `--resume`: the run ends exactly as the uninterrupted one did.
 
@@ -123,6 +124,7 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint_to_the_same_resu
         assert figures(summary[split]) == figures(reference_summary[split]), split
 
 
+@pytest.mark.slow
 def test_two_runs_started_at_once_on_one_data_folder_both_finish(tmp_path):
     """A sweep or a comparison launched in parallel: both prepare the same data folder; they take turns (a file lock)
     instead of one reading the imagefolder tree while the other rewrites it."""
@@ -176,6 +178,7 @@ class Crash(Exception):
     pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", ["plot_confusion_matrix", "save_reliability", "render_model_card", "swap"])
 def test_a_run_stopped_between_its_save_steps_leaves_the_old_model_folder_intact(tiny_model_dir, tmp_path, monkeypatch, step):
     """`--resume` on a finished run redoes only the end (calibration, evaluation, saving): a crash at any step of the
@@ -206,6 +209,7 @@ def test_a_run_stopped_between_its_save_steps_leaves_the_old_model_folder_intact
     assert not list(tmp_path.glob(".model.*")), "no staging folder left behind"
 
 
+@pytest.mark.slow
 def test_a_refit_stopped_midway_leaves_the_model_folder_intact(tiny_model_dir, tmp_path, monkeypatch):
     """`python -m cxr.reliability` rewrites weights, statistics, metrics and card: all of them or none."""
     from cxr import reliability
@@ -222,6 +226,7 @@ def test_a_refit_stopped_midway_leaves_the_model_folder_intact(tiny_model_dir, t
     assert version_of(folder)[1] == pytest.approx(version_of(tiny_model_dir)[1], rel=1e-4)  # refitted: statistics and metrics agree again
 
 
+@pytest.mark.slow
 def test_a_model_loaded_while_a_new_folder_is_swapped_in_is_one_version(tiny_model_dir, tmp_path, monkeypatch):
     """The loader reads weights, processor and statistics one after another: a folder swapped in between (here, right
     before the statistics are read) makes it load again, so it never pairs old weights with new statistics."""
@@ -288,6 +293,7 @@ def test_a_crash_while_writing_a_json_file_leaves_the_old_one(tmp_path):
 # ---- nothing the user made is deleted unasked ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_rerun_into_a_folder_with_checkpoints_stops_unless_told_to_resume_or_overwrite(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
@@ -407,6 +413,7 @@ def test_a_full_disk_stops_the_run_before_training(tmp_path, monkeypatch):
 # ---- the served app: uploads are not kept, and the queue is bounded -------------------------------------------------
 
 
+@pytest.mark.slow
 def test_uploads_are_deleted_and_the_queue_cannot_be_skipped(tiny_model_dir, tmp_path, monkeypatch):
     import httpx
     from gradio_client import Client, handle_file

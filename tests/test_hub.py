@@ -54,6 +54,7 @@ def hub_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_push_to_hub_publishes_exactly_the_finished_model_folder(tmp_path, monkeypatch, hub_calls):
     monkeypatch.chdir(tmp_path)
     output = tmp_path / "model"
@@ -121,6 +122,7 @@ def hub_checkpoint(tmp_path, monkeypatch):
     return folder
 
 
+@pytest.mark.slow
 def test_a_hub_checkpoint_is_fine_tuned_offline_with_a_new_head_and_its_own_processor(hub_checkpoint, tmp_path, monkeypatch):
     from huggingface_hub import ModelCard
     from safetensors import safe_open

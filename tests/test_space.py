@@ -99,6 +99,7 @@ def test_assembling_refuses_a_folder_with_other_files_and_an_id_that_is_no_hub_i
         assemble("outputs/vit-xray", tmp_path / "other")
 
 
+@pytest.mark.slow
 def test_the_space_starts_as_spaces_starts_it_and_answers_from_the_hub_cache(space, tiny_model_dir, tmp_path):
     """`python app.py` in the Space folder, no arguments, the model named only by its Hub id, served offline from
     the cache preload_from_hub fills; a gradio_client call gets the three labels and the chest X-ray check."""
