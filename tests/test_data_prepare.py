@@ -326,7 +326,7 @@ def test_cli_prepare_prints_the_summary(kaggle, tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-def test_real_kaggle_training_split(shared_data, tmp_path):
+def test_the_real_kaggle_download_is_prepared_whole_with_each_patient_in_one_split(shared_data, tmp_path):
     """The Kaggle training split as users download it (../shared/data/chest_xray; skipped where absent)."""
     report = prepare_dataset(shared_data / "chest_xray", tmp_path / "prepared")
     totals = {name: sum(report.counts[split][name] for split in report.counts) for name in CLASS_NAMES}

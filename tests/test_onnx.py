@@ -92,7 +92,7 @@ def test_grad_cam_asks_for_the_torch_model(model_dir, xrays):
         classify(load_classifier(model_dir, onnx=True), xrays[:1], saliency=True)
 
 
-def test_batch_predictor_option(model_dir, xrays, tmp_path):
+def test_the_batch_predictor_runs_through_onnx_int8(model_dir, xrays, tmp_path):
     output = tmp_path / "predictions.csv"
     assert predict.main([*map(str, xrays[:4]), "--model", str(model_dir), "--output", str(output), "--onnx", "--int8"]) == 0
     rows = list(csv.DictReader(output.open()))
