@@ -260,6 +260,7 @@ def test_app_client_and_pipeline_agree(served, classifier, tiny_model_dir, tmp_p
 # ---- start-up, options and the description ------------------------------------------------------------
 
 
+@pytest.mark.slow  # starts a fresh `python app.py` process
 def test_no_model_exits_with_the_training_command_and_no_traceback(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(tmp_path / "gradio"))
     env.pop("XRAY_MODEL", None)
