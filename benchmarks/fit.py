@@ -1,7 +1,7 @@
 """Underfitting or overfitting? Each model's figures on the images it trained on (no augmentation) beside the same
 figures on the validation split.
 
-    python -m benchmarks.fit outputs/vit-xray outputs/resnet-xray --data_dir ../shared/data/chest_xray
+    python -m benchmarks.fit outputs/vit-xray outputs/resnet-xray --data_dir path/to/chest_xray
 
 A model that scores no better on its own training images than on unseen ones is underfitting: it lacks training
 (epochs, width, resolution), and more regularisation would not help. One that scores far better there is overfitting.

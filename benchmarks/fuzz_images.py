@@ -2,7 +2,7 @@
 
     python -m benchmarks.fuzz_images --seconds 120
     python -m benchmarks.fuzz_images --seconds 60 --model outputs/vit-xray   # also app.predict on what decodes
-    python -m benchmarks.fuzz_images --worst --time-limit 60 --repeats 2     # the table in docs/security.md
+    python -m benchmarks.fuzz_images --worst --time_limit 60 --repeats 2     # the table in docs/security.md
 
 Hypothesis draws the inputs (no shrinking: every input is kept going, none stops the run):
   mutate   a valid seed file (JPEG gray/RGB/CMYK/progressive/EXIF-rotated, PNG 1/8/16-bit, palette, alpha, GIF, BMP,
@@ -20,7 +20,7 @@ padded DICOM, a mismatched embedded frame, palette, window width 0, deflate, pro
 each format) and prints, per case, its peak memory over the worker at rest, its time and the loader's answer.
 
 Each input runs in a worker process, one at a time; the parent kills the worker when an input takes longer than
---time-limit or its memory passes --memory-limit, and starts a new one. The worker resets its peak-memory mark
+--time_limit or its memory passes --memory_limit, and starts a new one. The worker resets its peak-memory mark
 (VmHWM) before each input, so every input's own peak is known. Prints the inputs tried, the outcomes (ImageLoadError
 messages grouped by their wording), the slowest input and the largest peak memory; every crash, hang or memory kill
 is saved under --out for replay: `python -m benchmarks.fuzz_images --replay FILE`.
@@ -45,6 +45,8 @@ from pathlib import Path
 import numpy as np
 import psutil
 from PIL import Image
+
+from benchmarks.common import add_old_spelling
 
 SUFFIXES = [None, ".png", ".jpeg", ".dcm"]
 PROBLEMS = ("crash", "hang", "memory", "worker died")  # outcomes that break the loader's promise  # None: the raw bytes are passed, as an upload's contents
@@ -618,18 +620,24 @@ class Runner:
         self.process.join(10)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--seconds", type=float, default=120, help="How long to fuzz.")
-    parser.add_argument("--time-limit", type=float, default=10, help="Seconds one input may take before it counts as a hang.")
-    parser.add_argument("--memory-limit", type=float, default=3072, help="MiB the worker may reach on one input.")
+    parser.add_argument("--time_limit", type=float, default=10, help="Seconds one input may take before it counts as a hang.")
+    parser.add_argument("--memory_limit", type=float, default=3072, help="MiB the worker may reach on one input.")
+    add_old_spelling(parser, "--time-limit", "time_limit", type=float)
+    add_old_spelling(parser, "--memory-limit", "memory_limit", type=float)
     parser.add_argument("--model", help="Also run app.predict (with this model folder) on every input that decodes.")
     parser.add_argument("--out", type=Path, default=Path("runs/fuzz"), help="Where crashing, hanging and memory-hungry inputs are saved.")
     parser.add_argument("--replay", type=Path, help="Run one saved input (its .json beside it gives the suffix) and print the outcome.")
     parser.add_argument("--worst", action="store_true", help="Instead of fuzzing, measure each worst case (docs/security.md) and print the table.")
     parser.add_argument("--repeats", type=int, default=1, help="With --worst: runs per case; the table keeps the best (the CPU may be shared).")
     parser.add_argument("--case", default="", help="With --worst: only the cases whose label contains this text (to rerun an outlier).")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     runner = Runner(args.model, args.time_limit, args.memory_limit)
     if args.worst:

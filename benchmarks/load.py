@@ -7,9 +7,9 @@ drives it through gradio_client, as a script or a notebook would (over loopback 
 per-request TLS set-up: see `loopback_client`; --verify_tls keeps it):
   1. warm-up, then --single requests one at a time: the latency of one upload with nobody else waiting;
   2. --clients threads, each with its own Client, each sending its next image as soon as its last answer came,
-     until --requests answers (or --max-seconds) are reached.
-Images: the full-resolution originals in ../shared/data/xray_originals and a fixed sample of the 224 px Kaggle
-training images in ../shared/data/chest_xray/train, cycled. The overlay each answer links to is downloaded too, as
+     until --requests answers (or --max_seconds) are reached.
+Images: the full-resolution originals in --data's xray_originals/ and a fixed sample of the 224 px Kaggle training
+images in its chest_xray/train/, cycled. The overlay each answer links to is downloaded too, as
 the page does.
 
 Prints requests/s, latency percentiles and errors of both phases; the server's resident memory (psutil) after
@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,18 +36,10 @@ from pathlib import Path
 import httpx
 import psutil
 
+from benchmarks.common import add_old_spelling, free_port, sample_benchmark_images
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def find_images(originals: Path, kaggle_train: Path, sample: int, seed: int = 0) -> list[Path]:
-    """Every original, plus `sample` Kaggle training images (a fixed random choice), shuffled once."""
-    images = sorted(path for path in originals.glob("*") if path.suffix.lower() in (".jpeg", ".jpg", ".png"))
-    train = sorted(path for path in kaggle_train.rglob("*") if path.suffix.lower() in (".jpeg", ".jpg", ".png"))
-    rng = random.Random(seed)
-    images += rng.sample(train, min(sample, len(train)))
-    rng.shuffle(images)
-    return images
 
 
 # app.py with its work replaced by a ready answer (the overlay an upload of the image in argv[1] gets): the same
@@ -86,13 +76,6 @@ def start_server(model: str, port: int, cache: Path, log: Path, timeout: float =
     raise SystemExit(f"app.py did not answer within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def rss_mib(process: psutil.Process) -> float:
     return process.memory_info().rss / 2**20
 
@@ -107,8 +90,8 @@ def loopback_client(url: str, verify_tls: bool = False, **kwargs):
 
     gradio_client opens a new httpx client for each of the 4 HTTP requests of a prediction (upload, join, events,
     overlay download), and each one loads the certifi CA bundle into a fresh TLS context, unless told not to
-    verify certificates: about 60 ms of CPU apiece here, more than the small model's whole prediction, and a cost no
-    browser pays. Over http:// there is no TLS to verify, so `ssl_verify=False` changes nothing else.
+    verify certificates: a CPU cost per request that can exceed a small model's whole prediction (docs/benchmarks.md),
+    and one no browser pays. Over http:// there is no TLS to verify, so `ssl_verify=False` changes nothing else.
     `verify_tls=True` keeps gradio_client's default, to see what it costs (--verify_tls).
     """
     from gradio_client import Client
@@ -169,22 +152,27 @@ def row(name: str, results: list[tuple[float, str | None]], clients: int, second
     ), ok
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="outputs/vit-xray", help="Model folder (or Hub id) app.py serves.")
     parser.add_argument("--requests", type=int, default=500, help="Requests in the load phase.")
     parser.add_argument("--clients", type=int, default=20, help="Concurrent clients in the load phase.")
     parser.add_argument("--single", type=int, default=20, help="Requests sent one at a time before the load.")
     parser.add_argument("--sample", type=int, default=76, help="Kaggle training images added to the originals.")
-    parser.add_argument("--max-seconds", type=float, default=600, help="Stop sending new load requests after this long.")
+    parser.add_argument("--max_seconds", type=float, default=600, help="Stop sending new load requests after this long.")
+    add_old_spelling(parser, "--max-seconds", "max_seconds", type=float)
     parser.add_argument("--timeout", type=float, default=120, help="Seconds one request may take before it counts as an error.")
     parser.add_argument("--port", type=int, default=0, help="Loopback port for the app (0: a free one).")
     parser.add_argument("--data", type=Path, default=SHARED_DATA, help="The shared data folder (xray_originals/, chest_xray/train/).")
     parser.add_argument("--no_work", action="store_true", help="Serve the same app with predict() replaced by a ready answer: what Gradio, gradio_client and this machine allow whatever the model (the floor under every figure).")
     parser.add_argument("--verify_tls", action="store_true", help="gradio_client's default: load the CA bundle for every HTTP request, though loopback HTTP has no TLS (see loopback_client).")
-    args = parser.parse_args()
+    return parser
 
-    images = find_images(args.data / "xray_originals", args.data / "chest_xray" / "train", args.sample)
+
+def main() -> None:
+    args = build_parser().parse_args()
+
+    images = sample_benchmark_images(args.data / "xray_originals", args.data / "chest_xray" / "train", args.sample)
     if not images:
         raise SystemExit(f"No images under {args.data}")
     args.port = args.port or free_port()

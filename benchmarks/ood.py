@@ -6,8 +6,8 @@
 The model folder must hold the statistics `python -m cxr.reliability` (or train_vit.py) writes; every threshold
 is the stored one, set so that ACCEPT_RATE (97 %) of the validation X-rays are accepted.
 
-In distribution:  the validation split (patient-grouped, never trained on) and the 24 full-resolution originals
-                  in ../shared/data/xray_originals, decoded as the app decodes them.
+In distribution:  the validation split (patient-grouped, never trained on) and the full-resolution originals
+                  in --originals, decoded as the app decodes them.
 Not an X-ray:     sample images shipped inside installed packages (gradio, scikit-learn, matplotlib, and
                   scikit-image's `skimage.data` when installed: `pip install scikit-image`), and generated ones:
                   noise, flat grey, gradients, document pages with text, photo-like colour scenes.

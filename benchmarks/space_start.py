@@ -24,13 +24,9 @@ import time
 import urllib.parse
 from pathlib import Path
 
+from benchmarks.common import free_port
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def reachable(url: str, timeout: float = 3.0) -> bool:
@@ -117,10 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.model_dir / "config.json").is_file():
         raise SystemExit(f"--model_dir: no model folder at {args.model_dir} (train one: see the README).")
 
-    sys.path.insert(0, str(REPO / "tests"))
     from gradio_client import Client, handle_file
-    from hub_cache import fill_hub_cache
 
+    from benchmarks.common import fill_hub_cache
     from cxr.space import assemble
 
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="space-start-"))

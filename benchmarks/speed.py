@@ -1,6 +1,6 @@
 """Inference speed: the plain one-image-at-a-time pipeline against the project's batched paths, and the app's latency.
 
-    python -m benchmarks.speed                          # ViT-B/16 (random weights) and scratch-small on ../shared/data/xray_originals
+    python -m benchmarks.speed                          # ViT-B/16 (random weights) and scratch-small on the X-rays in --images
     python -m benchmarks.speed --model outputs/vit-xray # also a trained model folder (top-1 agreement means most here)
 
 Same model, same images (full-resolution JPEGs: decoding and resizing included), one path after another:
@@ -39,7 +39,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep 
 import torch  # noqa: E402
 from transformers import AutoConfig
 
-from benchmarks.load import find_images
+from benchmarks.common import sample_benchmark_images
 from cxr.models import PRESETS, build_model
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "xray_originals"
@@ -177,7 +177,8 @@ def app_latency(model_dir: str, image: Path, requests: int, no_work: bool = Fals
     `no_work`: through the same app answering at once (benchmarks.load.NO_WORK_APP)."""
     from gradio_client import handle_file
 
-    from benchmarks.load import free_port, loopback_client, start_server
+    from benchmarks.common import free_port
+    from benchmarks.load import loopback_client, start_server
 
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="xray-latency-") as scratch:
@@ -202,7 +203,7 @@ def main() -> None:
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="Folder of X-ray images to classify.")
     parser.add_argument("--repeat", type=int, default=2, help="Pass over the images this many times (more images, steadier figures).")
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--agreement_images", type=int, default=200, help="Kaggle training X-rays (a fixed sample from ../shared/data/chest_xray/train) each path also labels, untimed, after the timed run: top-1 agreement is counted over them and the distinct timed images.")
+    parser.add_argument("--agreement_images", type=int, default=200, help="Kaggle training X-rays (a fixed sample from the chest_xray/train/ folder beside the default --images) each path also labels, untimed, after the timed run: top-1 agreement is counted over them and the distinct timed images.")
     parser.add_argument("--presets", nargs="*", default=["scratch-base", "scratch-small"], help=f"Architectures built with random weights: {', '.join(PRESETS)}.")
     parser.add_argument("--model", action="append", default=[], help="A trained model folder to add (repeatable).")
     parser.add_argument("--requests", type=int, default=20, help="Single requests sent through the app per model (0 skips the app).")
@@ -214,7 +215,7 @@ def main() -> None:
     if not images:
         raise SystemExit(f"No images in {args.images}")
     # The distinct timed images plus a fixed sample of training X-rays (none where that folder is absent).
-    check_images = find_images(args.images, KAGGLE_TRAIN, args.agreement_images)
+    check_images = sample_benchmark_images(args.images, KAGGLE_TRAIN, args.agreement_images)
     if args.worker:
         print(json.dumps(worker(*args.worker, images, args.batch_size, check_images)))
         return

@@ -1,6 +1,6 @@
 """Training throughput: train_vit.py's Trainer path against a minimal plain PyTorch loop, same model, batch and data.
 
-    python -m benchmarks.train_speed                     # scratch-small on ../shared/data/chest_xray (synthetic if absent)
+    python -m benchmarks.train_speed                     # scratch-small on the real data set (REAL_DATA; synthetic if absent)
     python -m benchmarks.train_speed --model scratch-base --steps 10
 
 Both loops use the same dataset object (the project's image loader + augmentation + image processor), the same

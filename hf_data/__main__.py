@@ -1,7 +1,10 @@
 """Command line for the data layer.
 
-    python -m hf_data prepare SOURCE OUTPUT [--validation-fraction 0.1 --seed 42 --keep-kaggle-val --copy]
-    python -m hf_data synthetic OUTPUT [--images-per-class 40 --size 64 --seed 0]
+    python -m hf_data prepare SOURCE OUTPUT [--validation_fraction 0.1 --split_seed 42 --keep_kaggle_val --copy]
+    python -m hf_data synthetic OUTPUT [--images_per_class 40 --size 64 --seed 0]
+
+Options are spelled with underscores, as train_vit.py spells them; the older dashed spellings (and prepare's
+--seed) are still accepted, unlisted, so earlier commands keep working.
 """
 
 from __future__ import annotations
@@ -11,6 +14,11 @@ import sys
 
 from hf_data.prepare import MANIFEST_NAME, SKIPPED_NAME, prepare_dataset
 from hf_data.synthetic import SYNTHETIC_FOLDERS, make_synthetic_dataset
+
+
+def add_old_spelling(parser: argparse.ArgumentParser, option: str, dest: str, **kwargs) -> None:
+    """Accept an earlier spelling of an option without listing it, so commands written before the rename still run."""
+    parser.add_argument(option, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,15 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder to write; must be new, empty, or written by an earlier prepare (which is then replaced)",
     )
     prepare.add_argument(
-        "--validation-fraction", type=float, default=0.1, metavar="F",
+        "--validation_fraction", type=float, default=0.1, metavar="F",
         help="share of the training images to hold out for validation, taken as whole patients (default: 0.1)",
     )
-    prepare.add_argument("--seed", type=int, default=42, help="random seed of the validation split (default: 42)")
+    prepare.add_argument("--split_seed", type=int, default=42, help="random seed of the validation split (default: 42)")
     prepare.add_argument(
-        "--keep-kaggle-val", action="store_true",
+        "--keep_kaggle_val", action="store_true",
         help="use SOURCE's val/ folder as the validation split instead of folding it into train "
         "(Kaggle's holds only 16 images, too few to judge a model)",
     )
+    add_old_spelling(prepare, "--validation-fraction", "validation_fraction", type=float)
+    add_old_spelling(prepare, "--seed", "split_seed", type=int)
+    add_old_spelling(prepare, "--keep-kaggle-val", "keep_kaggle_val", action="store_true")
     prepare.add_argument(
         "--copy", action="store_true",
         help="copy the images instead of symlinking them (needs the disk space; survives moving SOURCE)",
@@ -62,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     synthetic.add_argument("output", metavar="OUTPUT", help="folder to write (new, empty, or an earlier synthetic set)")
-    synthetic.add_argument("--images-per-class", type=int, default=40, metavar="N", help="images per class (default: 40)")
+    synthetic.add_argument("--images_per_class", type=int, default=40, metavar="N", help="images per class (default: 40)")
+    add_old_spelling(synthetic, "--images-per-class", "images_per_class", type=int)
     synthetic.add_argument("--size", type=int, default=64, metavar="PX", help="width and height in pixels (default: 64)")
     synthetic.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images (default: 0)")
     return parser
@@ -75,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "prepare":
             report = prepare_dataset(
                 args.source, args.output,
-                validation_fraction=args.validation_fraction, seed=args.seed,
+                validation_fraction=args.validation_fraction, seed=args.split_seed,
                 keep_kaggle_val=args.keep_kaggle_val, copy=args.copy,
             )
             print(report.summary())

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import tiny_run
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -19,39 +21,34 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-def train_tiny_model(workdir: Path, preset: str) -> Path:
-    """Run train_vit.py for real (tiny, seconds long) on the synthetic data set with `preset`; return the model folder."""
+def run_tiny_training(workdir: Path, model: str) -> Path:
+    """Run train_vit.py for real with TINY_RUN's options and `model` (a preset or a folder) in `workdir`; return the
+    model folder, `workdir/model`."""
     import train_vit
 
     output_dir = workdir / "model"
     previous = Path.cwd()
     os.chdir(workdir)  # synthetic and prepared data go under ./data of the run
     try:
-        train_vit.main(
-            [
-                "--data_dir", "synthetic",
-                "--synthetic_images_per_class", "40",
-                "--model", preset,
-                "--output_dir", str(output_dir),
-                "--num_train_epochs", "2",
-                "--learning_rate", "3e-3",
-                "--per_device_train_batch_size", "16",
-                "--disable_tqdm", "true",
-                "--report_to", "none",
-            ]
-        )
+        train_vit.main([*tiny_run(model=model), "--output_dir", str(output_dir)])
     finally:
         os.chdir(previous)
     return output_dir
 
 
 @pytest.fixture(scope="session")
+def train_tiny_model():
+    """The tiny run as a function, `train_tiny_model(workdir, model) -> model folder`, for fixtures of other models."""
+    return run_tiny_training
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A model folder written by a real (tiny, seconds-long) train_vit.py run of the scratch-tiny ViT."""
-    return train_tiny_model(tmp_path_factory.mktemp("tiny_run"), "scratch-tiny")
+    return run_tiny_training(tmp_path_factory.mktemp("tiny_run"), "scratch-tiny")
 
 
 @pytest.fixture(scope="session")
 def cnn_model_dir(tmp_path_factory) -> Path:
     """The same for the scratch-tiny-resnet preset (tests/test_cnn.py)."""
-    return train_tiny_model(tmp_path_factory.mktemp("tiny_cnn_run"), "scratch-tiny-resnet")
+    return run_tiny_training(tmp_path_factory.mktemp("tiny_cnn_run"), "scratch-tiny-resnet")

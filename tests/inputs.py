@@ -7,6 +7,9 @@ import zlib
 import numpy as np
 from PIL import Image
 
+MARKUP_NAME = "<img src=x onerror=alert(1)><b>bold.png"  # a file name may hold any character but '/'
+MARKUP_DICOM = "<b>MONO</b><img src=x>"  # a DICOM's Photometric Interpretation, which the decoder's message quotes
+
 
 def encode(image: Image.Image, fmt: str, **params) -> bytes:
     buffer = io.BytesIO()

@@ -4,7 +4,6 @@ import copy
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,9 @@ import app
 from cxr.images import MAX_FILE_BYTES
 from cxr.predict import classify, load_classifier
 from inputs import chest_like, dicom_bytes, encode, png_claiming_size
+from benchmarks.common import free_port
+from helpers import validation_images
+from inputs import MARKUP_DICOM, MARKUP_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = {"Normal", "Bacterial pneumonia", "Viral pneumonia"}
@@ -62,12 +64,6 @@ def write(folder: Path, name: str, table: dict) -> Path:
 @pytest.fixture(scope="module")
 def classifier(tiny_model_dir):
     return load_classifier(tiny_model_dir)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +114,7 @@ def test_a_non_xray_upload_gets_a_warning_above_the_three_labels(classifier, tmp
 
 def test_validation_images_mostly_get_no_warning(classifier, tiny_model_dir):
     """The tiny model's own (synthetic) validation images: the threshold was set to accept ACCEPT_RATE (97 %) of them."""
-    files = sorted((tiny_model_dir.parent / "data" / "prepared" / "synthetic" / "validation").rglob("*.png"))
+    files = validation_images(tiny_model_dir)
     results = [app.predict(classifier, str(path)) for path in files]
     assert all(bool(warning) != check["looks_like_chest_xray"] for warning, _, _, check in results)
     assert sum(check["looks_like_chest_xray"] for _, _, _, check in results) >= 0.8 * len(files)
@@ -220,6 +216,7 @@ def test_an_overlay_being_downloaded_is_never_seen_half_written(tmp_path):
 # ---- the served app, through gradio_client ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_client_gets_a_prediction_and_a_clear_error_and_the_server_keeps_serving(served, tmp_path):
     from gradio_client import Client, handle_file
     from gradio_client.exceptions import AppError
@@ -239,12 +236,14 @@ def test_client_gets_a_prediction_and_a_clear_error_and_the_server_keeps_serving
     assert {item["label"] for item in again["confidences"]} == LABELS
 
 
+@pytest.mark.slow
 def test_served_on_loopback_with_a_bounded_upload_size(served):
     assert served.local_url.startswith("http://127.0.0.1:")
     assert served.max_file_size == MAX_FILE_BYTES
     assert served.share_url is None
 
 
+@pytest.mark.slow
 def test_app_client_and_pipeline_agree(served, classifier, tiny_model_dir, tmp_path):
     from gradio_client import Client, handle_file
     from transformers import pipeline
@@ -264,6 +263,7 @@ def test_app_client_and_pipeline_agree(served, classifier, tiny_model_dir, tmp_p
 # ---- start-up, options and the description ------------------------------------------------------------
 
 
+@pytest.mark.slow  # starts a fresh `python app.py` process
 def test_no_model_exits_with_the_training_command_and_no_traceback(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(tmp_path / "gradio"))
     env.pop("XRAY_MODEL", None)
@@ -377,10 +377,6 @@ def test_the_preview_is_the_image_as_the_loader_decodes_it(classifier, tmp_path,
     assert app.preview(classifier, None) is None
 
 
-MARKUP_NAME = "<img src=x onerror=alert(1)><b>bold.png"  # a file name may hold any character but '/'
-MARKUP_DICOM = "<b>MONO</b><img src=x>"  # a DICOM's Photometric Interpretation, which the decoder's message quotes
-
-
 def test_error_messages_are_plain_text_even_when_the_file_name_is_markup(classifier, tmp_path):
     """Gradio renders an error message as HTML: nothing from an upload (its name, its decoder's words) may become markup."""
     path = tmp_path / MARKUP_NAME
@@ -417,6 +413,7 @@ def test_the_bars_are_headed_by_the_95_percent_prediction_set():
     assert app.prediction_set_heading({"prediction_sets": None}) == "Prediction"  # a folder without conformal.json
 
 
+@pytest.mark.slow
 def test_a_pasted_image_is_classified_and_a_file_wins_over_it(served, tmp_path):
     from gradio_client import Client, handle_file
 
@@ -432,6 +429,7 @@ def test_a_pasted_image_is_classified_and_a_file_wins_over_it(served, tmp_path):
     assert Image.open(preview).size == (200, 160)  # the DICOM as decoded, which no browser can show
 
 
+@pytest.mark.slow
 def test_a_full_queue_refuses_the_next_request_at_once(tiny_model_dir, monkeypatch):
     """CONCURRENCY_LIMIT requests run, QUEUE_SIZE wait, and one more is refused ("queue is full"), not queued."""
     from gradio_client import Client, handle_file

@@ -1,5 +1,5 @@
 """One feature path for every architecture: the chest X-ray check's features, Grad-CAM and the ONNX export read a
-ViT, a Swin, a ResNet, a PVTv2 and a CvT (each built tiny from its config) through the same code, and train_vit.py turns a
+ViT, a Swin, a ResNet, a ConvNeXt, a PVTv2 and a CvT (each built tiny from its config) through the same code, and train_vit.py turns a
 Swin folder into a complete model folder that pipeline() loads."""
 
 import copy
@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModelForImageClassification, CvtConfig, PvtV2Config, SwinConfig, pipeline
+from transformers import AutoModelForImageClassification, ConvNextConfig, CvtConfig, PvtV2Config, SwinConfig, pipeline
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
-from conftest import train_tiny_model
 from cxr.models import PRESETS, build_model, config_image_size, input_size
 from cxr.onnx_runtime import OUTPUTS, load_onnx_features
 from cxr.predict import classify, load_classifier
@@ -42,7 +41,12 @@ def tiny_cvt_config():
     return CvtConfig(embed_dim=[8, 16, 32], num_heads=[1, 2, 2], depth=[1, 2, 3], mlp_ratio=[2.0, 2.0, 2.0], num_labels=3, id2label=LABELS, label2id=LABEL_IDS)
 
 
-TINY_CONFIGS = {"swin": tiny_swin_config, "pvt_v2": tiny_pvt_config, "cvt": tiny_cvt_config}
+def tiny_convnext_config():
+    # Two stages at 32 px: stride 4, then 2 -> a 4 x 4 map of 16 channels.
+    return ConvNextConfig(image_size=SIZE, num_stages=2, depths=[1, 1], hidden_sizes=[8, 16], num_labels=3, id2label=LABELS, label2id=LABEL_IDS)
+
+
+TINY_CONFIGS = {"swin": tiny_swin_config, "convnext": tiny_convnext_config, "pvt_v2": tiny_pvt_config, "cvt": tiny_cvt_config}
 
 
 def build(family: str):
@@ -61,12 +65,14 @@ FAMILIES = {
     "vit": (4, 32, 2 * 32),  # CLS + mean patch token of the last block (32 wide)
     "swin": (4, 32, 2 * 32),  # no class token: mean and standard deviation of the last 4 x 4 tokens
     "resnet": (4, 16, 2 * 16),  # the last stage's 4 x 4 map of 16 channels
+    "convnext": (4, 16, 2 * 16),  # the same shape, after a LayerNorm-ed pooling
     "pvt_v2": (4, 32, 2 * 32),  # the last stage's 4 x 4 map of 32 channels
     # The head reads the last stage's class token; that stage's 2 x 2 grid reaches it only through the token, so
     # Grad-CAM takes the second stage's 4 x 4 grid (as a ViT's, one block earlier).
     "cvt": (4, 32, 2 * 32),
 }
 EARLIER_GRID = ("vit", "cvt")  # families whose last grid reaches the logits only through a class token
+CONVOLUTIONAL = ("resnet", "convnext")  # their hidden states are feature maps already
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -84,6 +90,12 @@ def test_features_are_the_models_own_logits_and_the_heads_input(family):
     torch.testing.assert_close(outputs["logits"], expected)
     torch.testing.assert_close(outputs["cls"], head_input[0])  # exactly what the Linear layer giving the logits reads
     assert outputs["cls"].shape == (5, width) and outputs["tokens"].shape == (5, tokens)
+    # Grad-CAM's pass gives the same logits and keys, plus the hidden states; the plain pass keeps none of them.
+    with_saliency = forward_features(model, pixel_values, saliency=True)
+    torch.testing.assert_close(with_saliency["logits"].detach(), expected)
+    assert "hidden_states" not in outputs and set(with_saliency) == set(outputs) | {"hidden_states"}
+    if family in CONVOLUTIONAL:  # the last stage's feature map, what Grad-CAM reads: 32 px / 8
+        assert with_saliency["hidden_states"][-1].shape == (5, width, side, side)
     assert torch.isfinite(outputs["tokens"]).all()
     # The out-of-distribution check fits and scores on these features, whatever the family.
     train = {name: value.numpy() for name, value in forward_features(model, torch.randn(60, 3, SIZE, SIZE)).items()}
@@ -131,7 +143,7 @@ def test_onnx_export_runs_and_agrees_with_torch(family, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def swin_model_dir(tmp_path_factory):
+def swin_model_dir(tmp_path_factory, train_tiny_model):
     """train_vit.py --model FOLDER, where FOLDER holds a tiny Swin built from its config (random weights) and an image processor."""
     workdir = tmp_path_factory.mktemp("swin_run")
     start = workdir / "swin-start"
@@ -140,6 +152,7 @@ def swin_model_dir(tmp_path_factory):
     return train_tiny_model(workdir, str(start))
 
 
+@pytest.mark.slow
 def test_train_vit_turns_a_swin_folder_into_a_complete_model_folder(swin_model_dir):
     for name in ["model.safetensors", "config.json", "preprocessor_config.json", "metrics.json", "README.md", OOD_FILE]:
         assert (swin_model_dir / name).is_file(), name

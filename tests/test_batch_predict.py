@@ -48,7 +48,7 @@ def test_folder_to_csv_keeps_every_file_and_reports_bad_ones(tiny_model_dir, mix
     assert by_name["notes.png"]["looks_like_chest_xray"] == by_name["notes.png"]["ood_score"] == ""
 
 
-def test_json_output(tiny_model_dir, mixed_folder, tmp_path):
+def test_json_output_gives_each_file_its_predictions_or_its_error(tiny_model_dir, mixed_folder, tmp_path):
     output = tmp_path / "predictions.json"
     predict.main([str(mixed_folder / "xray_0.png"), str(mixed_folder / "notes.png"), "--model", str(tiny_model_dir), "--output", str(output)])
     rows = json.loads(output.read_text())

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
+from helpers import validation_images
 import predict
 from cxr.conformal import CONFORMAL_FILE, PredictionSets, class_threshold, describe_set, held_out_check
 from cxr.metrics import softmax
@@ -85,7 +86,7 @@ def model_with_sets(tiny_model_dir, tmp_path):
 
 
 def xrays(tiny_model_dir):
-    return sorted((tiny_model_dir.parent / "data" / "prepared" / "synthetic" / "validation").rglob("*.png"))[:8]
+    return validation_images(tiny_model_dir)[:8]
 
 
 def test_classify_gives_the_sets_from_the_folders_thresholds(model_with_sets, tiny_model_dir):

@@ -7,7 +7,6 @@ One test prepares the real Kaggle training split in ../shared/data (the `shared_
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 import re
 from collections import Counter, defaultdict
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import folder_checksums
 from cxr.images import load_image
 from hf_data import CLASS_NAMES, DISPLAY_NAMES, load_prepared, make_synthetic_dataset, prepare_dataset
 from hf_data.__main__ import main
@@ -70,20 +70,6 @@ def kaggle(tmp_path: Path) -> tuple[Path, dict[str, tuple[str, str, str]]]:
 def read_csv(path: Path) -> list[dict[str, str]]:
     with path.open(newline="", encoding="utf-8") as file:
         return list(csv.DictReader(file))
-
-
-def checksums(folder: Path) -> dict[str, str]:
-    """Every entry under `folder`: sha256 of a file's bytes, or where a symlink points."""
-    sums = {}
-    for parent, subfolders, files in os.walk(folder):
-        for name in subfolders + files:
-            path = Path(parent, name)
-            key = str(path.relative_to(folder))
-            if path.is_symlink():
-                sums[key] = "-> " + os.readlink(path)
-            elif path.is_file():
-                sums[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return sums
 
 
 def patients_in_more_than_one_split(rows: list[dict[str, str]]) -> set[str]:
@@ -234,10 +220,10 @@ def test_bad_files_are_reported_never_mislabeled(kaggle, tmp_path):
 def test_source_files_are_never_changed(kaggle, tmp_path, copy):
     source, _ = kaggle
     (source / "train" / "NORMAL" / "IM-0999-0001.jpeg").write_bytes(b"broken")
-    before = checksums(source.parent)
+    before = folder_checksums(source.parent)
     prepare_dataset(source, tmp_path / "prepared", copy=copy)
     prepare_dataset(source, tmp_path / "prepared", copy=copy, seed=3)  # and a re-run that replaces the tree
-    assert checksums(source.parent) == before
+    assert folder_checksums(source.parent) == before
 
 
 def test_symlinks_point_to_absolute_paths_and_copy_makes_real_files(kaggle, tmp_path):
@@ -255,11 +241,11 @@ def test_rerun_is_idempotent_and_leaves_nothing_stale(kaggle, tmp_path):
     source, _ = kaggle
     output = tmp_path / "prepared"
     first = prepare_dataset(source, output)
-    before = checksums(output)
+    before = folder_checksums(output)
     links = {path: os.lstat(path).st_ino for path in output.rglob("*") if path.is_symlink()}
     second = prepare_dataset(source, output)
     assert second == first
-    assert checksums(output) == before
+    assert folder_checksums(output) == before
     # Not even rewritten: a training run reading the tree while another run prepares it finds every file in place.
     assert links and all(os.lstat(path).st_ino == inode for path, inode in links.items())
 
@@ -329,7 +315,7 @@ def test_load_prepared_gives_splits_and_class_label(kaggle, tmp_path):
 
 def test_cli_prepare_prints_the_summary(kaggle, tmp_path, capsys):
     source, _ = kaggle
-    assert main(["prepare", str(source), str(tmp_path / "prepared"), "--validation-fraction", "0.25", "--seed", "1"]) == 0
+    assert main(["prepare", str(source), str(tmp_path / "prepared"), "--validation_fraction", "0.25", "--split_seed", "1"]) == 0
     printed = capsys.readouterr().out
     assert "bacterial_pneumonia" in printed and "validation" in printed and "No files skipped" in printed
 
@@ -340,7 +326,7 @@ def test_cli_prepare_prints_the_summary(kaggle, tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-def test_real_kaggle_training_split(shared_data, tmp_path):
+def test_the_real_kaggle_download_is_prepared_whole_with_each_patient_in_one_split(shared_data, tmp_path):
     """The Kaggle training split as users download it (../shared/data/chest_xray; skipped where absent)."""
     report = prepare_dataset(shared_data / "chest_xray", tmp_path / "prepared")
     totals = {name: sum(report.counts[split][name] for split in report.counts) for name in CLASS_NAMES}
@@ -361,12 +347,12 @@ def test_a_manifest_cut_short_is_rebuilt_not_refused(kaggle, tmp_path):
     output = tmp_path / "prepared"
     prepare_dataset(source, output)
     whole = (output / "manifest.csv").read_text(encoding="utf-8")
-    before = checksums(output)
+    before = folder_checksums(output)
     lines = whole.splitlines(keepends=True)
     for damaged in (whole[: len(whole) // 2], "".join(lines[: len(lines) // 2]), ""):
         (output / "manifest.csv").write_text(damaged, encoding="utf-8")
         prepare_dataset(source, output)
-        assert checksums(output) == before
+        assert folder_checksums(output) == before
 
     (output / "manifest.csv").write_text(whole[: len(whole) // 2], encoding="utf-8")
     write_image(output / "train" / "normal" / "by_hand.png")  # a real file where links go: prepare cannot tell it is its own
@@ -408,14 +394,14 @@ def test_runs_with_different_split_settings_each_get_their_own_tree(kaggle, tmp_
     loaded, trees = [], []
     for options in settings:
         dataset, report = prepare_and_load(DataArguments(data_dir=str(source), **options), TrainingArguments(output_dir="out", report_to="none"))
-        loaded.append((dataset, checksums(report.output_dir)))
+        loaded.append((dataset, folder_checksums(report.output_dir)))
         trees.append(report.output_dir)
     assert len(set(trees)) == len(settings) and trees[0] == (tmp_path / "data" / "prepared" / "chest_xray").resolve()
     for (dataset, sums), tree in zip(loaded, trees):
-        assert checksums(tree) == sums  # untouched by the runs after it
+        assert folder_checksums(tree) == sums  # untouched by the runs after it
         assert all(Path(item["path"]).is_file() for split in dataset.values() for item in split["image"])
     prepare_and_load(DataArguments(data_dir=str(source)), TrainingArguments(output_dir="out", report_to="none"))  # the first settings again
-    assert [checksums(tree) for tree in trees] == [sums for _, sums in loaded]
+    assert [folder_checksums(tree) for tree in trees] == [sums for _, sums in loaded]
 
 
 def test_a_shared_prepared_folder_in_use_is_not_rewritten_with_other_settings(kaggle, tmp_path, monkeypatch):
@@ -431,14 +417,14 @@ def test_a_shared_prepared_folder_in_use_is_not_rewritten_with_other_settings(ka
     monkeypatch.chdir(tmp_path)
     shared = str(tmp_path / "shared-tree")
     first, _ = prepare_and_load(DataArguments(data_dir=str(source), prepared_dir=shared), TrainingArguments(output_dir="out", report_to="none"))
-    before = checksums(Path(shared))
+    before = folder_checksums(Path(shared))
     with pytest.raises(SystemExit, match=r"in use by another run that split the data differently \(seed 42\).*own --prepared_dir"):
         prepare_and_load(DataArguments(data_dir=str(source), prepared_dir=shared, split_seed=7), TrainingArguments(output_dir="out", report_to="none"))
-    assert checksums(Path(shared)) == before
+    assert folder_checksums(Path(shared)) == before
     same, _ = prepare_and_load(DataArguments(data_dir=str(source), prepared_dir=shared), TrainingArguments(output_dir="out", report_to="none"))
-    assert checksums(Path(shared)) == before  # the same settings may share it
+    assert folder_checksums(Path(shared)) == before  # the same settings may share it
 
     del first, same
     gc.collect()
     second, _ = prepare_and_load(DataArguments(data_dir=str(source), prepared_dir=shared, split_seed=7), TrainingArguments(output_dir="out", report_to="none"))
-    assert checksums(Path(shared)) != before
+    assert folder_checksums(Path(shared)) != before

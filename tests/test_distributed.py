@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,26 +13,22 @@ import pytest
 import torch.distributed as dist
 from PIL import Image
 
+from benchmarks.common import free_port
+from helpers import tiny_run
+
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with the gloo backend is not available"
-)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with the gloo backend is not available"),
+]
 
 
 def test_two_processes_train_one_model_that_one_process_writes(tiny_model_dir, tmp_path):
     """The recipe of the `tiny_model_dir` fixture (batch 16, one process), run as 2 processes x 8 images per step."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(REPO / "train_vit.py"), "--data_dir", "synthetic", "--synthetic_images_per_class", "40", "--model", "scratch-tiny",
-        "--output_dir", "model", "--num_train_epochs", "2", "--learning_rate", "3e-3", "--per_device_train_batch_size", "8",
-        "--disable_tqdm", "true", "--report_to", "none",
+        str(REPO / "train_vit.py"), *tiny_run(per_device_train_batch_size="8"), "--output_dir", "model",
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)

@@ -7,13 +7,10 @@ Training runs are tiny (scratch-tiny on the synthetic set, seconds each) and hap
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
 import signal
-import socket
-import stat
 import subprocess
 import sys
 import time
@@ -24,6 +21,8 @@ import pytest
 import torch
 from PIL import Image
 
+from benchmarks.common import free_port
+from helpers import TINY_RUN, folder_checksums
 import app
 import train_vit
 from cxr.run_record import read_metrics, read_run
@@ -32,10 +31,7 @@ from inputs import encode, png_claiming_size
 
 REPO = Path(__file__).resolve().parents[1]
 # The recipe of the `tiny_model_dir` fixture (conftest.py), which serves as the uninterrupted reference run.
-RUN = [
-    "--data_dir", "synthetic", "--synthetic_images_per_class", "40", "--model", "scratch-tiny", "--num_train_epochs", "2",
-    "--learning_rate", "3e-3", "--per_device_train_batch_size", "16", "--disable_tqdm", "true", "--report_to", "none",
-]
+RUN = TINY_RUN
 
 
 def recipe_of(model_dir: Path) -> list[str]:
@@ -67,6 +63,7 @@ def weights(path: Path) -> dict:
 # ---- a run killed mid-way resumes ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_from_its_last_complete_checkpoint_to_the_same_result(tiny_model_dir, tmp_path):
     """SIGKILL right after the first checkpoint, then `--resume`: the run ends exactly as the uninterrupted one did.
 
@@ -126,6 +123,7 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint_to_the_same_resu
         assert figures(summary[split]) == figures(reference_summary[split]), split
 
 
+@pytest.mark.slow
 def test_two_runs_started_at_once_on_one_data_folder_both_finish(tmp_path):
     """A sweep or a comparison launched in parallel: both prepare the same data folder; they take turns (a file lock)
     instead of one reading the imagefolder tree while the other rewrites it."""
@@ -144,7 +142,7 @@ def test_two_runs_started_at_once_on_one_data_folder_both_finish(tmp_path):
 
 def folder_bytes(folder: Path) -> dict[str, str]:
     """Every file under `folder` (checkpoints included), by its sha256."""
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.rglob("*")) if path.is_file()}
+    return folder_checksums(folder, follow_links=True)
 
 
 def make_distinct(folder: Path) -> Path:
@@ -179,6 +177,7 @@ class Crash(Exception):
     pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step", ["plot_confusion_matrix", "save_reliability", "render_model_card", "swap"])
 def test_a_run_stopped_between_its_save_steps_leaves_the_old_model_folder_intact(tiny_model_dir, tmp_path, monkeypatch, step):
     """`--resume` on a finished run redoes only the end (calibration, evaluation, saving): a crash at any step of the
@@ -209,6 +208,7 @@ def test_a_run_stopped_between_its_save_steps_leaves_the_old_model_folder_intact
     assert not list(tmp_path.glob(".model.*")), "no staging folder left behind"
 
 
+@pytest.mark.slow
 def test_a_refit_stopped_midway_leaves_the_model_folder_intact(tiny_model_dir, tmp_path, monkeypatch):
     """`python -m cxr.reliability` rewrites weights, statistics, metrics and card: all of them or none."""
     from cxr import reliability
@@ -225,6 +225,7 @@ def test_a_refit_stopped_midway_leaves_the_model_folder_intact(tiny_model_dir, t
     assert version_of(folder)[1] == pytest.approx(version_of(tiny_model_dir)[1], rel=1e-4)  # refitted: statistics and metrics agree again
 
 
+@pytest.mark.slow
 def test_a_model_loaded_while_a_new_folder_is_swapped_in_is_one_version(tiny_model_dir, tmp_path, monkeypatch):
     """The loader reads weights, processor and statistics one after another: a folder swapped in between (here, right
     before the statistics are read) makes it load again, so it never pairs old weights with new statistics."""
@@ -291,6 +292,7 @@ def test_a_crash_while_writing_a_json_file_leaves_the_old_one(tmp_path):
 # ---- nothing the user made is deleted unasked ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_rerun_into_a_folder_with_checkpoints_stops_unless_told_to_resume_or_overwrite(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
@@ -318,23 +320,6 @@ def test_a_rerun_into_a_folder_with_checkpoints_stops_unless_told_to_resume_or_o
 # loop (file and folder) and unchanged checksums for one broken file. Added here: what could hang or exhaust memory
 # (a named pipe, a link to /dev/zero), links and folders posing as images, damaged data behind a valid header, a
 # decompression bomb, all at once, with every source entry checked unchanged afterwards.
-
-
-def fingerprint(folder: Path) -> dict[str, str]:
-    """Every entry under `folder`, never opening anything but regular files: sha256, link target, or kind."""
-    found = {}
-    for parent, subfolders, files in os.walk(folder):
-        for name in subfolders + files:
-            path = Path(parent, name)
-            mode = path.lstat().st_mode
-            key = str(path.relative_to(folder))
-            if stat.S_ISLNK(mode):
-                found[key] = "-> " + os.readlink(path)
-            elif stat.S_ISREG(mode):
-                found[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-            else:
-                found[key] = stat.filemode(mode)
-    return found
 
 
 @contextlib.contextmanager
@@ -371,7 +356,7 @@ def test_a_hostile_data_folder_is_reported_file_by_file_and_left_unchanged(tmp_p
     os.symlink(tmp_path / "nowhere.png", normal / "dangling.png")
     (normal / "folder.png").mkdir()  # a folder named like an image
     expected_skips = {"damaged.png", "bomb.png", "pipe.png", "zeros.png", "dangling.png"}
-    before = fingerprint(source)
+    before = folder_checksums(source)  # opens nothing but regular files: the pipe and /dev/zero link cannot hang it
 
     with time_limit(60):
         report = prepare_dataset(source, tmp_path / "prepared")
@@ -381,7 +366,7 @@ def test_a_hostile_data_folder_is_reported_file_by_file_and_left_unchanged(tmp_p
     assert "not a regular file" in skipped["pipe.png"] and "not a regular file" in skipped["zeros.png"]
     assert "6325 x 6325 px; images over 40 megapixels" in skipped["bomb.png"]
     assert sum(sum(per_class.values()) for per_class in report.counts.values()) == len(good)  # every good image kept
-    assert fingerprint(source) == before  # nothing in the source was changed, added or removed
+    assert folder_checksums(source) == before  # nothing in the source was changed, added or removed
 
 
 # ---- a read-only or full disk --------------------------------------------------------------------------------------
@@ -427,12 +412,7 @@ def test_a_full_disk_stops_the_run_before_training(tmp_path, monkeypatch):
 # ---- the served app: uploads are not kept, and the queue is bounded -------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
+@pytest.mark.slow
 def test_uploads_are_deleted_and_the_queue_cannot_be_skipped(tiny_model_dir, tmp_path, monkeypatch):
     import httpx
     from gradio_client import Client, handle_file

@@ -12,12 +12,13 @@ from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects
 from transformers import Trainer
 
+from helpers import tiny_run
 import train_vit
 
 from cxr.hub import model_folder_files, publish_model_folder
 from cxr.run_record import read_metrics
 
-TINY = ["--synthetic_images_per_class", "40", "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--disable_tqdm", "true", "--report_to", "none"]
+TINY = tiny_run(drop=("data_dir", "model", "num_train_epochs"))  # each test names its data and model
 MODEL_FOLDER = [
     "README.md", "config.json", "conformal.json", "confusion_matrix_test.png", "confusion_matrix_validation.png", "metrics.json",
     "model.safetensors", "ood.safetensors", "preprocessor_config.json", "run.json", "training_curves.png",
@@ -55,6 +56,7 @@ def hub_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_push_to_hub_publishes_exactly_the_finished_model_folder(tmp_path, monkeypatch, hub_calls):
     monkeypatch.chdir(tmp_path)
     output = tmp_path / "model"
@@ -104,7 +106,7 @@ def hub_checkpoint(tmp_path, monkeypatch):
     from transformers import ViTConfig, ViTForImageClassification
     from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
-    from hub_cache import fill_hub_cache
+    from benchmarks.common import fill_hub_cache
 
     labels = {index: f"imagenet_class_{index}" for index in range(10)}
     config = ViTConfig(image_size=SIZE, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -122,6 +124,7 @@ def hub_checkpoint(tmp_path, monkeypatch):
     return folder
 
 
+@pytest.mark.slow
 def test_a_hub_checkpoint_is_fine_tuned_offline_with_a_new_head_and_its_own_processor(hub_checkpoint, tmp_path, monkeypatch):
     from huggingface_hub import ModelCard
     from safetensors import safe_open

@@ -99,7 +99,7 @@ def test_pixel_limit_is_the_projects_below_pillows_own():
     assert Image.MAX_IMAGE_PIXELS == MAX_PIXELS  # Pillow's own check agrees with the project's
 
 
-def test_file_byte_limit(tmp_path):
+def test_a_file_over_the_byte_limit_is_refused_as_bytes_and_as_a_path(tmp_path):
     too_big = encode(Image.fromarray(chest_like(), "L"), "PNG") + b"\0" * MAX_FILE_BYTES  # a valid PNG, padded past the cap
     with pytest.raises(ImageLoadError, match="the limit is 64 MiB"):
         load_image(too_big)

@@ -7,12 +7,13 @@ import pytest
 import torch
 from transformers import TrainingArguments, ViTModel
 
+from helpers import prepared_data, tiny_run
 import pretrain_mae
 import train_vit
 from cxr.data import DataArguments, prepare_and_load
 from cxr.models import build_model
 
-TINY_DATA = ["--data_dir", "synthetic", "--synthetic_images_per_class", "40", "--disable_tqdm", "true"]
+TINY_DATA = tiny_run(drop=("model", "num_train_epochs", "learning_rate", "per_device_train_batch_size", "report_to"))  # the data and quiet progress
 
 
 @pytest.fixture(scope="module")
@@ -28,12 +29,14 @@ def encoder_dir(tmp_path_factory):
     return workdir / "encoder"
 
 
+@pytest.mark.slow
 def test_pretraining_writes_its_record_and_a_picture_of_what_it_learned(encoder_dir):
     record = json.loads((encoder_dir / "pretraining.json").read_text())
     assert len(record["loss_history"]) >= 20 and record["epochs"] == 8
     assert (encoder_dir / "reconstructions.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_pretraining_on_real_xrays_learns_to_paint_back_hidden_patches(shared_data, tmp_path, monkeypatch):
     """On 120 real X-rays (the stand-in images hold nothing a tiny model can predict), a few epochs of the default
     preset already predict hidden patches clearly better than at the start."""
@@ -63,14 +66,16 @@ def test_every_patch_knows_where_it_is():
         assert len(torch.unique(table, dim=0)) == len(table)  # a different vector for every patch position
 
 
+@pytest.mark.slow
 def test_pretraining_sees_only_the_training_split(encoder_dir):
     record = json.loads((encoder_dir / "pretraining.json").read_text())
-    with open(encoder_dir.parent / "data" / "prepared" / "synthetic" / "manifest.csv") as manifest:
+    with open(prepared_data(encoder_dir) / "manifest.csv") as manifest:
         splits = [row["split"] for row in csv.DictReader(manifest)]
     assert record["train_images"] == splits.count("train") < len(splits)
     assert record["split_seed"] == 42 and "without labels or downloaded weights" in record["description"]
 
 
+@pytest.mark.slow
 def test_the_encoder_is_a_plain_vit_that_fine_tuning_starts_from(encoder_dir):
     model, _, origin = build_model(str(encoder_dir), {0: "a", 1: "b", 2: "c"})
     encoder = ViTModel.from_pretrained(encoder_dir, add_pooling_layer=False).state_dict()
@@ -80,6 +85,7 @@ def test_the_encoder_is_a_plain_vit_that_fine_tuning_starts_from(encoder_dir):
     assert origin.pretraining and "masked autoencoding" in origin.describe()
 
 
+@pytest.mark.slow
 def test_the_fine_tuned_model_says_how_its_encoder_was_pretrained(encoder_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     train_vit.main([*TINY_DATA, "--recipe", "vit-mae", "--model", str(encoder_dir), "--output_dir", "fine-tuned",

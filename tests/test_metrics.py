@@ -14,7 +14,7 @@ def _one_hot(predictions, confidence=0.8):
     return probabilities
 
 
-def test_known_confusion_matrix():
+def test_figures_of_a_known_confusion_matrix():
     # rows: true bacterial (4), normal (4), viral (2)
     labels = [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
     predictions = [0, 0, 0, 2, 1, 1, 1, 0, 2, 0]
@@ -48,7 +48,7 @@ def test_auc_is_left_out_when_a_class_is_missing():
     assert "roc_auc_ovr" not in metrics
 
 
-def test_expected_calibration_error():
+def test_calibration_error_is_zero_when_calibrated_and_the_gap_when_overconfident():
     labels = np.array([0, 0, 0, 0, 0])
     # always 80% confident, right 4 times in 5: perfectly calibrated
     calibrated = _one_hot([0, 0, 0, 0, 1], 0.8)

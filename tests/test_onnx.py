@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageClassification
 
+from helpers import validation_images
 import predict
 from cxr import onnx_runtime
 from cxr.onnx_runtime import FINGERPRINT_KEY, ONNX_FILES, load_onnx_features
@@ -27,7 +28,7 @@ def model_dir(tiny_model_dir, tmp_path):
 @pytest.fixture
 def xrays(tiny_model_dir):
     """The tiny model's own (synthetic) validation images: what it was trained for, so its answers are not coin flips."""
-    files = sorted((tiny_model_dir.parent / "data" / "prepared" / "synthetic" / "validation").rglob("*.png"))
+    files = validation_images(tiny_model_dir)
     return files[::2][:16]
 
 
@@ -91,7 +92,7 @@ def test_grad_cam_asks_for_the_torch_model(model_dir, xrays):
         classify(load_classifier(model_dir, onnx=True), xrays[:1], saliency=True)
 
 
-def test_batch_predictor_option(model_dir, xrays, tmp_path):
+def test_the_batch_predictor_runs_through_onnx_int8(model_dir, xrays, tmp_path):
     output = tmp_path / "predictions.csv"
     assert predict.main([*map(str, xrays[:4]), "--model", str(model_dir), "--output", str(output), "--onnx", "--int8"]) == 0
     rows = list(csv.DictReader(output.open()))

@@ -9,15 +9,12 @@ import pytest
 from PIL import Image, ImageDraw
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
+from helpers import prepared_data
 import app
 from cxr import reliability
 from cxr.metrics import expected_calibration_error, softmax
 from cxr.predict import classify, load_classifier
 from cxr.reliability import ACCEPT_RATE, OOD_FILE, SCORES, OodDetector, accept_threshold, fit_temperature, fold_temperature, forward_features
-
-
-def prepared_data(tiny_model_dir):
-    return tiny_model_dir.parent / "data" / "prepared" / "synthetic"  # where the fixture's train_vit.py run prepared its data
 
 
 def copy_model(tiny_model_dir, destination, without=()):

@@ -13,9 +13,9 @@ import pytest
 import yaml
 from huggingface_hub import SpaceCard
 
-from benchmarks.space_start import free_port, space_environment, start_space, stop
+from benchmarks.common import fill_hub_cache, free_port
+from benchmarks.space_start import space_environment, start_space, stop
 from cxr.space import assemble, local_modules, main, pins, third_party_imports
-from hub_cache import fill_hub_cache
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_ID = "test-org/vit-xray-tiny"
@@ -99,6 +99,7 @@ def test_assembling_refuses_a_folder_with_other_files_and_an_id_that_is_no_hub_i
         assemble("outputs/vit-xray", tmp_path / "other")
 
 
+@pytest.mark.slow
 def test_the_space_starts_as_spaces_starts_it_and_answers_from_the_hub_cache(space, tiny_model_dir, tmp_path):
     """`python app.py` in the Space folder, no arguments, the model named only by its Hub id, served offline from
     the cache preload_from_hub fills; a gradio_client call gets the three labels and the chest X-ray check."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
+from helpers import folder_checksums
 from cxr.images import load_image
 from hf_data import CLASS_NAMES, load_prepared, make_synthetic_dataset, prepare_dataset
 from hf_data.__main__ import main
@@ -25,10 +25,10 @@ def images_under(folder: Path) -> list[Path]:
 
 
 def digest(folder: Path) -> dict[str, str]:
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() for path in images_under(folder)}
+    return {name: checksum for name, checksum in folder_checksums(folder).items() if name.endswith(".png")}
 
 
-def test_layout_names_and_readme(tmp_path):
+def test_the_set_has_class_folders_named_files_and_a_readme_saying_they_are_not_xrays(tmp_path):
     output = make_synthetic_dataset(tmp_path / "synthetic", images_per_class=40, size=64, seed=0)
 
     assert output == (tmp_path / "synthetic").resolve()
@@ -109,7 +109,7 @@ def test_rerun_replaces_its_own_images_only(tmp_path):
         make_synthetic_dataset(tmp_path / "tiny", size=16)
 
 
-def test_cli_synthetic(tmp_path, capsys):
-    assert main(["synthetic", str(tmp_path / "synthetic"), "--images-per-class", "6", "--size", "48", "--seed", "3"]) == 0
+def test_the_command_line_draws_the_set_and_says_it_is_not_xrays(tmp_path, capsys):
+    assert main(["synthetic", str(tmp_path / "synthetic"), "--images_per_class", "6", "--size", "48", "--seed", "3"]) == 0
     assert "not X-rays" in capsys.readouterr().out
     assert len(images_under(tmp_path / "synthetic")) == 18

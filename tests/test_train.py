@@ -1,33 +1,19 @@
-"""End to end: train_vit.py writes one model folder that pipeline() loads; resume; fine-tuning a local checkpoint."""
+"""End to end: train_vit.py resumes, searches, follows recipes, learns from a teacher; fine-tuning a local checkpoint.
+(What every model folder it writes must hold and do, for a ViT and a ResNet alike: tests/test_cnn.py.)"""
 
 import json
 import re
 import os
 
-import numpy as np
 import pytest
-from PIL import Image
 from transformers import pipeline
 
+from helpers import tiny_run
 import train_vit
 from cxr.models import ModelOrigin, build_model
 from cxr.run_record import read_run
 
-TINY = ["--synthetic_images_per_class", "40", "--model", "scratch-tiny", "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--disable_tqdm", "true"]
-
-
-def test_model_folder_has_everything_inference_needs(tiny_model_dir):
-    for name in ["model.safetensors", "config.json", "preprocessor_config.json", "metrics.json", "README.md", "training_curves.png", "confusion_matrix_validation.png"]:
-        assert (tiny_model_dir / name).is_file(), name
-    assert not list(tiny_model_dir.glob("*.bin")), "weights must be safetensors only"
-
-
-def test_pipeline_loads_the_folder_and_returns_three_labels_summing_to_one(tiny_model_dir):
-    classifier = pipeline("image-classification", model=str(tiny_model_dir))
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 90), dtype=np.uint8)).convert("RGB")
-    result = classifier(image, top_k=3)
-    assert {item["label"] for item in result} == {"Normal", "Bacterial pneumonia", "Viral pneumonia"}
-    assert sum(item["score"] for item in result) == pytest.approx(1.0, abs=1e-5)
+TINY = tiny_run(drop=("data_dir", "num_train_epochs", "report_to"))  # each test names its data, and epochs where it needs other than the default
 
 
 def test_outputs_say_honestly_that_the_model_was_trained_from_scratch(tiny_model_dir):
@@ -43,6 +29,7 @@ def test_outputs_say_honestly_that_the_model_was_trained_from_scratch(tiny_model
     assert "model-index" in card and f"{summary['test']['macro_f1']:.3f}" in card
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_last_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     output = tmp_path / "model"
@@ -86,34 +73,7 @@ def test_help_explains_the_options(capsys):
         assert option in text
 
 
-def test_saved_model_is_the_best_checkpoint(tiny_model_dir):
-    import torch
-    from safetensors.torch import load_file
-
-    summary = json.loads((tiny_model_dir / "metrics.json").read_text())
-    final, chosen = load_file(tiny_model_dir / "model.safetensors"), load_file(os.path.join(summary["best_checkpoint"], "model.safetensors"))
-    assert final.keys() == chosen.keys()
-    head = {"classifier.weight", "classifier.bias"}  # the calibration temperature is folded into the head (cxr.reliability)
-    assert all((final[key] == chosen[key]).all() for key in final.keys() - head)
-    temperature = summary["calibration"]["temperature"]
-    assert all(torch.allclose(final[key], chosen[key] / temperature, rtol=1e-5, atol=1e-7) for key in head)
-
-
-def test_checkpoint_reload_restores_every_weight(tiny_model_dir, tmp_path):
-    # Guards the workaround for huggingface/transformers#43701: the stock Trainer leaves ViT encoder weights random here.
-    import torch
-    from transformers import TrainingArguments, ViTForImageClassification
-
-    from cxr.training import XrayTrainer
-
-    best = json.loads((tiny_model_dir / "metrics.json").read_text())["best_checkpoint"]
-    fresh, _, _ = build_model("scratch-tiny", {0: "Bacterial pneumonia", 1: "Normal", 2: "Viral pneumonia"})
-    trainer = XrayTrainer(model=fresh, args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
-    trainer._load_from_checkpoint(best)
-    expected = ViTForImageClassification.from_pretrained(best).state_dict()
-    assert all(torch.equal(fresh.state_dict()[key], value) for key, value in expected.items())
-
-
+@pytest.mark.slow
 def test_weight_averaging_is_what_is_evaluated_saved_and_resumed(tmp_path, monkeypatch):
     import shutil
 
@@ -140,6 +100,7 @@ def test_weight_averaging_is_what_is_evaluated_saved_and_resumed(tmp_path, monke
     assert all(torch.allclose(final[key], expected[key], atol=1e-6) for key in expected)
 
 
+@pytest.mark.slow
 def test_hyperparameter_search_tries_settings_and_trains_with_the_best(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     train_vit.main(["--data_dir", "synthetic", *TINY, "--output_dir", "searched", "--num_train_epochs", "1", "--search_trials", "2", "--search_epochs", "1"])
@@ -153,6 +114,7 @@ def test_hyperparameter_search_tries_settings_and_trains_with_the_best(tmp_path,
     assert not (tmp_path / "searched" / "search").exists()
 
 
+@pytest.mark.slow
 def test_a_recipe_supplies_options_and_the_command_line_overrides_them(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     train_vit.main(["--data_dir", "synthetic", "--recipe", "vit-offline", *TINY, "--output_dir", "recipe", "--num_train_epochs", "1"])
@@ -178,6 +140,7 @@ def test_a_recipe_can_build_on_another_and_never_on_itself(tmp_path, monkeypatch
         train_vit.with_recipe(["--recipe", "a"])
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_takes_the_same_step_as_one_big_batch(tmp_path, monkeypatch):
     """--gradient_accumulation_steps 2 with batches of 8 must update the weights as one batch of 16 does."""
     import torch
@@ -227,6 +190,7 @@ def test_with_a_teacher_the_loss_also_counts_the_teachers_label_for_the_same_vie
     assert XrayTrainer(model=student, args=args, compute_loss_func=weighted_loss(weights), teacher=teacher).compute_loss(student, evaluation_batch).item() == pytest.approx(true_loss, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_student_learns_from_a_teacher_trained_on_the_same_split_and_no_other(tmp_path, monkeypatch, cnn_model_dir):
     import shutil
 
