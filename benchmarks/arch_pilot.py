@@ -87,7 +87,8 @@ def measure(candidate: Candidate, prepared_dir: str, args: argparse.Namespace) -
 
     from cxr.models import build_preset
     from cxr.training import class_weights, collate, peak_memory_mib, pixel_transform, weighted_loss
-    from hf_data import DISPLAY_NAMES, load_prepared
+    from cxr.labels import DISPLAY_NAMES
+    from hf_data import load_prepared
 
     dataset = load_prepared(prepared_dir)
     class_keys = dataset["train"].features["label"].names

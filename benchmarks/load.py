@@ -57,9 +57,10 @@ def find_images(originals: Path, kaggle_train: Path, sample: int, seed: int = 0)
 NO_WORK_APP = """
 import sys, numpy, app
 from cxr.images import load_image
+from cxr.labels import ID2LABEL
 from cxr.saliency import saliency_overlay
 overlay = saliency_overlay(load_image(sys.argv[1], draft_size=224), numpy.zeros((14, 14)))
-app.predict = lambda classifier, path: ("", {"Normal": 0.5, "Bacterial pneumonia": 0.3, "Viral pneumonia": 0.2}, overlay, {})
+app.predict = lambda classifier, path: ("", dict(zip(ID2LABEL.values(), (0.3, 0.5, 0.2))), overlay, {})
 app.main(sys.argv[2:])
 """
 

@@ -40,11 +40,12 @@ import torch  # noqa: E402
 from transformers import AutoConfig
 
 from benchmarks.load import find_images
+from cxr.labels import ID2LABEL
 from cxr.models import PRESETS, build_model
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "xray_originals"
 KAGGLE_TRAIN = DEFAULT_IMAGES.parent / "chest_xray" / "train"
-LABELS = {0: "Bacterial pneumonia", 1: "Normal", 2: "Viral pneumonia"}
+LABELS = ID2LABEL
 PATHS = [
     "plain pipeline, 1 at a time",
     "batched fp32",

@@ -19,11 +19,12 @@ from PIL import Image
 
 import app
 from cxr.images import MAX_FILE_BYTES
+from cxr.labels import DISPLAY_NAMES
 from cxr.predict import classify, load_classifier
 from inputs import chest_like, dicom_bytes, encode, png_claiming_size
 
 REPO = Path(__file__).resolve().parents[1]
-LABELS = {"Normal", "Bacterial pneumonia", "Viral pneumonia"}
+LABELS = set(DISPLAY_NAMES.values())
 
 
 # ---- inputs, generated in tmp_path ------------------------------------------------------------------

@@ -13,6 +13,7 @@ from transformers import AutoModelForImageClassification, CvtConfig, PvtV2Config
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
 from conftest import train_tiny_model
+from cxr.labels import ID2LABEL
 from cxr.models import PRESETS, build_model, config_image_size, input_size
 from cxr.onnx_runtime import OUTPUTS, load_onnx_features
 from cxr.predict import classify, load_classifier
@@ -20,7 +21,7 @@ from cxr.reliability import OOD_FILE, OodDetector, classifier_head, feature_grid
 from cxr.saliency import grad_cam, saliency_overlay
 from inputs import chest_like
 
-LABELS = {0: "Bacterial pneumonia", 1: "Normal", 2: "Viral pneumonia"}
+LABELS = ID2LABEL
 LABEL_IDS = {label: index for index, label in LABELS.items()}
 SIZE = 32
 

@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 from cxr.images import load_image
-from hf_data import CLASS_NAMES, DISPLAY_NAMES, load_prepared, make_synthetic_dataset, prepare_dataset
+from cxr.labels import CLASS_NAMES, DISPLAY_NAMES
+from hf_data import load_prepared, make_synthetic_dataset, prepare_dataset
 from hf_data.__main__ import main
 
 def write_image(path: Path, shade: int = 120, size: int = 48) -> Path:

@@ -14,6 +14,7 @@ from transformers import Trainer
 import train_vit
 
 from cxr.hub import model_folder_files, publish_model_folder
+from cxr.labels import ID2LABEL
 
 TINY = ["--synthetic_images_per_class", "40", "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--disable_tqdm", "true", "--report_to", "none"]
 MODEL_FOLDER = [
@@ -174,7 +175,7 @@ def test_base_model_names_only_hub_ids(tiny_model_dir, tmp_path):
     from cxr.card import render_model_card
     from cxr.models import ModelOrigin, build_model
 
-    id2label = {0: "Bacterial pneumonia", 1: "Normal", 2: "Viral pneumonia"}
+    id2label = ID2LABEL
     model, processor, origin = build_model(str(tiny_model_dir), id2label)
     assert origin.pretrained and origin.base_model is None  # a local folder
     keys = ["bacterial_pneumonia", "normal", "viral_pneumonia"]

@@ -11,6 +11,7 @@ from transformers import AutoModelForImageClassification
 
 import predict
 from cxr import onnx_runtime
+from cxr.labels import ID2LABEL
 from cxr.onnx_runtime import FINGERPRINT_KEY, ONNX_FILES, load_onnx_features
 from cxr.predict import classify, load_classifier
 from cxr.reliability import fold_temperature, forward_features
@@ -105,7 +106,7 @@ def test_an_architecture_the_exporter_cannot_write_is_a_clear_error(xrays, tmp_p
 
     folder = tmp_path / "mobilevit"
     config = MobileViTV2Config(image_size=64, width_multiplier=0.25, n_attn_blocks=[1, 1, 1], num_labels=3,
-                               id2label={0: "Bacterial pneumonia", 1: "Normal", 2: "Viral pneumonia"})
+                               id2label=ID2LABEL)
     AutoModelForImageClassification.from_config(config).save_pretrained(folder)
     ViTImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(folder)
     output = tmp_path / "predictions.csv"

@@ -14,12 +14,13 @@ import yaml
 from huggingface_hub import SpaceCard
 
 from benchmarks.space_start import free_port, space_environment, start_space, stop
+from cxr.labels import DISPLAY_NAMES
 from cxr.space import assemble, local_modules, main, pins, third_party_imports
 from hub_cache import fill_hub_cache
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_ID = "test-org/vit-xray-tiny"
-LABELS = {"Normal", "Bacterial pneumonia", "Viral pneumonia"}
+LABELS = set(DISPLAY_NAMES.values())
 
 
 @pytest.fixture(scope="module")
