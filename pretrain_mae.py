@@ -31,7 +31,8 @@ from transformers import HfArgumentParser, TrainingArguments, ViTConfig, ViTMAEC
 from cxr.data import DataArguments, prepare_and_load
 from cxr.models import DEFAULT_ENCODER_DIR, PRESETS, PRETRAINING_FILE, preset_image_processor
 from cxr.folders import write_text_atomic
-from cxr.training import XrayTrainer, check_writable, checkpoint_to_resume, peak_memory_mib, pixel_transform
+from cxr.training import XrayTrainer, check_writable, checkpoint_to_resume, peak_memory_mib
+from cxr.transforms import pixel_transform
 
 VIT_PRESETS = [name for name, (config_class, _) in PRESETS.items() if config_class is ViTConfig]
 

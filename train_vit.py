@@ -40,7 +40,8 @@ from cxr.labels import DISPLAY_NAMES
 from cxr.metrics import plot_confusion_matrix, plot_training_curves, softmax, trainer_metrics
 from cxr.models import DEFAULT_CHECKPOINT, DEFAULT_MODEL_DIR, PRESETS, build_model, input_size, load_teacher
 from cxr.reliability import describe_reliability, fit_reliability, save_reliability
-from cxr.training import XrayTrainer, check_writable, checkpoint_to_resume, class_weights, collate, peak_memory_mib, pixel_transform, weighted_loss
+from cxr.training import XrayTrainer, check_writable, checkpoint_to_resume, class_weights, peak_memory_mib, weighted_loss
+from cxr.transforms import collate, pixel_transform
 
 RECIPES = Path(__file__).resolve().parent / "recipes"  # named option sets: --recipe NAME reads recipes/NAME.args
 # The old model's files a new model folder replaces (never carried over beside the new ones); checkpoints and anything else stay.

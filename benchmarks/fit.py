@@ -5,7 +5,7 @@ figures on the validation split.
 
 A model that scores no better on its own training images than on unseen ones is underfitting: it lacks training
 (epochs, width, resolution), and more regularisation would not help. One that scores far better there is overfitting.
-The images go through the evaluation path (`cxr.reliability.embed_split`: the project's loader and the model's own
+The images go through the evaluation path (`cxr.features.embed_split`: the project's loader and the model's own
 image processor); the data is prepared with the same patient-grouped split as train_vit.py (`--split_seed`).
 """
 

@@ -37,7 +37,8 @@ from sklearn.metrics import roc_auc_score
 from cxr.images import load_image
 from cxr.models import input_size
 from cxr.predict import load_classifier
-from cxr.reliability import ACCEPT_RATE, SCORES, accept_threshold, embed_split, forward_features
+from cxr.features import embed_split, forward_features
+from cxr.ood import ACCEPT_RATE, SCORES, accept_threshold
 
 ORIGINALS = Path(__file__).resolve().parents[2] / "shared" / "data" / "xray_originals"
 SITE_PACKAGES = Path(np.__file__).resolve().parents[1]

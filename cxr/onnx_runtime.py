@@ -4,7 +4,7 @@ in float32 or with int8 weights.
     classifier = load_classifier("outputs/vit-xray", onnx=True, int8=True)   # cxr.predict; classify() as usual
 
 `load_classifier(..., onnx=True)` attaches an `OnnxFeatures` to the classifier and `cxr.predict.classify` calls
-it in place of `cxr.reliability.forward_features`; everything after (softmax, top labels, the chest X-ray
+it in place of `cxr.features.forward_features`; everything after (softmax, top labels, the chest X-ray
 check) is the same code, reading the same three tensors.
 
 What is exported: a wrapper that returns what `forward_features` returns without saliency (`logits`, `cls`,
@@ -46,7 +46,7 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from cxr.predict import OnnxExportError
-from cxr.reliability import forward_features
+from cxr.features import forward_features
 
 OUTPUTS = ("logits", "cls", "tokens")  # the keys of forward_features(model, pixels) that classify and the OOD check read
 ONNX_FILES = {False: "model.onnx", True: "model.int8.onnx"}  # int8 -> file name in the model folder

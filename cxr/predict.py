@@ -2,7 +2,7 @@
 
 The model folder written by train_vit.py (or its Hub copy) is loaded as the standard
 `pipeline("image-classification")`, the same call Python users make, together with the folder's
-out-of-distribution statistics (`ood.safetensors`, see `cxr.reliability`) and prediction-set thresholds
+out-of-distribution statistics (`ood.safetensors`, see `cxr.ood`) and prediction-set thresholds
 (`conformal.json`, see `cxr.conformal`). One upload:
 
     file -> load_image (the project's one loader) -> image processor -> model -> logits (the calibration
@@ -34,7 +34,8 @@ from cxr.folders import folder_identity, write_text_atomic
 from cxr.conformal import CONFORMAL_FILE, LEVELS, PredictionSets, describe_set, level_name
 from cxr.images import ImageLoadError, ImageSource, load_image
 from cxr.models import input_size, is_local_path
-from cxr.reliability import OOD_FILE, OodDetector, forward_features
+from cxr.features import forward_features
+from cxr.ood import OOD_FILE, OodDetector
 from cxr.saliency import grad_cam
 
 TRAIN_HINT = (

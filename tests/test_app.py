@@ -137,7 +137,7 @@ def test_no_file_is_a_clear_ui_error(classifier):
 
 def test_grad_cam_from_the_prediction_pass_matches_a_full_backward_pass(classifier):
     """The app's one-pass Grad-CAM (gradient taken at the last block's input only) equals the textbook one."""
-    from cxr.reliability import forward_features
+    from cxr.features import forward_features
     from cxr.saliency import grad_cam, saliency_overlay
 
     image = Image.fromarray(chest_like(), "L").convert("RGB")

@@ -17,7 +17,9 @@ from cxr.labels import ID2LABEL
 from cxr.models import PRESETS, build_model, config_image_size, input_size
 from cxr.onnx_runtime import OUTPUTS, load_onnx_features
 from cxr.predict import classify, load_classifier
-from cxr.reliability import OOD_FILE, OodDetector, classifier_head, feature_grid, fold_temperature, forward_features
+from cxr.calibration import fold_temperature
+from cxr.features import classifier_head, feature_grid, forward_features
+from cxr.ood import OOD_FILE, OodDetector
 from cxr.saliency import grad_cam, saliency_overlay
 from inputs import chest_like
 

@@ -14,7 +14,9 @@ from transformers import AutoModelForImageClassification, ConvNextConfig, Traini
 from cxr.labels import ID2LABEL
 from cxr.models import PRESETS, build_model
 from cxr.predict import classify, load_classifier
-from cxr.reliability import OOD_FILE, OodDetector, classifier_head, fold_temperature, forward_features
+from cxr.calibration import fold_temperature
+from cxr.features import classifier_head, forward_features
+from cxr.ood import OOD_FILE, OodDetector
 from cxr.saliency import grad_cam
 from inputs import chest_like
 

@@ -72,7 +72,7 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint_to_the_same_resu
     """SIGKILL right after the first checkpoint, then `--resume`: the run ends exactly as the uninterrupted one did.
 
     On CPU two runs with one seed are bit-identical, so the checkpoint written before the kill equals the reference's.
-    The resumed epoch is the same too: augmentation draws from Python's global generator (cxr.training.pixel_transform),
+    The resumed epoch is the same too: augmentation draws from Python's global generator (cxr.transforms.pixel_transform),
     whose state Trainer saves in each checkpoint (rng_state.pth) with NumPy's and torch's and restores on --resume, so
     the resumed epoch sees the same crops in the same order; the final weights and figures are compared exactly.
     """
@@ -153,7 +153,7 @@ def make_distinct(folder: Path) -> Path:
     that any file of it can be told apart from the one a run would write."""
     from safetensors.torch import load_file, save_file
 
-    from cxr.reliability import OOD_FILE, OodDetector
+    from cxr.ood import OOD_FILE, OodDetector
 
     tensors = load_file(folder / "model.safetensors")
     tensors["classifier.bias"] = tensors["classifier.bias"] + 1.0
@@ -169,7 +169,7 @@ def make_distinct(folder: Path) -> Path:
 
 def version_of(folder: Path) -> tuple[float, float]:
     """(classifier bias[0], out-of-distribution threshold) of a model folder; each version of the model has its own pair."""
-    from cxr.reliability import OOD_FILE, OodDetector
+    from cxr.ood import OOD_FILE, OodDetector
 
     threshold = OodDetector.load(folder / OOD_FILE).threshold
     assert json.loads((folder / "metrics.json").read_text())["ood"]["threshold"] == threshold, "metrics.json and ood.safetensors disagree"

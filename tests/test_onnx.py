@@ -14,7 +14,8 @@ from cxr import onnx_runtime
 from cxr.labels import ID2LABEL
 from cxr.onnx_runtime import FINGERPRINT_KEY, ONNX_FILES, load_onnx_features
 from cxr.predict import classify, load_classifier
-from cxr.reliability import fold_temperature, forward_features
+from cxr.calibration import fold_temperature
+from cxr.features import forward_features
 
 
 @pytest.fixture

@@ -13,7 +13,9 @@ import app
 from cxr import reliability
 from cxr.metrics import expected_calibration_error, softmax
 from cxr.predict import classify, load_classifier
-from cxr.reliability import ACCEPT_RATE, OOD_FILE, SCORES, OodDetector, accept_threshold, fit_temperature, fold_temperature, forward_features
+from cxr.calibration import fit_temperature, fold_temperature
+from cxr.features import forward_features
+from cxr.ood import ACCEPT_RATE, OOD_FILE, SCORES, OodDetector, accept_threshold
 
 
 def prepared_data(tiny_model_dir):
