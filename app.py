@@ -175,7 +175,7 @@ def describe_model(model: str, has_xray_check: bool | None = None) -> str:
     if not (has_xray_check if has_xray_check is not None else summary.get("ood")):
         lines.append(
             "**No chest X-ray check with this model** (its folder has no out-of-distribution statistics): any image gets "
-            "three probabilities. Add the check with `python -m cxr.reliability MODEL_DIR --data_dir DATA`."
+            "three probabilities. Add the check with `python calibrate.py MODEL_DIR --data_dir DATA`."
         )
     if summary.get("data", {}).get("synthetic"):
         lines.append(

@@ -19,7 +19,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep instead of spinning: see app.py
 
 from cxr.models import DEFAULT_MODEL_DIR
-from cxr.predict import ModelNotFoundError, OnnxExportError, find_images, load_classifier, predict_files, write_predictions
+from cxr.features import OnnxExportError
+from cxr.predict import ModelNotFoundError, find_images, load_classifier, predict_files, write_predictions
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,10 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if classifier.ood_detector is None:
         print(f"Note: {args.model} has no out-of-distribution statistics, so looks_like_chest_xray stays empty "
-              f"(add them with: python -m cxr.reliability {args.model} --data_dir YOUR_DATA).", file=sys.stderr)
+              f"(add them with: python calibrate.py {args.model} --data_dir YOUR_DATA).", file=sys.stderr)
     if classifier.prediction_sets is None:
         print(f"Note: {args.model} has no prediction-set thresholds (conformal.json), so set_90 and set_95 stay empty "
-              f"(add them with: python -m cxr.reliability {args.model} --data_dir YOUR_DATA).", file=sys.stderr)
+              f"(add them with: python calibrate.py {args.model} --data_dir YOUR_DATA).", file=sys.stderr)
     count, failed, flagged = write_predictions(predict_files(classifier, paths, batch_size=args.batch_size), args.output)
     print(f"Wrote {count} predictions to {args.output} ({failed} files could not be read; see the error column; "
           f"{flagged} do not look like a pediatric chest X-ray: looks_like_chest_xray is false).")

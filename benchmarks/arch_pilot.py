@@ -158,7 +158,7 @@ def prepare(data_dir: Path) -> str:
 
     from transformers import TrainingArguments
 
-    from cxr.data import DataArguments, default_prepared_dir, prepare_and_load
+    from hf_data.loading import DataArguments, default_prepared_dir, prepare_and_load
 
     data_args = DataArguments(data_dir=str(data_dir))
     with tempfile.TemporaryDirectory() as scratch:

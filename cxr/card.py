@@ -150,7 +150,7 @@ SECTION_START, SECTION_END = "<!-- reliability -->", "<!-- /reliability -->"
 def reliability_section(summary: dict | None) -> str:
     """Markdown for the card: the calibration temperature with ECE and NLL before/after, and the out-of-distribution check."""
     if not summary:
-        return f"{SECTION_START}\n## Calibration and out-of-distribution check\n\nNot fitted: run `python -m cxr.reliability` on this folder.\n{SECTION_END}"
+        return f"{SECTION_START}\n## Calibration and out-of-distribution check\n\nNot fitted: run `python calibrate.py` on this folder.\n{SECTION_END}"
     calibration, ood = summary["calibration"], summary["ood"]
     rows = [
         f"| {split} | {f['ece_before']:.4f} | {f['ece_after']:.4f} | {f['nll_before']:.4f} | {f['nll_after']:.4f} |"

@@ -15,6 +15,11 @@ from tqdm import tqdm
 from cxr.transforms import collate, pixel_transform
 
 
+class OnnxExportError(RuntimeError):
+    """`onnx=True`, but torch's ONNX exporter cannot write this forward pass for this architecture (raised by
+    `cxr.onnx_runtime`; defined here so that callers can catch it without importing onnxruntime)."""
+
+
 def forward_features(model, pixel_values: torch.Tensor, saliency: bool = False) -> dict[str, torch.Tensor]:
     """The logits, as the model's own forward computes them, and two penultimate feature vectors per image.
 

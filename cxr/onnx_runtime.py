@@ -26,7 +26,7 @@ float32 on every top-1 label and on 99.4% of the X-ray check's verdicts (PyTorch
 Cache: the exported graph is written into the model folder on first use, `model.onnx` (float32) or
 `model.int8.onnx`, and reused by later loads while the fingerprint stored in it matches the loaded model (its
 config and every weight, the torch and onnxruntime versions, the quantization settings). A retrained or
-recalibrated folder (`python -m cxr.reliability` rewrites the weights) is therefore exported again. A Hub
+recalibrated folder (`python calibrate.py` rewrites the weights) is therefore exported again. A Hub
 model, or a folder this process cannot write, is exported into a temporary directory on every load instead,
 deleted once the session has read it.
 """
@@ -45,8 +45,7 @@ import onnxruntime as ort
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-from cxr.predict import OnnxExportError
-from cxr.features import forward_features
+from cxr.features import OnnxExportError, forward_features
 
 OUTPUTS = ("logits", "cls", "tokens")  # the keys of forward_features(model, pixels) that classify and the OOD check read
 ONNX_FILES = {False: "model.onnx", True: "model.int8.onnx"}  # int8 -> file name in the model folder

@@ -49,11 +49,6 @@ class ModelNotFoundError(RuntimeError):
     """No usable model at the given folder or Hub id; the message says how to make one."""
 
 
-class OnnxExportError(RuntimeError):
-    """`onnx=True`, but torch's ONNX exporter cannot write this architecture (raised by `cxr.onnx_runtime`; defined
-    here so that callers can catch it without importing onnxruntime)."""
-
-
 # What the batch predictor picks up in a folder: Pillow's common formats and DICOM.
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom"}
 
@@ -73,7 +68,7 @@ def _load_classifier(model: str | Path, device: str | int | None = None, int8: b
     """The image-classification pipeline for a model folder or Hub id: safetensors weights only, no remote code.
 
     Its `ood_detector` attribute holds the folder's out-of-distribution statistics (None for a folder without
-    them: run `python -m cxr.reliability`), which `classify` uses to flag inputs that are not chest X-rays.
+    them: run `python calibrate.py`), which `classify` uses to flag inputs that are not chest X-rays.
     `int8=True` quantizes the Linear layers to int8 (dynamic quantization): about twice as fast on a CPU,
     with top-1 agreement measured by `python -m benchmarks.speed`.
     `onnx=True` makes `classify` run the forward pass with ONNX Runtime on the CPU (the `onnx_features`

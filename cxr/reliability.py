@@ -10,26 +10,25 @@ them: the temperature folded into the head (`cxr.calibration`), the X-ray check'
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
 from pathlib import Path
 
 from cxr.calibration import current_temperature, fit_temperature, fold_temperature, nll
 from cxr.features import embed_split
-from cxr.folders import staging_folder, swap_in, write_text_atomic
+from cxr.folders import write_text_atomic
 from cxr.metrics import expected_calibration_error, softmax
 from cxr.models import trained_split_sizes
-from cxr.ood import ACCEPT_RATE, DEFAULT_SCORE, OOD_FILE, SCORES, OodDetector
+from cxr.ood import ACCEPT_RATE, DEFAULT_SCORE, OOD_FILE, OodDetector
 
 
-def fit_reliability(model, processor, dataset, batch_size: int = 64, score_name: str = DEFAULT_SCORE) -> tuple[OodDetector, dict]:
+def fit_reliability(model, processor, dataset, groups: list[str], batch_size: int = 64, score_name: str = DEFAULT_SCORE) -> tuple[OodDetector, dict]:
     """Fit the temperature (validation split) and the out-of-distribution statistics (training split) for `model`.
 
     Folds the temperature into `model`'s head in place (undoing any earlier one first) and returns the detector
     and a summary for metrics.json: the temperature, the calibration error and NLL before and after on every
     held-out split, and the out-of-distribution score, threshold and acceptance rate.
-    `dataset` is the `DatasetDict` of `hf_data.load_prepared`.
+    `dataset` is the `DatasetDict` of `hf_data.load_prepared`; `groups` the patient id of each validation image
+    (`hf_data.loading.validation_patient_ids`).
     """
     fold_temperature(model, 1.0 / current_temperature(model))  # back to the uncalibrated head
     held_out = {split: embed_split(model, processor, dataset[split], batch_size, desc=f"Features: {split}") for split in dataset if split != "train"}
@@ -47,7 +46,7 @@ def fit_reliability(model, processor, dataset, batch_size: int = 64, score_name:
             "nll_after": nll(outputs["logits"], labels),
         }
 
-    prediction_sets = fit_prediction_sets(model, dataset, held_out)
+    prediction_sets = fit_prediction_sets(model, held_out, groups)
 
     train, train_labels = embed_split(model, processor, dataset["train"], batch_size, desc="Features: train")
     detector = OodDetector.fit(train, train_labels, held_out["validation"][0], score_name)
@@ -63,26 +62,25 @@ def fit_reliability(model, processor, dataset, batch_size: int = 64, score_name:
     return detector, {"calibration": calibration, "ood": ood, "prediction_sets": prediction_sets}
 
 
-def fit_prediction_sets(model, dataset, held_out: dict) -> dict:
+def fit_prediction_sets(model, held_out: dict, groups: list[str]) -> dict:
     """Class-conditional conformal prediction sets (`cxr.conformal`) on the calibrated validation probabilities, and
     their coverage on data the fit did not see: validation children held out from a half-split fit, and every
-    other held-out split (the test split, where the data has one). The thresholds are in the result
-    ("min_probability"); `save_prediction_sets` writes them into the model folder."""
+    other held-out split (the test split, where the data has one); `groups` (the patient id of each validation image)
+    keeps a child's images on one side of that half-split. The thresholds are in the result ("min_probability");
+    `save_prediction_sets` writes them into the model folder."""
     from cxr.conformal import LEVELS, PredictionSets, held_out_check
-    from hf_data.prepare import read_patient_id
 
     names = [model.config.id2label[index] for index in range(len(model.config.id2label))]
     outputs, labels = held_out["validation"]
     probabilities = softmax(outputs["logits"])
     sets = PredictionSets.fit(probabilities, labels, names, LEVELS)
-    children = [read_patient_id(Path(image["path"]).name) for image in dataset["validation"]["image"]]
     return {
         "method": "class-conditional split-conformal (cxr/conformal.py), score 1 - calibrated probability",
         "min_probability": sets.thresholds,
         "labels": names,
         "fitted_on": f"validation split ({len(labels)} images)",
         "fitted_on_images_per_class": sets.fitted_on,
-        "validation_held_out_children": held_out_check(probabilities, labels, children, names),
+        "validation_held_out_children": held_out_check(probabilities, labels, groups, names),
         "by_split": {split: sets.evaluate(softmax(split_outputs["logits"]), split_labels)
                      for split, (split_outputs, split_labels) in held_out.items() if split != "validation"},
         "file": "conformal.json",
@@ -132,25 +130,6 @@ def describe_reliability(summary: dict) -> str:
     return "\n".join(lines)
 
 
-# ---- command line -----------------------------------------------------------------------------------------
-
-
-def load_data(data_dir: str, prepared_dir: str | None, validation_fraction: float, seed: int, synthetic_images_per_class: int):
-    """A prepared imagefolder tree as is, or a raw source (Kaggle / class folders / 'synthetic') prepared the way train_vit.py does."""
-    from cxr.data import default_prepared_dir
-    from hf_data import load_prepared, make_synthetic_dataset, prepare_dataset
-    from hf_data.prepare import MANIFEST_NAME
-
-    path = Path(data_dir).expanduser()
-    if (path / MANIFEST_NAME).is_file():
-        prepared = path
-    else:
-        source = make_synthetic_dataset(Path("data/synthetic"), images_per_class=synthetic_images_per_class) if data_dir == "synthetic" else path
-        prepared = Path(prepared_dir or default_prepared_dir(source, validation_fraction, seed, keep_kaggle_val=False))
-        print(prepare_dataset(source, prepared, validation_fraction=validation_fraction, seed=seed).summary())
-    return load_prepared(prepared)
-
-
 def warn_if_other_split(model_dir: Path, dataset) -> None:
     """The temperature must be fitted on images the model did not train on: compare split sizes with metrics.json."""
     now = {split: len(dataset[split]) for split in dataset}
@@ -158,66 +137,5 @@ def warn_if_other_split(model_dir: Path, dataset) -> None:
     if before and before != now:
         print(
             f"Warning: these splits ({now}) differ from the ones the model was trained with ({before}). If validation images were "
-            "training images, the temperature and threshold are fitted on seen data: use the same data, --validation_fraction and --seed."
+            "training images, the temperature and threshold are fitted on seen data: use the same data, --validation_fraction and --split_seed."
         )
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m cxr.reliability",
-        description="Fit temperature scaling and the out-of-distribution check on a trained model folder, without retraining, "
-        "and save both into it in place: the temperature folded into the classifier head (model.safetensors, config.json), "
-        f"the feature statistics and threshold in {OOD_FILE}, the figures in metrics.json.",
-    )
-    parser.add_argument("model_dir", type=Path, help="Model folder written by train_vit.py (rewritten in place).")
-    parser.add_argument(
-        "--data_dir", required=True,
-        help="The data the model was trained on: a prepared tree (data/prepared/<name>, with manifest.csv), the raw folder given to "
-        "train_vit.py (prepared again with the same patient-grouped split), or 'synthetic'.",
-    )
-    parser.add_argument("--prepared_dir", default=None, help="Where to prepare a raw --data_dir. Default: data/prepared/<name of data_dir>.")
-    parser.add_argument("--validation_fraction", type=float, default=0.1, help="As given to train_vit.py (raw --data_dir only; default 0.1).")
-    parser.add_argument("--seed", type=int, default=42, help="As given to train_vit.py (raw --data_dir only; default 42).")
-    parser.add_argument("--synthetic_images_per_class", type=int, default=200, help="As given to train_vit.py (--data_dir synthetic only; default 200).")
-    parser.add_argument("--score", choices=SCORES, default=DEFAULT_SCORE, help=f"Which out-of-distribution score decides (default {DEFAULT_SCORE}; benchmarks/ood.py compares them).")
-    parser.add_argument("--batch_size", type=int, default=64, help="Images per forward pass during feature extraction (default 64).")
-    args = parser.parse_args(argv)
-
-    from transformers import AutoImageProcessor, AutoModelForImageClassification
-
-    if not (args.model_dir / "config.json").is_file():
-        parser.error(f"no model at {args.model_dir} (no config.json there)")
-    dataset = load_data(args.data_dir, args.prepared_dir, args.validation_fraction, args.seed, args.synthetic_images_per_class)
-    if "validation" not in dataset or "train" not in dataset:
-        parser.error(f"{args.data_dir} has no train and validation splits")
-    warn_if_other_split(args.model_dir, dataset)
-    model = AutoModelForImageClassification.from_pretrained(args.model_dir, use_safetensors=True)
-    processor = AutoImageProcessor.from_pretrained(args.model_dir)
-
-    detector, summary = fit_reliability(model, processor, dataset, batch_size=args.batch_size, score_name=args.score)
-    # Rewritten files go into a staging sibling, swapped in at once: a crash leaves the folder as it was, never new
-    # weights beside old statistics. The rest is carried over; ONNX exports of the old weights are not.
-    staging = staging_folder(args.model_dir)
-    model.save_pretrained(staging)
-    for name in ("metrics.json", "README.md"):
-        if (args.model_dir / name).is_file():
-            shutil.copy2(args.model_dir / name, staging / name)
-    save_reliability(staging, detector, summary)
-    update_card(staging, summary)
-    swap_in(staging, args.model_dir, replaced=("*.onnx",))
-    print(describe_reliability(summary))
-    print(f"Saved into {args.model_dir}: calibrated head (model.safetensors, config.json), {OOD_FILE}, conformal.json, metrics.json.")
-    return 0
-
-
-def update_card(model_dir: Path, summary: dict) -> None:
-    """Replace (or add) the reliability section of the folder's model card."""
-    from cxr.card import replace_reliability_section
-
-    card = model_dir / "README.md"
-    if card.is_file():
-        write_text_atomic(card, replace_reliability_section(card.read_text(), summary))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -310,7 +310,7 @@ def test_description_of_a_hub_model_and_of_a_bare_folder(tiny_model_dir, tmp_pat
     import huggingface_hub
 
     assert "unknown" in app.describe_model(str(tmp_path))  # no metrics.json
-    assert "No chest X-ray check" in app.describe_model(str(tmp_path)) and "python -m cxr.reliability" in app.describe_model(str(tmp_path))
+    assert "No chest X-ray check" in app.describe_model(str(tmp_path)) and "python calibrate.py" in app.describe_model(str(tmp_path))
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename: str(tiny_model_dir / filename))
     assert "trained from scratch" in app.describe_model("someone/vit-xray")
 

@@ -64,7 +64,7 @@ def test_a_model_without_statistics_leaves_the_flag_empty_and_says_why(tiny_mode
     shutil.copytree(tiny_model_dir, old_model, ignore=shutil.ignore_patterns("checkpoint-*", "ood.safetensors"))
     output = tmp_path / "predictions.csv"
     assert predict.main([str(mixed_folder / "xray_0.png"), "--model", str(old_model), "--output", str(output)]) == 0
-    assert "python -m cxr.reliability" in capsys.readouterr().err
+    assert "python calibrate.py" in capsys.readouterr().err
     [row] = list(csv.DictReader(output.open()))
     assert row["label_1"] and row["looks_like_chest_xray"] == row["ood_score"] == ""
 

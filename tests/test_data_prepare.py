@@ -401,7 +401,7 @@ def test_runs_with_different_split_settings_each_get_their_own_tree(kaggle, tmp_
     one after another or interleaved, never rewrite each other's tree."""
     from transformers import TrainingArguments
 
-    from cxr.data import DataArguments, prepare_and_load
+    from hf_data.loading import DataArguments, prepare_and_load
 
     source, _ = kaggle
     monkeypatch.chdir(tmp_path)
@@ -426,7 +426,7 @@ def test_a_shared_prepared_folder_in_use_is_not_rewritten_with_other_settings(ka
 
     from transformers import TrainingArguments
 
-    from cxr.data import DataArguments, prepare_and_load
+    from hf_data.loading import DataArguments, prepare_and_load
 
     source, _ = kaggle
     monkeypatch.chdir(tmp_path)

@@ -211,18 +211,18 @@ def test_a_run_stopped_between_its_save_steps_leaves_the_old_model_folder_intact
 
 
 def test_a_refit_stopped_midway_leaves_the_model_folder_intact(tiny_model_dir, tmp_path, monkeypatch):
-    """`python -m cxr.reliability` rewrites weights, statistics, metrics and card: all of them or none."""
-    from cxr import reliability
+    """`python calibrate.py` rewrites weights, statistics, metrics and card: all of them or none."""
+    import calibrate
 
     folder = make_distinct(shutil.copytree(tiny_model_dir, tmp_path / "model"))
     before = folder_bytes(folder)
     prepared = tiny_model_dir.parent / "data" / "prepared" / "synthetic"
-    monkeypatch.setattr(reliability, "update_card", lambda *args: (_ for _ in ()).throw(Crash("card")))
+    monkeypatch.setattr(calibrate, "update_card", lambda *args: (_ for _ in ()).throw(Crash("card")))
     with pytest.raises(Crash):
-        reliability.main([str(folder), "--data_dir", str(prepared)])
+        calibrate.main([str(folder), "--data_dir", str(prepared)])
     assert folder_bytes(folder) == before
     monkeypatch.undo()
-    assert reliability.main([str(folder), "--data_dir", str(prepared)]) == 0
+    assert calibrate.main([str(folder), "--data_dir", str(prepared)]) == 0
     assert version_of(folder)[1] == pytest.approx(version_of(tiny_model_dir)[1], rel=1e-4)  # refitted: statistics and metrics agree again
 
 

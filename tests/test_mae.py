@@ -9,8 +9,8 @@ from transformers import TrainingArguments, ViTModel
 
 import pretrain_mae
 import train_vit
-from cxr.data import DataArguments, prepare_and_load
 from cxr.models import build_model
+from hf_data.loading import DataArguments, prepare_and_load
 
 TINY_DATA = ["--data_dir", "synthetic", "--synthetic_images_per_class", "40", "--disable_tqdm", "true"]
 

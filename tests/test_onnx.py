@@ -70,7 +70,7 @@ def test_cached_graph_is_reused_until_the_weights_change(model_dir, monkeypatch)
     load_classifier(model_dir, onnx=True)
     assert len(exports) == 1
 
-    # Recalibrate as `python -m cxr.reliability` does: new head weights in the same folder.
+    # Recalibrate as `python calibrate.py` does: new head weights in the same folder.
     model = AutoModelForImageClassification.from_pretrained(model_dir)
     fold_temperature(model, 2.0)
     model.save_pretrained(model_dir)

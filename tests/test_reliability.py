@@ -10,7 +10,7 @@ from PIL import Image, ImageDraw
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
 import app
-from cxr import reliability
+import calibrate
 from cxr.metrics import expected_calibration_error, softmax
 from cxr.predict import classify, load_classifier
 from cxr.calibration import fit_temperature, fold_temperature
@@ -159,7 +159,7 @@ def test_refit_in_place_from_the_command_line_does_not_stack_temperatures(tiny_m
     head = AutoModelForImageClassification.from_pretrained(folder).classifier.weight.detach().clone()
     temperature = json.loads((folder / "config.json").read_text())["calibration_temperature"]
 
-    assert reliability.main([str(folder), "--data_dir", str(prepared_data(tiny_model_dir)), "--batch_size", "32"]) == 0
+    assert calibrate.main([str(folder), "--data_dir", str(prepared_data(tiny_model_dir)), "--batch_size", "32"]) == 0
     assert "Temperature T =" in capsys.readouterr().out
     # The refit starts from the uncalibrated head and sees the same validation logits: same T, same head.
     refitted = AutoModelForImageClassification.from_pretrained(folder)
@@ -172,11 +172,22 @@ def test_refit_in_place_from_the_command_line_does_not_stack_temperatures(tiny_m
 
 def test_help_explains_the_command(capsys):
     with pytest.raises(SystemExit) as exited:
-        reliability.main(["--help"])
+        calibrate.main(["--help"])
     assert exited.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     for words in ("model_dir", "--data_dir", "in place", "without retraining", "temperature", OOD_FILE, "metrics.json", "--score", "synthetic"):
         assert words in text
+
+
+def test_the_old_seed_option_still_sets_the_split_seed_without_being_advertised(capsys):
+    parse = calibrate.build_parser().parse_args
+    assert parse(["model", "--data_dir", "data", "--seed", "7"]).split_seed == 7
+    assert parse(["model", "--data_dir", "data", "--split_seed", "7"]).split_seed == 7
+    assert parse(["model", "--data_dir", "data"]).split_seed == 42
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    text = capsys.readouterr().out
+    assert "--split_seed" in text and "--seed" not in text.replace("--split_seed", "")
 
 
 def test_a_folder_without_statistics_still_answers_with_the_flag_left_empty(tiny_model_dir, tmp_path):

@@ -93,7 +93,7 @@ def test_saved_model_is_the_best_checkpoint(tiny_model_dir):
     summary = json.loads((tiny_model_dir / "metrics.json").read_text())
     final, chosen = load_file(tiny_model_dir / "model.safetensors"), load_file(os.path.join(summary["best_checkpoint"], "model.safetensors"))
     assert final.keys() == chosen.keys()
-    head = {"classifier.weight", "classifier.bias"}  # the calibration temperature is folded into the head (cxr.reliability)
+    head = {"classifier.weight", "classifier.bias"}  # the calibration temperature is folded into the head (cxr.calibration)
     assert all((final[key] == chosen[key]).all() for key in final.keys() - head)
     temperature = summary["calibration"]["temperature"]
     assert all(torch.allclose(final[key], chosen[key] / temperature, rtol=1e-5, atol=1e-7) for key in head)
