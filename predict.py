@@ -20,7 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep 
 
 from cxr.models import DEFAULT_MODEL_DIR
 from cxr.features import OnnxExportError
-from cxr.predict import ModelNotFoundError, find_images, load_classifier, predict_files, write_predictions
+from cxr.predictor import ModelNotFoundError, find_image_files, load_classifier, predict_files, write_predictions
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                         "copy for a Hub id or a read-only folder) and exported again whenever its weights change.")
     args = parser.parse_args(argv)
 
-    paths = find_images(args.inputs)
+    paths = find_image_files(args.inputs)
     if not paths:
         parser.error(f"no image files found in {' '.join(args.inputs)}")
     try:

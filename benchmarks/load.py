@@ -60,7 +60,7 @@ from cxr.images import load_image
 from cxr.labels import ID2LABEL
 from cxr.saliency import saliency_overlay
 overlay = saliency_overlay(load_image(sys.argv[1], draft_size=224), numpy.zeros((14, 14)))
-app.predict = lambda classifier, path: ("", dict(zip(ID2LABEL.values(), (0.3, 0.5, 0.2))), overlay, {})
+app.answer_upload = lambda classifier, path: ("", dict(zip(ID2LABEL.values(), (0.3, 0.5, 0.2))), overlay, {})
 app.main(sys.argv[2:])
 """
 

@@ -36,7 +36,7 @@ from sklearn.metrics import roc_auc_score
 
 from cxr.images import load_image
 from cxr.models import input_size
-from cxr.predict import load_classifier
+from cxr.predictor import load_classifier
 from cxr.features import embed_split, forward_features
 from cxr.ood import ACCEPT_RATE, SCORES, accept_threshold
 

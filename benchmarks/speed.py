@@ -109,7 +109,7 @@ def worker(model_dir: str, path_name: str, images: list[Path], batch_size: int, 
     the top-1 labels of `check_images` (more real X-rays, for a finer agreement figure)."""
     from transformers import pipeline
 
-    from cxr.predict import classify, load_classifier
+    from cxr.predictor import classify, load_classifier
 
     if path_name == PATHS[0]:
         plain = pipeline("image-classification", model=model_dir)
@@ -130,7 +130,7 @@ def export_onnx(model_dir: str) -> None:
     """Write the folder's cached ONNX graphs (float32 and int8), so the ORT rows time and measure the memory of a
     load that finds them, as every load after the first does. In a process of its own, like the paths (its
     progress bars stay out of the table)."""
-    code = f"from cxr.predict import load_classifier\nfor int8 in (False, True): load_classifier({model_dir!r}, onnx=True, int8=int8)"
+    code = f"from cxr.predictor import load_classifier\nfor int8 in (False, True): load_classifier({model_dir!r}, onnx=True, int8=int8)"
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
@@ -159,16 +159,16 @@ def forward_ms(model_dir: str, repeats: int = 10) -> float:
 
 
 def app_work_ms(model_dir: str, image: Path, repeats: int = 10) -> float:
-    """Median time of the app's own work for one upload, in this process: `app.predict` (decode, forward pass with
+    """Median time of the app's own work for one upload, in this process: `app.answer_upload` (decode, forward pass with
     Grad-CAM, the X-ray check, the overlay), without Gradio's transport around it."""
     import app
-    from cxr.predict import load_classifier
+    from cxr.predictor import load_classifier
 
     classifier = load_classifier(model_dir)
     times = []
     for _ in range(repeats + 2):
         start = time.perf_counter()
-        app.predict(classifier, str(image))
+        app.answer_upload(classifier, str(image))
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times[2:])
 

@@ -174,7 +174,7 @@ def reliability_section(summary: dict | None) -> str:
         f"**Is it a chest X-ray at all?** `ood.safetensors` holds the training split's feature statistics; an image whose "
         f"`{ood['score']}` score (distance of its penultimate features to the nearest class, shared Ledoit-Wolf covariance) exceeds "
         f"{ood['threshold']:.4g} is flagged as not looking like a pediatric chest X-ray. The threshold accepts {ood.get('accept_rate', 0.95):.0%} of the validation X-rays "
-        f"(accepted: {accepted}). The project's app and batch predictor (`cxr.predict`) report the flag; plain `pipeline()` does not. "
+        f"(accepted: {accepted}). The project's app and batch predictor (`cxr.predictor`) report the flag; plain `pipeline()` does not. "
         "`python -m benchmarks.ood` measures it on real X-rays, photos, documents, noise and altered X-rays.",
         *prediction_sets_paragraph(summary.get("prediction_sets")),
         SECTION_END,

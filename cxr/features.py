@@ -40,7 +40,7 @@ def forward_features(model, pixel_values: torch.Tensor, saliency: bool = False) 
       contrast), in which noise, documents and photos differ most from an X-ray.
 
     `saliency=True` also returns "hidden_states", the model's hidden states with autograd tracking the logits back
-    to them (the model's weights should not require gradients, as in `cxr.predict.load_classifier`):
+    to them (the model's weights should not require gradients, as in `cxr.predictor.load_classifier`):
     `cxr.saliency.grad_cam` takes its gradient at the last of them whose grid the logits depend on.
     Several threads may call it on one model at once (the app's parallel requests): each gets its own tensors.
     """

@@ -1,9 +1,9 @@
 """ONNX Runtime inference: the predictor's forward pass exported once and run by ONNX Runtime on the CPU,
 in float32 or with int8 weights.
 
-    classifier = load_classifier("outputs/vit-xray", onnx=True, int8=True)   # cxr.predict; classify() as usual
+    classifier = load_classifier("outputs/vit-xray", onnx=True, int8=True)   # cxr.predictor; classify() as usual
 
-`load_classifier(..., onnx=True)` attaches an `OnnxFeatures` to the classifier and `cxr.predict.classify` calls
+`load_classifier(..., onnx=True)` attaches an `OnnxFeatures` to the classifier and `cxr.predictor.classify` calls
 it in place of `cxr.features.forward_features`; everything after (softmax, top labels, the chest X-ray
 check) is the same code, reading the same three tensors.
 

@@ -20,7 +20,7 @@ from PIL import Image
 import app
 from cxr.images import MAX_FILE_BYTES
 from cxr.labels import DISPLAY_NAMES
-from cxr.predict import classify, load_classifier
+from cxr.predictor import classify, load_classifier
 from inputs import chest_like, dicom_bytes, encode, png_claiming_size
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def served(tiny_model_dir):
 
 @pytest.mark.parametrize("name", GOOD)
 def test_every_image_kind_gets_three_labels_an_overlay_and_the_xray_check(classifier, tmp_path, name):
-    warning, scores, overlay, check = app.predict(classifier, str(write(tmp_path, name, GOOD)))
+    warning, scores, overlay, check = app.answer_upload(classifier, str(write(tmp_path, name, GOOD)))
     assert set(check) == {"looks_like_chest_xray", "ood_score", "threshold", "score", "prediction_sets"}
     assert set(check["prediction_sets"]) == {"90%", "95%"} and set(check["prediction_sets"]["95%"]) <= LABELS
     assert isinstance(check["looks_like_chest_xray"], bool) and check["score"] == "mahalanobis"
@@ -103,14 +103,14 @@ def test_every_image_kind_gets_three_labels_an_overlay_and_the_xray_check(classi
 @pytest.mark.parametrize("name", BAD)
 def test_bad_uploads_raise_a_clear_ui_error(classifier, tmp_path, name):
     with pytest.raises(gr.Error, match=BAD[name][1]) as raised:
-        app.predict(classifier, str(write(tmp_path, name, BAD)))
+        app.answer_upload(classifier, str(write(tmp_path, name, BAD)))
     assert name in raised.value.message  # says which file
 
 
 def test_a_non_xray_upload_gets_a_warning_above_the_three_labels(classifier, tmp_path):
     noise = tmp_path / "holiday-photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(noise)
-    warning, scores, _, check = app.predict(classifier, str(noise))
+    warning, scores, _, check = app.answer_upload(classifier, str(noise))
     assert "does not look like a pediatric chest X-ray" in warning
     assert check["looks_like_chest_xray"] is False and check["ood_score"] > check["threshold"]
     assert f"{check['ood_score']:.4g}" in warning
@@ -120,7 +120,7 @@ def test_a_non_xray_upload_gets_a_warning_above_the_three_labels(classifier, tmp
 def test_validation_images_mostly_get_no_warning(classifier, tiny_model_dir):
     """The tiny model's own (synthetic) validation images: the threshold was set to accept ACCEPT_RATE (97 %) of them."""
     files = sorted((tiny_model_dir.parent / "data" / "prepared" / "synthetic" / "validation").rglob("*.png"))
-    results = [app.predict(classifier, str(path)) for path in files]
+    results = [app.answer_upload(classifier, str(path)) for path in files]
     assert all(bool(warning) != check["looks_like_chest_xray"] for warning, _, _, check in results)
     assert sum(check["looks_like_chest_xray"] for _, _, _, check in results) >= 0.8 * len(files)
 
@@ -132,7 +132,7 @@ def test_the_warning_comes_first_and_the_check_last(tiny_model_dir):
 
 def test_no_file_is_a_clear_ui_error(classifier):
     with pytest.raises(gr.Error, match="upload a chest X-ray"):
-        app.predict(classifier, None)
+        app.answer_upload(classifier, None)
 
 
 def test_grad_cam_from_the_prediction_pass_matches_a_full_backward_pass(classifier):
@@ -248,7 +248,7 @@ def test_app_client_and_pipeline_agree(served, classifier, tiny_model_dir, tmp_p
     from transformers import pipeline
 
     path = str(write(tmp_path, "gray.png", GOOD))
-    _, in_app, _, check_in_app = app.predict(classifier, path)
+    _, in_app, _, check_in_app = app.answer_upload(classifier, path)
     _, label, _, check = Client(served.local_url, verbose=False).predict(handle_file(path), api_name="/predict")
     via_client = {item["label"]: item["confidence"] for item in label["confidences"]}
     via_pipeline = {item["label"]: item["score"] for item in pipeline("image-classification", model=str(tiny_model_dir))(path, top_k=3)}
@@ -383,7 +383,7 @@ def test_error_messages_are_plain_text_even_when_the_file_name_is_markup(classif
     """Gradio renders an error message as HTML: nothing from an upload (its name, its decoder's words) may become markup."""
     path = tmp_path / MARKUP_NAME
     path.write_text("not an image\n" * 20)
-    for call in (app.predict, app.preview):
+    for call in (app.answer_upload, app.preview):
         with pytest.raises(gr.Error) as raised:
             call(classifier, str(path))
         message = raised.value.message
@@ -392,7 +392,7 @@ def test_error_messages_are_plain_text_even_when_the_file_name_is_markup(classif
     scan = tmp_path / "scan.dcm"
     scan.write_bytes(dicom_bytes(np.zeros((160, 200), np.uint16), photometric=MARKUP_DICOM))
     with pytest.raises(gr.Error) as raised:
-        app.predict(classifier, str(scan))
+        app.answer_upload(classifier, str(scan))
     assert "MONO" in raised.value.message and "<" not in raised.value.message
     # The loader already keeps markup out of its own messages; the app escapes whatever else an error may quote.
     assert app.plain_error("<b>x</b> & <img src=y>").message == "&lt;b&gt;x&lt;/b&gt; &amp; &lt;img src=y&gt;"
@@ -404,7 +404,7 @@ def test_uploads_are_decoded_in_a_worker_capped_in_time(classifier, tmp_path, mo
 
     path = write(tmp_path, "gray.png", GOOD)
     monkeypatch.setattr(cxr.images, "DECODE_SECONDS", 1e-6)  # no decode finishes in time, so the cap must show
-    for call in (app.predict, app.preview):
+    for call in (app.answer_upload, app.preview):
         with pytest.raises(gr.Error, match="took longer than"):
             call(classifier, str(path))
 

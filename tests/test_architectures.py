@@ -16,7 +16,7 @@ from conftest import train_tiny_model
 from cxr.labels import ID2LABEL
 from cxr.models import PRESETS, build_model, config_image_size, input_size
 from cxr.onnx_runtime import OUTPUTS, load_onnx_features
-from cxr.predict import classify, load_classifier
+from cxr.predictor import classify, load_classifier
 from cxr.calibration import fold_temperature
 from cxr.features import classifier_head, feature_grid, forward_features
 from cxr.ood import OOD_FILE, OodDetector

@@ -12,7 +12,7 @@ from transformers import pipeline
 import predict
 from cxr.images import load_image
 from cxr.labels import ID2LABEL
-from cxr.predict import classify, find_images, load_classifier
+from cxr.predictor import classify, find_image_files, load_classifier
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def test_a_model_without_statistics_leaves_the_flag_empty_and_says_why(tiny_mode
 
 
 def test_batched_scores_equal_one_image_at_a_time_pipeline(tiny_model_dir, mixed_folder):
-    files = [path for path in find_images([mixed_folder]) if path.name.startswith(("xray", "big"))]
+    files = [path for path in find_image_files([mixed_folder]) if path.name.startswith(("xray", "big"))]
     batched = classify(load_classifier(tiny_model_dir), files, batch_size=4)
     plain = pipeline("image-classification", model=str(tiny_model_dir))
     for path, prediction in zip(files, batched):

@@ -13,7 +13,7 @@ from transformers import AutoModelForImageClassification, ConvNextConfig, Traini
 
 from cxr.labels import ID2LABEL
 from cxr.models import PRESETS, build_model
-from cxr.predict import classify, load_classifier
+from cxr.predictor import classify, load_classifier
 from cxr.calibration import fold_temperature
 from cxr.features import classifier_head, forward_features
 from cxr.ood import OOD_FILE, OodDetector

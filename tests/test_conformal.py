@@ -12,7 +12,7 @@ import predict
 from cxr.conformal import CONFORMAL_FILE, PredictionSets, class_threshold, describe_set, held_out_check
 from cxr.labels import ID2LABEL
 from cxr.metrics import softmax
-from cxr.predict import classify, load_classifier
+from cxr.predictor import classify, load_classifier
 
 NAMES = list(ID2LABEL.values())
 

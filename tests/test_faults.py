@@ -229,12 +229,12 @@ def test_a_refit_stopped_midway_leaves_the_model_folder_intact(tiny_model_dir, t
 def test_a_model_loaded_while_a_new_folder_is_swapped_in_is_one_version(tiny_model_dir, tmp_path, monkeypatch):
     """The loader reads weights, processor and statistics one after another: a folder swapped in between (here, right
     before the statistics are read) makes it load again, so it never pairs old weights with new statistics."""
-    import cxr.predict
+    import cxr.predictor
     from cxr.folders import staging_folder, swap_in
 
     folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
     newer = make_distinct(shutil.copytree(tiny_model_dir, tmp_path / "newer"))
-    real_load_ood_detector, swaps = cxr.predict.load_ood_detector, []
+    real_load_ood_detector, swaps = cxr.predictor.load_ood_detector, []
 
     def swap_then_load(*args, **kwargs):
         if not swaps:
@@ -246,8 +246,8 @@ def test_a_model_loaded_while_a_new_folder_is_swapped_in_is_one_version(tiny_mod
             swaps.append(True)
         return real_load_ood_detector(*args, **kwargs)
 
-    monkeypatch.setattr(cxr.predict, "load_ood_detector", swap_then_load)
-    classifier = cxr.predict.load_classifier(folder)
+    monkeypatch.setattr(cxr.predictor, "load_ood_detector", swap_then_load)
+    classifier = cxr.predictor.load_classifier(folder)
     assert swaps
     loaded = (float(classifier.model.classifier.bias[0]), classifier.ood_detector.threshold)
     assert loaded == pytest.approx(version_of(newer))

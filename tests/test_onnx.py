@@ -13,7 +13,7 @@ import predict
 from cxr import onnx_runtime
 from cxr.labels import ID2LABEL
 from cxr.onnx_runtime import FINGERPRINT_KEY, ONNX_FILES, load_onnx_features
-from cxr.predict import classify, load_classifier
+from cxr.predictor import classify, load_classifier
 from cxr.calibration import fold_temperature
 from cxr.features import forward_features
 

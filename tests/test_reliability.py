@@ -12,7 +12,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, pi
 import app
 import calibrate
 from cxr.metrics import expected_calibration_error, softmax
-from cxr.predict import classify, load_classifier
+from cxr.predictor import classify, load_classifier
 from cxr.calibration import fit_temperature, fold_temperature
 from cxr.features import forward_features
 from cxr.ood import ACCEPT_RATE, OOD_FILE, SCORES, OodDetector, accept_threshold
@@ -198,5 +198,5 @@ def test_a_folder_without_statistics_still_answers_with_the_flag_left_empty(tiny
     assert len(prediction.scores) == 3 and prediction.looks_like_chest_xray is None and prediction.ood_score is None
     path = tmp_path / "noise.png"
     NOT_XRAYS["colour noise"].save(path)
-    warning, scores, _, check = app.predict(classifier, str(path))
+    warning, scores, _, check = app.answer_upload(classifier, str(path))
     assert warning == "" and len(scores) == 3 and check["looks_like_chest_xray"] is None

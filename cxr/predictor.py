@@ -32,7 +32,7 @@ from transformers import Pipeline, pipeline
 
 from cxr.folders import folder_identity, write_text_atomic
 from cxr.conformal import CONFORMAL_FILE, LEVELS, PredictionSets, describe_set, level_name
-from cxr.images import ImageLoadError, ImageSource, load_image
+from cxr.images import IMAGE_SUFFIXES, ImageLoadError, ImageSource, load_image
 from cxr.models import input_size, is_local_path
 from cxr.features import forward_features
 from cxr.ood import OOD_FILE, OodDetector
@@ -47,10 +47,6 @@ TRAIN_HINT = (
 
 class ModelNotFoundError(RuntimeError):
     """No usable model at the given folder or Hub id; the message says how to make one."""
-
-
-# What the batch predictor picks up in a folder: Pillow's common formats and DICOM.
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom"}
 
 
 def load_classifier(model: str | Path, device: str | int | None = None, int8: bool = False, onnx: bool = False) -> Pipeline:
@@ -223,7 +219,7 @@ def model_summary(model: str | Path) -> dict:
     return json.loads(metrics_file.read_text())
 
 
-def find_images(inputs: Iterable[str | Path]) -> list[Path]:
+def find_image_files(inputs: Iterable[str | Path]) -> list[Path]:
     """Files given directly, plus every image file (by suffix) under the folders given, in a stable order."""
     found = []
     for item in map(Path, inputs):
