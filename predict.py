@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=Path("predictions.csv"), help="Where to write the results: .csv or .json.")
     parser.add_argument("--batch_size", type=int, default=16, help="Images per forward pass.")
     parser.add_argument("--int8", action="store_true", help="Quantize the model's Linear layers to int8: faster on CPU, slightly different scores "
-                        "(and the X-ray check, fitted in float32, flags a few more real X-rays: 7%% instead of 5%% on the scratch-small model, at the former 95%% threshold).")
+                        "(and the X-ray check, fitted in float32, flags a few more real X-rays: docs/reliability.md).")
     parser.add_argument("--onnx", action="store_true", help="Run the model with ONNX Runtime (CPU) instead of PyTorch. With --int8, ONNX Runtime's "
                         "own int8 quantization: as fast as PyTorch's or faster, and closer to the float32 scores (python -m benchmarks.speed "
                         "compares them). The model is exported on first use into the model folder (model.onnx / model.int8.onnx; a temporary "

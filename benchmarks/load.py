@@ -181,7 +181,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=120, help="Seconds one request may take before it counts as an error.")
     parser.add_argument("--port", type=int, default=0, help="Loopback port for the app (0: a free one).")
     parser.add_argument("--data", type=Path, default=SHARED_DATA, help="The shared data folder (xray_originals/, chest_xray/train/).")
-    parser.add_argument("--no_work", action="store_true", help="Serve the same app with predict() replaced by a ready answer: what Gradio, gradio_client and this machine allow whatever the model (the floor under every figure).")
+    parser.add_argument("--no_work", action="store_true", help="Serve the same app with answer_upload() replaced by a ready answer: what Gradio, gradio_client and this machine allow whatever the model (the floor under every figure).")
     parser.add_argument("--verify_tls", action="store_true", help="gradio_client's default: load the CA bundle for every HTTP request, though loopback HTTP has no TLS (see loopback_client).")
     args = parser.parse_args()
 

@@ -264,13 +264,13 @@ def main() -> None:
 
     if latencies:
         print(f"App latency, one request at a time through gradio_client ({args.requests} requests of {images[0].name}, prediction + Grad-CAM overlay):")
-        print(f"{'model':<32} {'input':>6} {'forward ms':>11} {'predict() ms':>13} {'app p50 ms':>11} {'app p95 ms':>11} {'p50 / forward':>14} {'transport ms':>13}")
+        print(f"{'model':<32} {'input':>6} {'forward ms':>11} {'app work ms':>13} {'app p50 ms':>11} {'app p95 ms':>11} {'p50 / forward':>14} {'transport ms':>13}")
         for label, size, forward, work, p50, p95 in latencies:
             print(f"{label:<32} {size:>6} {forward:>11.0f} {work:>13.0f} {p50:>11.0f} {p95:>11.0f} {p50 / forward:>13.2f}x {p50 - work:>13.0f}")
         print(f"{'the same app, answering at once':<32} {'':>6} {'':>11} {0:>13} {statistics.median(floor):>11.0f} {floor[int(0.95 * (len(floor) - 1))]:>11.0f} {'':>14} {statistics.median(floor):>13.0f}")
-        print("predict(): the app's own work for one upload in-process (decode, forward with Grad-CAM, X-ray check, overlay);")
+        print("app work: answer_upload(), the app's own work for one upload in-process (decode, forward with Grad-CAM, X-ray check, overlay);")
         print("transport: app p50 minus that, i.e. upload, Gradio's queue and events, the overlay's download, gradio_client.")
-        print("The last row is the same Interface with predict() replaced by a ready answer: the floor no model can go under.")
+        print("The last row is the same Interface with answer_upload() replaced by a ready answer: the floor no model can go under.")
 
 
 if __name__ == "__main__":
