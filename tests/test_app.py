@@ -437,7 +437,7 @@ def test_a_full_queue_refuses_the_next_request_at_once(tiny_model_dir, monkeypat
 
     monkeypatch.setattr(app, "QUEUE_SIZE", 2)  # small, so the test needs few requests; build_demo reads it
     release = threading.Event()
-    monkeypatch.setattr(app, "predict", lambda classifier, path: (release.wait(120), ("", {"Normal": 1.0}, None, {}))[1])
+    monkeypatch.setattr(app, "answer_upload", lambda classifier, path: (release.wait(120), ("", {"Normal": 1.0}, None, {}))[1])
     demo = app.build_demo(str(tiny_model_dir), examples=None)
     demo.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)
 
