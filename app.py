@@ -6,7 +6,7 @@
 
 A research demo, not a medical device. This file is the Interface only: every upload goes through the
 project's one image loader (`cxr.images.load_image`), the model folder is loaded once by
-`cxr.predict.load_classifier` (the same `pipeline("image-classification")` Python users call, with the folder's
+`cxr.predictor.load_classifier` (the same `pipeline("image-classification")` Python users call, with the folder's
 out-of-distribution statistics), and the overlay comes from `cxr.saliency`. Run `python app.py --help` for every option.
 
 Inputs: a file (any format the loader reads, DICOM included) or an image pasted or dropped into the preview, which
@@ -34,9 +34,9 @@ from PIL import Image
 from transformers import Pipeline
 
 from cxr.conformal import LEVELS, describe_set, level_name
-from cxr.images import MAX_FILE_BYTES, ImageLoadError, load_image
+from cxr.images import IMAGE_SUFFIXES, MAX_FILE_BYTES, ImageLoadError, load_image
 from cxr.models import DEFAULT_MODEL_DIR, input_size
-from cxr.predict import IMAGE_SUFFIXES, ModelNotFoundError, classify, load_classifier, model_summary
+from cxr.predictor import ModelNotFoundError, classify, load_classifier, model_summary
 from cxr.saliency import saliency_overlay
 from cxr.workarounds import install_gradio_cache_patch
 
@@ -89,7 +89,7 @@ def decode(classifier: Pipeline, path: str) -> Image.Image:
 
 
 def preview(classifier: Pipeline, path: str | None) -> Image.Image | None:
-    """The uploaded file decoded as `predict` will decode it (DICOM, 16-bit, EXIF rotation), shown at most
+    """The uploaded file decoded as `answer_upload` will decode it (DICOM, 16-bit, EXIF rotation), shown at most
     PREVIEW_SIDE pixels a side; None for no file."""
     if not path:
         return None
@@ -98,7 +98,7 @@ def preview(classifier: Pipeline, path: str | None) -> Image.Image | None:
     return image
 
 
-def predict(classifier: Pipeline, path: str | None) -> tuple[str, dict[str, float], Image.Image, dict]:
+def answer_upload(classifier: Pipeline, path: str | None) -> tuple[str, dict[str, float], Image.Image, dict]:
     """One uploaded file -> (warning, {label: probability} for the three classes, saliency overlay, the X-ray check).
 
     The warning is Markdown, empty unless the upload does not look like a chest X-ray; the check is
@@ -149,7 +149,7 @@ def describe_model(model: str, has_xray_check: bool | None = None) -> str:
     if not (has_xray_check if has_xray_check is not None else summary.get("ood")):
         lines.append(
             "**No chest X-ray check with this model** (its folder has no out-of-distribution statistics): any image gets "
-            "three probabilities. Add the check with `python -m cxr.reliability MODEL_DIR --data_dir DATA`."
+            "three probabilities. Add the check with `python calibrate.py MODEL_DIR --data_dir DATA`."
         )
     if summary.get("data", {}).get("synthetic"):
         lines.append(
@@ -190,7 +190,7 @@ def build_demo(model: str = DEFAULT_MODEL_DIR, examples: str | Path | None = EXA
     classifier = load_classifier(model)
 
     def classify_xray(xray: str | None = None, pasted: str | None = None) -> tuple[str, dict[str, float], Image.Image, dict]:
-        return predict(classifier, xray or pasted)
+        return answer_upload(classifier, xray or pasted)
 
     # gr.File hands the uploaded file to our loader byte for byte (gr.Image would re-open it with Pillow, which cannot
     # read DICOM); the loader itself decides what is an image.

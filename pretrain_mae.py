@@ -28,11 +28,12 @@ import matplotlib.pyplot as plt
 import torch
 from transformers import HfArgumentParser, TrainingArguments, ViTConfig, ViTMAEConfig, ViTMAEForPreTraining, ViTModel, set_seed
 
-from cxr.data import DataArguments, prepare_and_load
 from cxr.models import DEFAULT_ENCODER_DIR, PRESETS, PRETRAINING_FILE, preset_image_processor
 from cxr.folders import write_text_atomic
-from cxr.training import XrayTrainer, check_writable, checkpoint_to_resume, peak_memory_mib, pixel_transform
+from cxr.training import XrayTrainer, check_writable, checkpoint_to_resume, peak_memory_mib
+from cxr.transforms import pixel_transform
 from cxr.workarounds import add_mae_position_tables
+from hf_data.loading import DataArguments, prepare_and_load
 
 VIT_PRESETS = [name for name, (config_class, _) in PRESETS.items() if config_class is ViTConfig]
 

@@ -33,15 +33,16 @@ import torch
 from transformers import EarlyStoppingCallback, HfArgumentParser, TrainingArguments, set_seed
 
 from cxr.card import hardware, render_model_card
-from cxr.data import DataArguments, default_prepared_dir, prepare_and_load
 from cxr.folders import staging_folder, staging_path, swap_in
 from cxr.hub import publish_model_folder
+from cxr.labels import DISPLAY_NAMES
 from cxr.metrics import plot_confusion_matrix, plot_training_curves, softmax, trainer_metrics
 from cxr.models import DEFAULT_CHECKPOINT, DEFAULT_MODEL_DIR, PRESETS, build_model, input_size, load_teacher
 from cxr.reliability import describe_reliability, fit_reliability, save_reliability
 from cxr.run_record import calibrated_parts, options_of, run_record, write_metrics, write_run
-from cxr.training import XrayTrainer, check_writable, checkpoint_to_resume, class_weights, collate, peak_memory_mib, pixel_transform, weighted_loss
-from hf_data import DISPLAY_NAMES
+from cxr.training import XrayTrainer, check_writable, checkpoint_to_resume, class_weights, peak_memory_mib, weighted_loss
+from cxr.transforms import collate, pixel_transform
+from hf_data.loading import DataArguments, default_prepared_dir, prepare_and_load, validation_patient_ids
 
 RECIPES = Path(__file__).resolve().parent / "recipes"  # named option sets: --recipe NAME reads recipes/NAME.args
 # The old model's files a new model folder replaces (never carried over beside the new ones); checkpoints and anything else stay.
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
 
     # The best checkpoint is loaded: fold the calibration temperature into its head and fit the out-of-distribution check.
-    ood_detector, reliability = fit_reliability(trainer.model, processor, dataset, batch_size=training_args.per_device_eval_batch_size)
+    ood_detector, reliability = fit_reliability(trainer.model, processor, dataset, validation_patient_ids(dataset), batch_size=training_args.per_device_eval_batch_size)
     print(describe_reliability(reliability))
 
     # The model folder appears whole or not at all: every file goes into a hidden sibling, swapped in at the end.

@@ -11,7 +11,7 @@ For each candidate, in a fresh process (so its peak memory is its own), with `--
 - parameters;
 - training images/s: `--train_steps` timed AdamW steps of batch `--batch_size` after `--warmup_steps` untimed ones,
   forward and backward with train_vit.py's class-weighted loss, each batch read through the project's own data path
-  (cxr.images.load_image, the crop/rotation/exposure augmentation, the image processor: cxr.training.pixel_transform)
+  (cxr.images.load_image, the crop/rotation/exposure augmentation, the image processor: cxr.transforms.pixel_transform)
   by a single-process DataLoader, as Trainer reads it by default; the share of that time spent waiting for data;
 - inference images/s: the model alone (eval mode, no gradients) on batches already preprocessed;
 - peak resident memory of the process (Python, torch and the data included);
@@ -86,8 +86,10 @@ def measure(candidate: Candidate, prepared_dir: str, args: argparse.Namespace) -
     from sklearn.metrics import f1_score
 
     from cxr.models import build_preset
-    from cxr.training import class_weights, collate, peak_memory_mib, pixel_transform, weighted_loss
-    from hf_data import DISPLAY_NAMES, load_prepared
+    from cxr.training import class_weights, peak_memory_mib, weighted_loss
+    from cxr.transforms import collate, pixel_transform
+    from cxr.labels import DISPLAY_NAMES
+    from hf_data import load_prepared
 
     dataset = load_prepared(prepared_dir)
     class_keys = dataset["train"].features["label"].names
@@ -156,7 +158,7 @@ def prepare(data_dir: Path) -> str:
 
     from transformers import TrainingArguments
 
-    from cxr.data import DataArguments, default_prepared_dir, prepare_and_load
+    from hf_data.loading import DataArguments, default_prepared_dir, prepare_and_load
 
     data_args = DataArguments(data_dir=str(data_dir))
     with tempfile.TemporaryDirectory() as scratch:

@@ -5,7 +5,7 @@ figures on the validation split.
 
 A model that scores no better on its own training images than on unseen ones is underfitting: it lacks training
 (epochs, width, resolution), and more regularisation would not help. One that scores far better there is overfitting.
-The images go through the evaluation path (`cxr.reliability.embed_split`: the project's loader and the model's own
+The images go through the evaluation path (`cxr.features.embed_split`: the project's loader and the model's own
 image processor); the data is prepared with the same patient-grouped split as train_vit.py (`--split_seed`).
 """
 
@@ -17,7 +17,9 @@ from pathlib import Path
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from cxr.metrics import classification_metrics, softmax
-from cxr.reliability import embed_split, load_data, warn_if_other_split
+from cxr.features import embed_split
+from cxr.reliability import warn_if_other_split
+from hf_data.loading import load_model_data
 
 FIGURES = [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("f1_viral_pneumonia", "F1 viral"), ("pneumonia_accuracy", "pneumonia acc.")]
 
@@ -31,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int, default=64, help="Images per forward pass (default 64).")
     args = parser.parse_args(argv)
 
-    dataset = load_data(args.data_dir, args.prepared_dir, validation_fraction=0.1, seed=args.split_seed, synthetic_images_per_class=200)
+    dataset = load_model_data(args.data_dir, args.prepared_dir, validation_fraction=0.1, split_seed=args.split_seed, synthetic_images_per_class=200)
     class_keys = dataset["train"].features["label"].names
     rows = []
     for folder in args.folders:

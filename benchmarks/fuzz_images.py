@@ -1,7 +1,7 @@
 """Fuzz the one image loader: every input must end in an RGB image or `ImageLoadError`, promptly, in bounded memory.
 
     python -m benchmarks.fuzz_images --seconds 120
-    python -m benchmarks.fuzz_images --seconds 60 --model outputs/vit-xray   # also app.predict on what decodes
+    python -m benchmarks.fuzz_images --seconds 60 --model outputs/vit-xray   # also app.answer_upload on what decodes
     python -m benchmarks.fuzz_images --worst --time_limit 60 --repeats 2     # the table in docs/security.md
 
 Hypothesis draws the inputs (no shrinking: every input is kept going, none stops the run):
@@ -522,7 +522,7 @@ def worker(connection, model: str | None) -> None:
         import gradio as gr
 
         import app
-        from cxr.predict import load_classifier
+        from cxr.predictor import load_classifier
 
         classifier = load_classifier(model)
     scratch = Path(tempfile.mkdtemp(prefix="fuzz-"))
@@ -547,10 +547,10 @@ def worker(connection, model: str | None) -> None:
                 outcome = "RGB image"
                 if classifier:
                     try:
-                        warning, scores, overlay, check = app.predict(classifier, str(source))
-                        outcome = "RGB image; app.predict answered" if len(scores) == 3 and overlay.mode == "RGB" else "crash: app.predict gave a bad answer"
+                        warning, scores, overlay, check = app.answer_upload(classifier, str(source))
+                        outcome = "RGB image; app.answer_upload answered" if len(scores) == 3 and overlay.mode == "RGB" else "crash: app.answer_upload gave a bad answer"
                     except gr.Error as error:
-                        outcome = f"crash: app.predict refused what load_image accepted: {error.message[:80]}"
+                        outcome = f"crash: app.answer_upload refused what load_image accepted: {error.message[:80]}"
         except ImageLoadError as error:
             outcome, message = "ImageLoadError: " + wording(str(error)), str(error)
         except BaseException as error:  # noqa: BLE001 - anything else is what we are looking for
@@ -627,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--memory_limit", type=float, default=3072, help="MiB the worker may reach on one input.")
     add_old_spelling(parser, "--time-limit", "time_limit", type=float)
     add_old_spelling(parser, "--memory-limit", "memory_limit", type=float)
-    parser.add_argument("--model", help="Also run app.predict (with this model folder) on every input that decodes.")
+    parser.add_argument("--model", help="Also run app.answer_upload (with this model folder) on every input that decodes.")
     parser.add_argument("--out", type=Path, default=Path("runs/fuzz"), help="Where crashing, hanging and memory-hungry inputs are saved.")
     parser.add_argument("--replay", type=Path, help="Run one saved input (its .json beside it gives the suffix) and print the outcome.")
     parser.add_argument("--worst", action="store_true", help="Instead of fuzzing, measure each worst case (docs/security.md) and print the table.")
@@ -688,7 +688,7 @@ def main() -> None:
         fuzz()
     runner.close()
 
-    print(f"Fuzzed cxr.images.load_image{' and app.predict' if args.model else ''} for {time.monotonic() - started:.0f} s: {tried:,} inputs "
+    print(f"Fuzzed cxr.images.load_image{' and app.answer_upload' if args.model else ''} for {time.monotonic() - started:.0f} s: {tried:,} inputs "
           f"(time limit {args.time_limit:g} s, memory limit {args.memory_limit:,.0f} MiB per input)\n")
     for outcome, count in outcomes.most_common():
         print(f"  {count:>7,}  {outcome}")

@@ -47,9 +47,10 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 NO_WORK_APP = """
 import sys, numpy, app
 from cxr.images import load_image
+from cxr.labels import ID2LABEL
 from cxr.saliency import saliency_overlay
 overlay = saliency_overlay(load_image(sys.argv[1], draft_size=224), numpy.zeros((14, 14)))
-app.predict = lambda classifier, path: ("", {"Normal": 0.5, "Bacterial pneumonia": 0.3, "Viral pneumonia": 0.2}, overlay, {})
+app.answer_upload = lambda classifier, path: ("", dict(zip(ID2LABEL.values(), (0.3, 0.5, 0.2))), overlay, {})
 app.main(sys.argv[2:])
 """
 
@@ -164,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=120, help="Seconds one request may take before it counts as an error.")
     parser.add_argument("--port", type=int, default=0, help="Loopback port for the app (0: a free one).")
     parser.add_argument("--data", type=Path, default=SHARED_DATA, help="The shared data folder (xray_originals/, chest_xray/train/).")
-    parser.add_argument("--no_work", action="store_true", help="Serve the same app with predict() replaced by a ready answer: what Gradio, gradio_client and this machine allow whatever the model (the floor under every figure).")
+    parser.add_argument("--no_work", action="store_true", help="Serve the same app with answer_upload() replaced by a ready answer: what Gradio, gradio_client and this machine allow whatever the model (the floor under every figure).")
     parser.add_argument("--verify_tls", action="store_true", help="gradio_client's default: load the CA bundle for every HTTP request, though loopback HTTP has no TLS (see loopback_client).")
     return parser
 

@@ -3,7 +3,7 @@
     python -m benchmarks.ood                                    # outputs/vit-xray with data/prepared/chest_xray
     python -m benchmarks.ood --model outputs/quick --data_dir data/prepared/synthetic
 
-The model folder must hold the statistics `python -m cxr.reliability` (or train_vit.py) writes; every threshold
+The model folder must hold the statistics `python calibrate.py` (or train_vit.py) writes; every threshold
 is the stored one, set so that ACCEPT_RATE (97 %) of the validation X-rays are accepted.
 
 In distribution:  the validation split (patient-grouped, never trained on) and the full-resolution originals
@@ -36,8 +36,9 @@ from sklearn.metrics import roc_auc_score
 
 from cxr.images import load_image
 from cxr.models import input_size
-from cxr.predict import load_classifier
-from cxr.reliability import ACCEPT_RATE, SCORES, accept_threshold, embed_split, forward_features
+from cxr.predictor import load_classifier
+from cxr.features import embed_split, forward_features
+from cxr.ood import ACCEPT_RATE, SCORES, accept_threshold
 
 ORIGINALS = Path(__file__).resolve().parents[2] / "shared" / "data" / "xray_originals"
 SITE_PACKAGES = Path(np.__file__).resolve().parents[1]
@@ -152,7 +153,7 @@ def score_files(classifier, files: dict[str, bytes], batch_size: int = 32) -> di
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="outputs/vit-xray", help="Model folder with ood.safetensors (run python -m cxr.reliability on it first).")
+    parser.add_argument("--model", default="outputs/vit-xray", help="Model folder with ood.safetensors (run python calibrate.py on it first).")
     parser.add_argument("--data_dir", default="data/prepared/chest_xray", help="The prepared data the model was trained on (its validation split).")
     parser.add_argument("--originals", type=Path, default=ORIGINALS, help="Full-resolution real X-rays (JPEG/PNG/DICOM).")
     args = parser.parse_args(argv)
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     classifier = load_classifier(args.model)
     detector = classifier.ood_detector
     if detector is None:
-        raise SystemExit(f"{args.model} has no out-of-distribution statistics: python -m cxr.reliability {args.model} --data_dir {args.data_dir}")
+        raise SystemExit(f"{args.model} has no out-of-distribution statistics: python calibrate.py {args.model} --data_dir {args.data_dir}")
     validation = load_prepared(args.data_dir)["validation"]
     outputs, _ = embed_split(classifier.model, classifier.image_processor, validation, desc="Validation")
     originals = {path.name: path.read_bytes() for path in sorted(args.originals.glob("*")) if path.suffix.lower() in (".jpeg", ".jpg", ".png", ".dcm")}

@@ -40,11 +40,12 @@ import torch  # noqa: E402
 from transformers import AutoConfig
 
 from benchmarks.common import sample_benchmark_images
+from cxr.labels import ID2LABEL
 from cxr.models import PRESETS, build_model
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "xray_originals"
 KAGGLE_TRAIN = DEFAULT_IMAGES.parent / "chest_xray" / "train"
-LABELS = {0: "Bacterial pneumonia", 1: "Normal", 2: "Viral pneumonia"}
+LABELS = ID2LABEL
 PATHS = [
     "plain pipeline, 1 at a time",
     "batched fp32",
@@ -108,7 +109,7 @@ def worker(model_dir: str, path_name: str, images: list[Path], batch_size: int, 
     the top-1 labels of `check_images` (more real X-rays, for a finer agreement figure)."""
     from transformers import pipeline
 
-    from cxr.predict import classify, load_classifier
+    from cxr.predictor import classify, load_classifier
 
     if path_name == PATHS[0]:
         plain = pipeline("image-classification", model=model_dir)
@@ -129,7 +130,7 @@ def export_onnx(model_dir: str) -> None:
     """Write the folder's cached ONNX graphs (float32 and int8), so the ORT rows time and measure the memory of a
     load that finds them, as every load after the first does. In a process of its own, like the paths (its
     progress bars stay out of the table)."""
-    code = f"from cxr.predict import load_classifier\nfor int8 in (False, True): load_classifier({model_dir!r}, onnx=True, int8=int8)"
+    code = f"from cxr.predictor import load_classifier\nfor int8 in (False, True): load_classifier({model_dir!r}, onnx=True, int8=int8)"
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
@@ -158,16 +159,16 @@ def forward_ms(model_dir: str, repeats: int = 10) -> float:
 
 
 def app_work_ms(model_dir: str, image: Path, repeats: int = 10) -> float:
-    """Median time of the app's own work for one upload, in this process: `app.predict` (decode, forward pass with
+    """Median time of the app's own work for one upload, in this process: `app.answer_upload` (decode, forward pass with
     Grad-CAM, the X-ray check, the overlay), without Gradio's transport around it."""
     import app
-    from cxr.predict import load_classifier
+    from cxr.predictor import load_classifier
 
     classifier = load_classifier(model_dir)
     times = []
     for _ in range(repeats + 2):
         start = time.perf_counter()
-        app.predict(classifier, str(image))
+        app.answer_upload(classifier, str(image))
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times[2:])
 
@@ -264,13 +265,13 @@ def main() -> None:
 
     if latencies:
         print(f"App latency, one request at a time through gradio_client ({args.requests} requests of {images[0].name}, prediction + Grad-CAM overlay):")
-        print(f"{'model':<32} {'input':>6} {'forward ms':>11} {'predict() ms':>13} {'app p50 ms':>11} {'app p95 ms':>11} {'p50 / forward':>14} {'transport ms':>13}")
+        print(f"{'model':<32} {'input':>6} {'forward ms':>11} {'app work ms':>13} {'app p50 ms':>11} {'app p95 ms':>11} {'p50 / forward':>14} {'transport ms':>13}")
         for label, size, forward, work, p50, p95 in latencies:
             print(f"{label:<32} {size:>6} {forward:>11.0f} {work:>13.0f} {p50:>11.0f} {p95:>11.0f} {p50 / forward:>13.2f}x {p50 - work:>13.0f}")
         print(f"{'the same app, answering at once':<32} {'':>6} {'':>11} {0:>13} {statistics.median(floor):>11.0f} {floor[int(0.95 * (len(floor) - 1))]:>11.0f} {'':>14} {statistics.median(floor):>13.0f}")
-        print("predict(): the app's own work for one upload in-process (decode, forward with Grad-CAM, X-ray check, overlay);")
+        print("app work: answer_upload(), the app's own work for one upload in-process (decode, forward with Grad-CAM, X-ray check, overlay);")
         print("transport: app p50 minus that, i.e. upload, Gradio's queue and events, the overlay's download, gradio_client.")
-        print("The last row is the same Interface with predict() replaced by a ready answer: the floor no model can go under.")
+        print("The last row is the same Interface with answer_upload() replaced by a ready answer: the floor no model can go under.")
 
 
 if __name__ == "__main__":

@@ -18,9 +18,11 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
+from cxr.labels import DISPLAY_NAMES
 from cxr.models import PRESETS, build_model
-from cxr.training import XrayTrainer, class_weights, collate, pixel_transform, weighted_loss
-from hf_data import DISPLAY_NAMES, load_prepared, make_synthetic_dataset, prepare_dataset
+from cxr.training import XrayTrainer, class_weights, weighted_loss
+from cxr.transforms import collate, pixel_transform
+from hf_data import load_prepared, make_synthetic_dataset, prepare_dataset
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray"
 

@@ -154,7 +154,7 @@ SECTION_START, SECTION_END = "<!-- reliability -->", "<!-- /reliability -->"
 def reliability_section(summary: dict | None) -> str:
     """Markdown for the card: the calibration temperature with ECE and NLL before/after, and the out-of-distribution check."""
     if not summary:
-        return f"{SECTION_START}\n## Calibration and out-of-distribution check\n\nNot fitted: run `python -m cxr.reliability` on this folder.\n{SECTION_END}"
+        return f"{SECTION_START}\n## Calibration and out-of-distribution check\n\nNot fitted: run `python calibrate.py` on this folder.\n{SECTION_END}"
     calibration, ood = summary["calibration"], summary["ood"]
     rows = [
         f"| {split} | {f['ece_before']:.4f} | {f['ece_after']:.4f} | {f['nll_before']:.4f} | {f['nll_after']:.4f} |"
@@ -178,7 +178,7 @@ def reliability_section(summary: dict | None) -> str:
         f"**Is it a chest X-ray at all?** `ood.safetensors` holds the training split's feature statistics; an image whose "
         f"`{ood['score']}` score (distance of its penultimate features to the nearest class, shared Ledoit-Wolf covariance) exceeds "
         f"{ood['threshold']:.4g} is flagged as not looking like a pediatric chest X-ray. The threshold accepts {ood.get('accept_rate', 0.95):.0%} of the validation X-rays "
-        f"(accepted: {accepted}). The project's app and batch predictor (`cxr.predict`) report the flag; plain `pipeline()` does not. "
+        f"(accepted: {accepted}). The project's app and batch predictor (`cxr.predictor`) report the flag; plain `pipeline()` does not. "
         "`python -m benchmarks.ood` measures it on real X-rays, photos, documents, noise and altered X-rays.",
         *prediction_sets_paragraph(summary.get("prediction_sets")),
         SECTION_END,

@@ -24,7 +24,7 @@ the test split.
 Why not a library: MAPIE 1.6 has no class-conditional classifier in its API and stores fitted objects as pickles;
 crepes 0.9 (Mondrian `ConformalClassifier`) keeps every calibration score and computes p-values at prediction time
 (and pulls in pandas). Either way the model folder would need more than the thresholds, which are all that
-inference needs: `conformal.json` holds them, and `cxr.predict` applies them.
+inference needs: `conformal.json` holds them, and `cxr.predictor` applies them.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
   in one step, so `target` never goes missing; elsewhere the old folder is renamed away and the new one in.
   Either way a crash before the swap leaves the old folder untouched, and one after it the new folder complete.
   A reader that has the old folder open keeps reading the old files; one that loads file by file compares
-  `folder_identity` before and after (`cxr.predict.load_classifier` does) and loads again if the folder was swapped.
+  `folder_identity` before and after (`cxr.predictor.load_classifier` does) and loads again if the folder was swapped.
 """
 
 from __future__ import annotations

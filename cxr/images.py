@@ -47,6 +47,8 @@ MAX_SCAN_PIXELS = 16 * MAX_PIXELS
 # Only the formats the README names; everything else (EPS would start Ghostscript) is refused unopened.
 PILLOW_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "GIF", "WEBP")  # JPEG includes MPO, the JPEGs phones and cameras write
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow's own bomb check agrees (it errors at twice this, warns above it)
+# The file names the batch predictor and the app's examples pick up in a folder: Pillow's common formats and DICOM.
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom"}
 
 ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 

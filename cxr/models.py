@@ -40,7 +40,7 @@ DEFAULT_ENCODER_DIR = "outputs/mae-encoder"  # where pretrain_mae.py writes and 
 PRESETS: dict[str, tuple[type[PretrainedConfig], dict]] = {
     # For tests and smoke runs only: trains in seconds, learns little.
     "scratch-tiny": (ViTConfig, dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)),
-    # The offline workhorse: ViT-Tiny width, 6 layers, 128 px (64 patches); an epoch of the Kaggle train split takes minutes on 2 CPU cores.
+    # The offline workhorse: ViT-Tiny width, 6 layers, 128 px (64 patches); small enough that a CPU trains it on the Kaggle train split.
     "scratch-small": (ViTConfig, dict(image_size=128, patch_size=16, hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768)),
     # Same width and depth with 8-pixel patches at 96 px (144 patches): smaller patches suit ViTs trained from scratch on few images.
     "scratch-small-p8": (ViTConfig, dict(image_size=96, patch_size=8, hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768)),

@@ -1,32 +1,27 @@
 """ONNX Runtime inference: the predictor's forward pass exported once and run by ONNX Runtime on the CPU,
 in float32 or with int8 weights.
 
-    classifier = load_classifier("outputs/vit-xray", onnx=True, int8=True)   # cxr.predict; classify() as usual
+    classifier = load_classifier("outputs/vit-xray", onnx=True, int8=True)   # cxr.predictor; classify() as usual
 
-`load_classifier(..., onnx=True)` attaches an `OnnxFeatures` to the classifier and `cxr.predict.classify` calls
-it in place of `cxr.reliability.forward_features`; everything after (softmax, top labels, the chest X-ray
+`load_classifier(..., onnx=True)` attaches an `OnnxFeatures` to the classifier and `cxr.predictor.classify` calls
+it in place of `cxr.features.forward_features`; everything after (softmax, top labels, the chest X-ray
 check) is the same code, reading the same three tensors.
 
 What is exported: a wrapper that returns what `forward_features` returns without saliency (`logits`, `cls`,
 `tokens`) from one input, `pixel_values`, with any batch size. It is traced by torch's TorchScript-based
-exporter (`dynamo=False`: no onnxscript needed; the torch.export-based exporter's graph ran about 10% slower
-here). No Grad-CAM: that needs the PyTorch model's gradients.
+exporter (`dynamo=False`: no onnxscript needed, and its graph ran faster). No Grad-CAM: that needs the PyTorch
+model's gradients.
 
 int8: `onnxruntime.quantization.quantize_dynamic` stores the weights of every MatMul (the Linear layers, as
 torch's int8 path does; the patch-embedding convolution stays float32) as signed int8 with one scale per
-matrix; activations are quantized per batch as they come. Chosen by measurement on a 2-core AVX2 CPU
-without VNNI, where ONNX Runtime multiplies u8 x s8 with an instruction that saturates at 16 bits: on
-ViT-B/16 every signed variant ran at the same speed and unsigned weights ran about 15% slower; on the
-trained scratch-small model (522 validation X-rays) one scale per output channel moved the chest X-ray
-check's score by up to 250% on some images (7-bit weights, `reduce_range`, prevented that but added error
-elsewhere), and quantizing the convolution too tripled the largest logit error. This choice agreed with
-float32 on every top-1 label and on 99.4% of the X-ray check's verdicts (PyTorch's int8: 99.8% and
-96.7%). `python -m benchmarks.speed` measures speed and top-1 agreement.
+matrix; activations are quantized per batch as they come. Each of these choices kept the logits and the chest
+X-ray check closest to float32 where the alternatives did not: the measurements are in docs/onnx.md, and
+`python -m benchmarks.speed` measures speed and top-1 agreement again.
 
 Cache: the exported graph is written into the model folder on first use, `model.onnx` (float32) or
 `model.int8.onnx`, and reused by later loads while the fingerprint stored in it matches the loaded model (its
 config and every weight, the torch and onnxruntime versions, the quantization settings). A retrained or
-recalibrated folder (`python -m cxr.reliability` rewrites the weights) is therefore exported again. A Hub
+recalibrated folder (`python calibrate.py` rewrites the weights) is therefore exported again. A Hub
 model, or a folder this process cannot write, is exported into a temporary directory on every load instead,
 deleted once the session has read it.
 """
@@ -45,8 +40,7 @@ import onnxruntime as ort
 import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-from cxr.predict import OnnxExportError
-from cxr.reliability import forward_features
+from cxr.features import OnnxExportError, forward_features
 
 OUTPUTS = ("logits", "cls", "tokens")  # the keys of forward_features(model, pixels) that classify and the OOD check read
 ONNX_FILES = {False: "model.onnx", True: "model.int8.onnx"}  # int8 -> file name in the model folder
@@ -131,7 +125,7 @@ def export(model, image_size: int, int8: bool, key: str, path: Path) -> None:
         if int8:
             source = Path(scratch) / "int8.onnx"
             previous = logging.root.manager.disable
-            logging.disable(logging.WARNING)  # its advice to pre-process the graph first: tried, it changed neither speed nor error here
+            logging.disable(logging.WARNING)  # its advice to pre-process the graph first: tried, it changed neither speed nor error
             try:
                 quantize_dynamic(float32, source, **QUANTIZATION)
             finally:
@@ -147,7 +141,6 @@ def new_session(path: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     # As many threads as torch uses (the physical cores, or OMP_NUM_THREADS where set), so both backends get the same share of the machine.
     options.intra_op_num_threads = torch.get_num_threads()
-    # Idle threads sleep instead of spinning: with a training run on the same 2 cores, ViT-B/16 int8 ran 8% and
-    # scratch-small 18% faster this way (spinning threads take turns away from each other on a busy machine).
+    # Idle threads sleep instead of spinning: spinning threads take turns away from each other on a busy machine (docs/onnx.md).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -20,6 +20,8 @@ import torch
 from matplotlib import colormaps
 from PIL import Image
 
+from cxr.features import feature_grid
+
 SIDE = 512  # the overlay's longest side in pixels: plenty for a preview, small to send
 JET = np.round(255 * colormaps["jet"](np.arange(256) / 255)[:, :3]).astype(np.uint8)  # heat 0..255 -> RGB colour
 
@@ -28,7 +30,7 @@ def saliency_overlay(image: Image.Image, heat: np.ndarray, opacity: float = 0.6)
     """The RGB `image` (from `cxr.images.load_image`) with the heat map `heat` (from `grad_cam`, 0..1) blended on top.
 
     The result keeps the input's aspect ratio, scaled so that its longest side is `SIDE` pixels.
-    Done on 8-bit images in Pillow: 4 ms here, where a float blend in numpy took 18 ms, a fifth of the app's CPU time per request.
+    Done on 8-bit images in Pillow, several times faster than a float blend in numpy (docs/feature-path-and-prediction-sets.md).
     """
     scale = SIDE / max(image.size)
     base = image.convert("RGB").resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
@@ -42,16 +44,14 @@ def saliency_overlay(image: Image.Image, heat: np.ndarray, opacity: float = 0.6)
 def grad_cam(outputs: dict[str, torch.Tensor], class_indices: list[int]) -> np.ndarray:
     """Grad-CAM over the feature grid, one map per image of the batch for its class in `class_indices`.
 
-    `outputs` comes from `cxr.reliability.forward_features(..., saliency=True)`. The grid is the last of its
-    "hidden_states" whose grid the chosen logits depend on, as `cxr.reliability.feature_grid` lays it out: a CNN's,
+    `outputs` comes from `cxr.features.forward_features(..., saliency=True)`. The grid is the last of its
+    "hidden_states" whose grid the chosen logits depend on, as `cxr.features.feature_grid` lays it out: a CNN's,
     PVTv2's or MobileViT's last feature map, a Swin's last token sequence, and for a ViT or DeiT the tokens entering
     the last block (the last block's output reaches the head only through its class token, so its patch tokens get
     no gradient; one block earlier they still reach the class token). The choice is made by the gradient itself,
     not by the architecture's name. Returns an array (batch, rows, columns), each map scaled to 0..1 (all zeros
     where there is no evidence).
     """
-    from cxr.reliability import feature_grid
-
     logits = outputs["logits"]
     # Images of a batch do not interact, so one backward pass of the sum gives each image its own gradient.
     chosen = logits[torch.arange(len(class_indices)), torch.as_tensor(class_indices)].sum()

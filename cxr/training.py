@@ -1,11 +1,10 @@
-"""The pieces `train_vit.py` (and `pretrain_mae.py`) hand to `Trainer`: pixel transforms, the batch collator, the
-class-weighted loss, `XrayTrainer` (a `Trainer` composed of the checkpoint-reload fix, weight averaging and
-distillation), and two checks on the run itself (a writable output folder up front, peak memory at the end)."""
+"""The pieces `train_vit.py` (and `pretrain_mae.py`) hand to `Trainer` besides `cxr.transforms`: the class-weighted
+loss, `XrayTrainer` (a `Trainer` composed of the checkpoint-reload fix, weight averaging and distillation), and two
+checks on the run itself (a writable output folder up front, peak memory at the end)."""
 
 from __future__ import annotations
 
 import os
-import random
 import json
 import resource
 import shutil
@@ -18,40 +17,9 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from cxr.augment import augment_xray
 from cxr.averaging import TRAINING_WEIGHTS, WeightAveraging  # noqa: F401 (TRAINING_WEIGHTS: where checkpoints keep the trained weights)
 from cxr.distillation import Distillation
-from cxr.images import load_image
-from cxr.models import input_size
 from cxr.workarounds import CheckpointReloadFix
-
-
-def pixel_transform(processor, augment: bool, teacher_processor=None):
-    """A `datasets.Dataset.with_transform` function: image files -> `pixel_values` + `labels`.
-
-    Images are decoded by the project's one loader (`load_image`), optionally augmented, then
-    resized and normalised by the model's own image processor, exactly as at inference.
-    Expects the `image` column as `hf_data.load_prepared` gives it: undecoded (path or bytes).
-    With a `teacher_processor` (distillation), the same augmented image also goes through the teacher's own
-    processor as `teacher_pixel_values`: both networks see one view, each at its own input size.
-    """
-    size = max(input_size(processor), input_size(teacher_processor) if teacher_processor else 0)
-
-    def transform(batch):
-        images = [load_image(item["path"] or item["bytes"], draft_size=size) for item in batch["image"]]
-        if augment:
-            # Python's global generator: Trainer seeds it and saves its state in each checkpoint, so --resume is exact.
-            images = [augment_xray(image, size, random) for image in images]
-        pixel_values = processor(images, return_tensors="pt")["pixel_values"]
-        if teacher_processor is None:
-            return {"pixel_values": pixel_values, "labels": batch["label"]}
-        return {"pixel_values": pixel_values, "teacher_pixel_values": teacher_processor(images, return_tensors="pt")["pixel_values"], "labels": batch["label"]}
-
-    return transform
-
-
-def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
-    return {key: torch.tensor([example[key] for example in examples]) if key == "labels" else torch.stack([example[key] for example in examples]) for key in examples[0]}
 
 
 def class_weights(labels, num_classes: int) -> torch.Tensor:

@@ -30,14 +30,8 @@ from tqdm import tqdm
 
 from cxr.folders import replaced_file, write_text_atomic
 from cxr.images import ImageLoadError, load_image
+from cxr.labels import CLASS_NAMES
 
-# Output folder names. Alphabetical, because imagefolder numbers the classes in sorted order.
-CLASS_NAMES = ("bacterial_pneumonia", "normal", "viral_pneumonia")
-DISPLAY_NAMES = {
-    "bacterial_pneumonia": "Bacterial pneumonia",
-    "normal": "Normal",
-    "viral_pneumonia": "Viral pneumonia",
-}
 OUTPUT_SPLITS = ("train", "validation", "test")
 
 MANIFEST_NAME = "manifest.csv"  # not "metadata.csv", which imagefolder would read as per-image metadata

@@ -18,14 +18,15 @@ from PIL import Image
 
 import app
 from cxr.images import MAX_FILE_BYTES
-from cxr.predict import classify, load_classifier
+from cxr.labels import DISPLAY_NAMES
+from cxr.predictor import classify, load_classifier
 from inputs import chest_like, dicom_bytes, encode, png_claiming_size
 from benchmarks.common import free_port
 from helpers import validation_images
 from inputs import MARKUP_DICOM, MARKUP_NAME
 
 REPO = Path(__file__).resolve().parents[1]
-LABELS = {"Normal", "Bacterial pneumonia", "Viral pneumonia"}
+LABELS = set(DISPLAY_NAMES.values())
 
 
 # ---- inputs, generated in tmp_path ------------------------------------------------------------------
@@ -81,7 +82,7 @@ def served(tiny_model_dir):
 
 @pytest.mark.parametrize("name", GOOD)
 def test_every_image_kind_gets_three_labels_an_overlay_and_the_xray_check(classifier, tmp_path, name):
-    warning, scores, overlay, check = app.predict(classifier, str(write(tmp_path, name, GOOD)))
+    warning, scores, overlay, check = app.answer_upload(classifier, str(write(tmp_path, name, GOOD)))
     assert set(check) == {"looks_like_chest_xray", "ood_score", "threshold", "score", "prediction_sets"}
     assert set(check["prediction_sets"]) == {"90%", "95%"} and set(check["prediction_sets"]["95%"]) <= LABELS
     assert isinstance(check["looks_like_chest_xray"], bool) and check["score"] == "mahalanobis"
@@ -98,14 +99,14 @@ def test_every_image_kind_gets_three_labels_an_overlay_and_the_xray_check(classi
 @pytest.mark.parametrize("name", BAD)
 def test_bad_uploads_raise_a_clear_ui_error(classifier, tmp_path, name):
     with pytest.raises(gr.Error, match=BAD[name][1]) as raised:
-        app.predict(classifier, str(write(tmp_path, name, BAD)))
+        app.answer_upload(classifier, str(write(tmp_path, name, BAD)))
     assert name in raised.value.message  # says which file
 
 
 def test_a_non_xray_upload_gets_a_warning_above_the_three_labels(classifier, tmp_path):
     noise = tmp_path / "holiday-photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(noise)
-    warning, scores, _, check = app.predict(classifier, str(noise))
+    warning, scores, _, check = app.answer_upload(classifier, str(noise))
     assert "does not look like a pediatric chest X-ray" in warning
     assert check["looks_like_chest_xray"] is False and check["ood_score"] > check["threshold"]
     assert f"{check['ood_score']:.4g}" in warning
@@ -115,7 +116,7 @@ def test_a_non_xray_upload_gets_a_warning_above_the_three_labels(classifier, tmp
 def test_validation_images_mostly_get_no_warning(classifier, tiny_model_dir):
     """The tiny model's own (synthetic) validation images: the threshold was set to accept ACCEPT_RATE (97 %) of them."""
     files = validation_images(tiny_model_dir)
-    results = [app.predict(classifier, str(path)) for path in files]
+    results = [app.answer_upload(classifier, str(path)) for path in files]
     assert all(bool(warning) != check["looks_like_chest_xray"] for warning, _, _, check in results)
     assert sum(check["looks_like_chest_xray"] for _, _, _, check in results) >= 0.8 * len(files)
 
@@ -127,12 +128,12 @@ def test_the_warning_comes_first_and_the_check_last(tiny_model_dir):
 
 def test_no_file_is_a_clear_ui_error(classifier):
     with pytest.raises(gr.Error, match="upload a chest X-ray"):
-        app.predict(classifier, None)
+        app.answer_upload(classifier, None)
 
 
 def test_grad_cam_from_the_prediction_pass_matches_a_full_backward_pass(classifier):
     """The app's one-pass Grad-CAM (gradient taken at the last block's input only) equals the textbook one."""
-    from cxr.reliability import forward_features
+    from cxr.features import forward_features
     from cxr.saliency import grad_cam, saliency_overlay
 
     image = Image.fromarray(chest_like(), "L").convert("RGB")
@@ -249,7 +250,7 @@ def test_app_client_and_pipeline_agree(served, classifier, tiny_model_dir, tmp_p
     from transformers import pipeline
 
     path = str(write(tmp_path, "gray.png", GOOD))
-    _, in_app, _, check_in_app = app.predict(classifier, path)
+    _, in_app, _, check_in_app = app.answer_upload(classifier, path)
     _, label, _, check = Client(served.local_url, verbose=False).predict(handle_file(path), api_name="/predict")
     via_client = {item["label"]: item["confidence"] for item in label["confidences"]}
     via_pipeline = {item["label"]: item["score"] for item in pipeline("image-classification", model=str(tiny_model_dir))(path, top_k=3)}
@@ -312,7 +313,7 @@ def test_description_of_a_hub_model_and_of_a_bare_folder(tiny_model_dir, tmp_pat
     import huggingface_hub
 
     assert "unknown" in app.describe_model(str(tmp_path))  # no metrics.json
-    assert "No chest X-ray check" in app.describe_model(str(tmp_path)) and "python -m cxr.reliability" in app.describe_model(str(tmp_path))
+    assert "No chest X-ray check" in app.describe_model(str(tmp_path)) and "python calibrate.py" in app.describe_model(str(tmp_path))
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename: str(tiny_model_dir / filename))
     assert "trained from scratch" in app.describe_model("someone/vit-xray")
 
@@ -381,7 +382,7 @@ def test_error_messages_are_plain_text_even_when_the_file_name_is_markup(classif
     """Gradio renders an error message as HTML: nothing from an upload (its name, its decoder's words) may become markup."""
     path = tmp_path / MARKUP_NAME
     path.write_text("not an image\n" * 20)
-    for call in (app.predict, app.preview):
+    for call in (app.answer_upload, app.preview):
         with pytest.raises(gr.Error) as raised:
             call(classifier, str(path))
         message = raised.value.message
@@ -390,7 +391,7 @@ def test_error_messages_are_plain_text_even_when_the_file_name_is_markup(classif
     scan = tmp_path / "scan.dcm"
     scan.write_bytes(dicom_bytes(np.zeros((160, 200), np.uint16), photometric=MARKUP_DICOM))
     with pytest.raises(gr.Error) as raised:
-        app.predict(classifier, str(scan))
+        app.answer_upload(classifier, str(scan))
     assert "MONO" in raised.value.message and "<" not in raised.value.message
     # The loader already keeps markup out of its own messages; the app escapes whatever else an error may quote.
     assert app.plain_error("<b>x</b> & <img src=y>").message == "&lt;b&gt;x&lt;/b&gt; &amp; &lt;img src=y&gt;"
@@ -402,7 +403,7 @@ def test_uploads_are_decoded_in_a_worker_capped_in_time(classifier, tmp_path, mo
 
     path = write(tmp_path, "gray.png", GOOD)
     monkeypatch.setattr(cxr.images, "DECODE_SECONDS", 1e-6)  # no decode finishes in time, so the cap must show
-    for call in (app.predict, app.preview):
+    for call in (app.answer_upload, app.preview):
         with pytest.raises(gr.Error, match="took longer than"):
             call(classifier, str(path))
 
@@ -437,7 +438,7 @@ def test_a_full_queue_refuses_the_next_request_at_once(tiny_model_dir, monkeypat
 
     monkeypatch.setattr(app, "QUEUE_SIZE", 2)  # small, so the test needs few requests; build_demo reads it
     release = threading.Event()
-    monkeypatch.setattr(app, "predict", lambda classifier, path: (release.wait(120), ("", {"Normal": 1.0}, None, {}))[1])
+    monkeypatch.setattr(app, "answer_upload", lambda classifier, path: (release.wait(120), ("", {"Normal": 1.0}, None, {}))[1])
     demo = app.build_demo(str(tiny_model_dir), examples=None)
     demo.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)
 

@@ -12,14 +12,17 @@ from PIL import Image
 from transformers import AutoModelForImageClassification, ConvNextConfig, CvtConfig, PvtV2Config, SwinConfig, pipeline
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
+from cxr.labels import ID2LABEL
 from cxr.models import PRESETS, build_model, config_image_size, input_size
 from cxr.onnx_runtime import OUTPUTS, load_onnx_features
-from cxr.predict import classify, load_classifier
-from cxr.reliability import OOD_FILE, OodDetector, classifier_head, feature_grid, fold_temperature, forward_features
+from cxr.predictor import classify, load_classifier
+from cxr.calibration import fold_temperature
+from cxr.features import classifier_head, feature_grid, forward_features
+from cxr.ood import OOD_FILE, OodDetector
 from cxr.saliency import grad_cam, saliency_overlay
 from inputs import chest_like
 
-LABELS = {0: "Bacterial pneumonia", 1: "Normal", 2: "Viral pneumonia"}
+LABELS = ID2LABEL
 LABEL_IDS = {label: index for index, label in LABELS.items()}
 SIZE = 32
 

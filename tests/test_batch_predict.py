@@ -11,7 +11,8 @@ from transformers import pipeline
 
 import predict
 from cxr.images import load_image
-from cxr.predict import classify, find_images, load_classifier
+from cxr.labels import ID2LABEL
+from cxr.predictor import classify, find_image_files, load_classifier
 
 
 @pytest.fixture
@@ -41,7 +42,7 @@ def test_folder_to_csv_keeps_every_file_and_reports_bad_ones(tiny_model_dir, mix
     good = [row for row in rows if not row["error"]]
     assert len(good) == 6
     for row in good:
-        assert {row["label_1"], row["label_2"], row["label_3"]} == {"Normal", "Bacterial pneumonia", "Viral pneumonia"}
+        assert {row["label_1"], row["label_2"], row["label_3"]} == set(ID2LABEL.values())
         scores = [float(row[f"score_{rank}"]) for rank in (1, 2, 3)]
         assert scores == sorted(scores, reverse=True) and sum(scores) == pytest.approx(1.0, abs=1e-4)
         assert row["looks_like_chest_xray"] == "false" and float(row["ood_score"]) > 0  # random noise is no X-ray
@@ -63,13 +64,13 @@ def test_a_model_without_statistics_leaves_the_flag_empty_and_says_why(tiny_mode
     shutil.copytree(tiny_model_dir, old_model, ignore=shutil.ignore_patterns("checkpoint-*", "ood.safetensors"))
     output = tmp_path / "predictions.csv"
     assert predict.main([str(mixed_folder / "xray_0.png"), "--model", str(old_model), "--output", str(output)]) == 0
-    assert "python -m cxr.reliability" in capsys.readouterr().err
+    assert "python calibrate.py" in capsys.readouterr().err
     [row] = list(csv.DictReader(output.open()))
     assert row["label_1"] and row["looks_like_chest_xray"] == row["ood_score"] == ""
 
 
 def test_batched_scores_equal_one_image_at_a_time_pipeline(tiny_model_dir, mixed_folder):
-    files = [path for path in find_images([mixed_folder]) if path.name.startswith(("xray", "big"))]
+    files = [path for path in find_image_files([mixed_folder]) if path.name.startswith(("xray", "big"))]
     batched = classify(load_classifier(tiny_model_dir), files, batch_size=4)
     plain = pipeline("image-classification", model=str(tiny_model_dir))
     for path, prediction in zip(files, batched):

@@ -120,7 +120,7 @@ def test_upload_shows_three_labels_and_the_overlay(browser, page_url, tiny_model
     from selenium.webdriver.support.ui import WebDriverWait
     from transformers import pipeline
 
-    from cxr.predict import classify, load_classifier
+    from cxr.predictor import classify, load_classifier
 
     xray = tmp_path / "child-chest.png"
     y, x = np.mgrid[0:480, 0:600]

@@ -12,13 +12,16 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageClassification, ConvNextConfig, TrainingArguments, pipeline
 
+from cxr.labels import ID2LABEL
 from cxr.models import PRESETS, build_model
-from cxr.predict import classify, load_classifier
-from cxr.reliability import OOD_FILE, OodDetector, classifier_head, fold_temperature, forward_features
+from cxr.predictor import classify, load_classifier
+from cxr.calibration import fold_temperature
+from cxr.features import classifier_head, forward_features
+from cxr.ood import OOD_FILE, OodDetector
 from cxr.saliency import grad_cam
 from inputs import chest_like
 
-LABELS = {0: "Bacterial pneumonia", 1: "Normal", 2: "Viral pneumonia"}
+LABELS = ID2LABEL
 
 
 def tiny_convnext():

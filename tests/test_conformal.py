@@ -11,10 +11,11 @@ import pytest
 from helpers import validation_images
 import predict
 from cxr.conformal import CONFORMAL_FILE, PredictionSets, class_threshold, describe_set, held_out_check
+from cxr.labels import ID2LABEL
 from cxr.metrics import softmax
-from cxr.predict import classify, load_classifier
+from cxr.predictor import classify, load_classifier
 
-NAMES = ["Bacterial pneumonia", "Normal", "Viral pneumonia"]
+NAMES = list(ID2LABEL.values())
 
 
 def synthetic_scores(count: int, seed: int):

@@ -18,7 +18,8 @@ from PIL import Image
 
 from helpers import folder_checksums
 from cxr.images import load_image
-from hf_data import CLASS_NAMES, DISPLAY_NAMES, load_prepared, make_synthetic_dataset, prepare_dataset
+from cxr.labels import CLASS_NAMES, DISPLAY_NAMES
+from hf_data import load_prepared, make_synthetic_dataset, prepare_dataset
 from hf_data.__main__ import main
 
 def write_image(path: Path, shade: int = 120, size: int = 48) -> Path:
@@ -386,7 +387,7 @@ def test_runs_with_different_split_settings_each_get_their_own_tree(kaggle, tmp_
     one after another or interleaved, never rewrite each other's tree."""
     from transformers import TrainingArguments
 
-    from cxr.data import DataArguments, prepare_and_load
+    from hf_data.loading import DataArguments, prepare_and_load
 
     source, _ = kaggle
     monkeypatch.chdir(tmp_path)
@@ -411,7 +412,7 @@ def test_a_shared_prepared_folder_in_use_is_not_rewritten_with_other_settings(ka
 
     from transformers import TrainingArguments
 
-    from cxr.data import DataArguments, prepare_and_load
+    from hf_data.loading import DataArguments, prepare_and_load
 
     source, _ = kaggle
     monkeypatch.chdir(tmp_path)

@@ -68,7 +68,7 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint_to_the_same_resu
     """SIGKILL right after the first checkpoint, then `--resume`: the run ends exactly as the uninterrupted one did.
 
     On CPU two runs with one seed are bit-identical, so the checkpoint written before the kill equals the reference's.
-    The resumed epoch is the same too: augmentation draws from Python's global generator (cxr.training.pixel_transform),
+    The resumed epoch is the same too: augmentation draws from Python's global generator (cxr.transforms.pixel_transform),
     whose state Trainer saves in each checkpoint (rng_state.pth) with NumPy's and torch's and restores on --resume, so
     the resumed epoch sees the same crops in the same order; the final weights and figures are compared exactly.
     """
@@ -150,7 +150,7 @@ def make_distinct(folder: Path) -> Path:
     that any file of it can be told apart from the one a run would write."""
     from safetensors.torch import load_file, save_file
 
-    from cxr.reliability import OOD_FILE, OodDetector
+    from cxr.ood import OOD_FILE, OodDetector
 
     tensors = load_file(folder / "model.safetensors")
     tensors["classifier.bias"] = tensors["classifier.bias"] + 1.0
@@ -166,7 +166,7 @@ def make_distinct(folder: Path) -> Path:
 
 def version_of(folder: Path) -> tuple[float, float]:
     """(classifier bias[0], out-of-distribution threshold) of a model folder; each version of the model has its own pair."""
-    from cxr.reliability import OOD_FILE, OodDetector
+    from cxr.ood import OOD_FILE, OodDetector
 
     threshold = OodDetector.load(folder / OOD_FILE).threshold
     assert read_metrics(folder)["ood"]["threshold"] == threshold, "metrics.json and ood.safetensors disagree"
@@ -210,18 +210,18 @@ def test_a_run_stopped_between_its_save_steps_leaves_the_old_model_folder_intact
 
 @pytest.mark.slow
 def test_a_refit_stopped_midway_leaves_the_model_folder_intact(tiny_model_dir, tmp_path, monkeypatch):
-    """`python -m cxr.reliability` rewrites weights, statistics, metrics and card: all of them or none."""
-    from cxr import reliability
+    """`python calibrate.py` rewrites weights, statistics, metrics and card: all of them or none."""
+    import calibrate
 
     folder = make_distinct(shutil.copytree(tiny_model_dir, tmp_path / "model"))
     before = folder_bytes(folder)
     prepared = tiny_model_dir.parent / "data" / "prepared" / "synthetic"
-    monkeypatch.setattr(reliability, "update_card", lambda *args: (_ for _ in ()).throw(Crash("card")))
+    monkeypatch.setattr(calibrate, "update_card", lambda *args: (_ for _ in ()).throw(Crash("card")))
     with pytest.raises(Crash):
-        reliability.main([str(folder), "--data_dir", str(prepared)])
+        calibrate.main([str(folder), "--data_dir", str(prepared)])
     assert folder_bytes(folder) == before
     monkeypatch.undo()
-    assert reliability.main([str(folder), "--data_dir", str(prepared)]) == 0
+    assert calibrate.main([str(folder), "--data_dir", str(prepared)]) == 0
     assert version_of(folder)[1] == pytest.approx(version_of(tiny_model_dir)[1], rel=1e-4)  # refitted: statistics and metrics agree again
 
 
@@ -229,12 +229,12 @@ def test_a_refit_stopped_midway_leaves_the_model_folder_intact(tiny_model_dir, t
 def test_a_model_loaded_while_a_new_folder_is_swapped_in_is_one_version(tiny_model_dir, tmp_path, monkeypatch):
     """The loader reads weights, processor and statistics one after another: a folder swapped in between (here, right
     before the statistics are read) makes it load again, so it never pairs old weights with new statistics."""
-    import cxr.predict
+    import cxr.predictor
     from cxr.folders import staging_folder, swap_in
 
     folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
     newer = make_distinct(shutil.copytree(tiny_model_dir, tmp_path / "newer"))
-    real_load_ood_detector, swaps = cxr.predict.load_ood_detector, []
+    real_load_ood_detector, swaps = cxr.predictor.load_ood_detector, []
 
     def swap_then_load(*args, **kwargs):
         if not swaps:
@@ -246,8 +246,8 @@ def test_a_model_loaded_while_a_new_folder_is_swapped_in_is_one_version(tiny_mod
             swaps.append(True)
         return real_load_ood_detector(*args, **kwargs)
 
-    monkeypatch.setattr(cxr.predict, "load_ood_detector", swap_then_load)
-    classifier = cxr.predict.load_classifier(folder)
+    monkeypatch.setattr(cxr.predictor, "load_ood_detector", swap_then_load)
+    classifier = cxr.predictor.load_classifier(folder)
     assert swaps
     loaded = (float(classifier.model.classifier.bias[0]), classifier.ood_detector.threshold)
     assert loaded == pytest.approx(version_of(newer))

@@ -17,6 +17,7 @@ import train_vit
 
 from cxr.hub import model_folder_files, publish_model_folder
 from cxr.run_record import read_metrics
+from cxr.labels import ID2LABEL
 
 TINY = tiny_run(drop=("data_dir", "model", "num_train_epochs"))  # each test names its data and model
 MODEL_FOLDER = [
@@ -180,7 +181,7 @@ def test_base_model_names_only_hub_ids(tiny_model_dir, tmp_path):
     from cxr.models import ModelOrigin, build_model
     from cxr.run_record import read_run
 
-    id2label = {0: "Bacterial pneumonia", 1: "Normal", 2: "Viral pneumonia"}
+    id2label = ID2LABEL
     model, processor, origin = build_model(str(tiny_model_dir), id2label)
     assert origin.pretrained and origin.base_model is None  # a local folder
     record, summary = read_run(tiny_model_dir), read_metrics(tiny_model_dir)

@@ -10,8 +10,8 @@ from transformers import TrainingArguments, ViTModel
 from helpers import prepared_data, tiny_run
 import pretrain_mae
 import train_vit
-from cxr.data import DataArguments, prepare_and_load
 from cxr.models import build_model
+from hf_data.loading import DataArguments, prepare_and_load
 
 TINY_DATA = tiny_run(drop=("model", "num_train_epochs", "learning_rate", "per_device_train_batch_size", "report_to"))  # the data and quiet progress
 

@@ -12,9 +12,11 @@ from transformers import AutoModelForImageClassification
 from helpers import validation_images
 import predict
 from cxr import onnx_runtime
+from cxr.labels import ID2LABEL
 from cxr.onnx_runtime import FINGERPRINT_KEY, ONNX_FILES, load_onnx_features
-from cxr.predict import classify, load_classifier
-from cxr.reliability import fold_temperature, forward_features
+from cxr.predictor import classify, load_classifier
+from cxr.calibration import fold_temperature
+from cxr.features import forward_features
 
 
 @pytest.fixture
@@ -69,7 +71,7 @@ def test_cached_graph_is_reused_until_the_weights_change(model_dir, monkeypatch)
     load_classifier(model_dir, onnx=True)
     assert len(exports) == 1
 
-    # Recalibrate as `python -m cxr.reliability` does: new head weights in the same folder.
+    # Recalibrate as `python calibrate.py` does: new head weights in the same folder.
     model = AutoModelForImageClassification.from_pretrained(model_dir)
     fold_temperature(model, 2.0)
     model.save_pretrained(model_dir)
@@ -106,7 +108,7 @@ def test_an_architecture_the_exporter_cannot_write_is_a_clear_error(xrays, tmp_p
 
     folder = tmp_path / "mobilevit"
     config = MobileViTV2Config(image_size=64, width_multiplier=0.25, n_attn_blocks=[1, 1, 1], num_labels=3,
-                               id2label={0: "Bacterial pneumonia", 1: "Normal", 2: "Viral pneumonia"})
+                               id2label=ID2LABEL)
     AutoModelForImageClassification.from_config(config).save_pretrained(folder)
     ViTImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(folder)
     output = tmp_path / "predictions.csv"

@@ -11,10 +11,12 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification, pi
 
 from helpers import prepared_data
 import app
-from cxr import reliability
+import calibrate
 from cxr.metrics import expected_calibration_error, softmax
-from cxr.predict import classify, load_classifier
-from cxr.reliability import ACCEPT_RATE, OOD_FILE, SCORES, OodDetector, accept_threshold, fit_temperature, fold_temperature, forward_features
+from cxr.predictor import classify, load_classifier
+from cxr.calibration import fit_temperature, fold_temperature
+from cxr.features import forward_features
+from cxr.ood import ACCEPT_RATE, OOD_FILE, SCORES, OodDetector, accept_threshold
 
 
 def copy_model(tiny_model_dir, destination, without=()):
@@ -154,7 +156,7 @@ def test_refit_in_place_from_the_command_line_does_not_stack_temperatures(tiny_m
     head = AutoModelForImageClassification.from_pretrained(folder).classifier.weight.detach().clone()
     temperature = json.loads((folder / "config.json").read_text())["calibration_temperature"]
 
-    assert reliability.main([str(folder), "--data_dir", str(prepared_data(tiny_model_dir)), "--batch_size", "32"]) == 0
+    assert calibrate.main([str(folder), "--data_dir", str(prepared_data(tiny_model_dir)), "--batch_size", "32"]) == 0
     assert "Temperature T =" in capsys.readouterr().out
     # The refit starts from the uncalibrated head and sees the same validation logits: same T, same head.
     refitted = AutoModelForImageClassification.from_pretrained(folder)
@@ -167,11 +169,22 @@ def test_refit_in_place_from_the_command_line_does_not_stack_temperatures(tiny_m
 
 def test_help_explains_the_command(capsys):
     with pytest.raises(SystemExit) as exited:
-        reliability.main(["--help"])
+        calibrate.main(["--help"])
     assert exited.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     for words in ("model_dir", "--data_dir", "in place", "without retraining", "temperature", OOD_FILE, "metrics.json", "--score", "synthetic"):
         assert words in text
+
+
+def test_the_old_seed_option_still_sets_the_split_seed_without_being_advertised(capsys):
+    parse = calibrate.build_parser().parse_args
+    assert parse(["model", "--data_dir", "data", "--seed", "7"]).split_seed == 7
+    assert parse(["model", "--data_dir", "data", "--split_seed", "7"]).split_seed == 7
+    assert parse(["model", "--data_dir", "data"]).split_seed == 42
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    text = capsys.readouterr().out
+    assert "--split_seed" in text and "--seed" not in text.replace("--split_seed", "")
 
 
 def test_a_folder_without_statistics_still_answers_with_the_flag_left_empty(tiny_model_dir, tmp_path):
@@ -182,5 +195,5 @@ def test_a_folder_without_statistics_still_answers_with_the_flag_left_empty(tiny
     assert len(prediction.scores) == 3 and prediction.looks_like_chest_xray is None and prediction.ood_score is None
     path = tmp_path / "noise.png"
     NOT_XRAYS["colour noise"].save(path)
-    warning, scores, _, check = app.predict(classifier, str(path))
+    warning, scores, _, check = app.answer_upload(classifier, str(path))
     assert warning == "" and len(scores) == 3 and check["looks_like_chest_xray"] is None

@@ -15,11 +15,12 @@ from huggingface_hub import SpaceCard
 
 from benchmarks.common import fill_hub_cache, free_port
 from benchmarks.space_start import space_environment, start_space, stop
+from cxr.labels import DISPLAY_NAMES
 from cxr.space import assemble, local_modules, main, pins, third_party_imports
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_ID = "test-org/vit-xray-tiny"
-LABELS = {"Normal", "Bacterial pneumonia", "Viral pneumonia"}
+LABELS = set(DISPLAY_NAMES.values())
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def requirement_lines(folder: Path) -> list[str]:
 
 def test_the_space_folder_holds_the_app_its_modules_the_examples_and_the_templates(space):
     files = {str(path.relative_to(space)) for path in space.rglob("*") if path.is_file()}
-    for name in ("app.py", "README.md", "requirements.txt", "cxr/__init__.py", "cxr/images.py", "cxr/predict.py", "cxr/models.py", "cxr/saliency.py", "examples/README.md"):
+    for name in ("app.py", "README.md", "requirements.txt", "cxr/__init__.py", "cxr/images.py", "cxr/predictor.py", "cxr/models.py", "cxr/saliency.py", "examples/README.md"):
         assert name in files
     assert len([name for name in files if name.startswith("examples/") and name.endswith(".jpeg")]) == 3
     assert not any(name.startswith(("tests/", "benchmarks/", "hf_data/", "recipes/")) or name in ("train_vit.py", "cxr/training.py") for name in files)

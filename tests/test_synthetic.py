@@ -13,7 +13,8 @@ from sklearn.linear_model import LogisticRegression
 
 from helpers import folder_checksums
 from cxr.images import load_image
-from hf_data import CLASS_NAMES, load_prepared, make_synthetic_dataset, prepare_dataset
+from cxr.labels import CLASS_NAMES
+from hf_data import load_prepared, make_synthetic_dataset, prepare_dataset
 from hf_data.__main__ import main
 
 FOLDERS = ("bacteria", "normal", "viral")

@@ -10,6 +10,7 @@ from transformers import pipeline
 
 from helpers import tiny_run
 import train_vit
+from cxr.labels import ID2LABEL
 from cxr.models import ModelOrigin, build_model
 from cxr.run_record import read_run
 
@@ -53,7 +54,7 @@ def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_a_local_checkpoint_is_fine_tuned_as_pretrained(tiny_model_dir):
-    id2label = {0: "Bacterial pneumonia", 1: "Normal", 2: "Viral pneumonia"}
+    id2label = ID2LABEL
     model, processor, origin = build_model(str(tiny_model_dir), id2label)
     assert origin == ModelOrigin(str(tiny_model_dir), pretrained=True)
     assert model.config.id2label == id2label
@@ -165,7 +166,7 @@ def test_with_a_teacher_the_loss_also_counts_the_teachers_label_for_the_same_vie
 
     from cxr.training import XrayTrainer, weighted_loss
 
-    labels = {0: "Bacterial pneumonia", 1: "Normal", 2: "Viral pneumonia"}
+    labels = ID2LABEL
     torch.manual_seed(0)
     student = build_model("scratch-tiny", labels)[0]
     teacher = build_model("scratch-tiny-resnet", labels)[0]

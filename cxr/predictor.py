@@ -2,7 +2,7 @@
 
 The model folder written by train_vit.py (or its Hub copy) is loaded as the standard
 `pipeline("image-classification")`, the same call Python users make, together with the folder's
-out-of-distribution statistics (`ood.safetensors`, see `cxr.reliability`) and prediction-set thresholds
+out-of-distribution statistics (`ood.safetensors`, see `cxr.ood`) and prediction-set thresholds
 (`conformal.json`, see `cxr.conformal`). One upload:
 
     file -> load_image (the project's one loader) -> image processor -> model -> logits (the calibration
@@ -32,9 +32,10 @@ from transformers import Pipeline, pipeline
 
 from cxr.folders import folder_identity, write_text_atomic
 from cxr.conformal import CONFORMAL_FILE, LEVELS, PredictionSets, describe_set, level_name
-from cxr.images import ImageLoadError, ImageSource, load_image
+from cxr.images import IMAGE_SUFFIXES, ImageLoadError, ImageSource, load_image
 from cxr.models import input_size, is_local_path
-from cxr.reliability import OOD_FILE, OodDetector, forward_features
+from cxr.features import forward_features
+from cxr.ood import OOD_FILE, OodDetector
 from cxr.run_record import read_metrics
 from cxr.saliency import grad_cam
 
@@ -47,15 +48,6 @@ TRAIN_HINT = (
 
 class ModelNotFoundError(RuntimeError):
     """No usable model at the given folder or Hub id; the message says how to make one."""
-
-
-class OnnxExportError(RuntimeError):
-    """`onnx=True`, but torch's ONNX exporter cannot write this architecture (raised by `cxr.onnx_runtime`; defined
-    here so that callers can catch it without importing onnxruntime)."""
-
-
-# What the batch predictor picks up in a folder: Pillow's common formats and DICOM.
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom"}
 
 
 def load_classifier(model: str | Path, device: str | int | None = None, int8: bool = False, onnx: bool = False) -> Pipeline:
@@ -73,7 +65,7 @@ def _load_classifier(model: str | Path, device: str | int | None = None, int8: b
     """The image-classification pipeline for a model folder or Hub id: safetensors weights only, no remote code.
 
     Its `ood_detector` attribute holds the folder's out-of-distribution statistics (None for a folder without
-    them: run `python -m cxr.reliability`), which `classify` uses to flag inputs that are not chest X-rays.
+    them: run `python calibrate.py`), which `classify` uses to flag inputs that are not chest X-rays.
     `int8=True` quantizes the Linear layers to int8 (dynamic quantization): about twice as fast on a CPU,
     with top-1 agreement measured by `python -m benchmarks.speed`.
     `onnx=True` makes `classify` run the forward pass with ONNX Runtime on the CPU (the `onnx_features`
@@ -225,7 +217,7 @@ def model_summary(model: str | Path) -> dict:
     return read_metrics(model)
 
 
-def find_images(inputs: Iterable[str | Path]) -> list[Path]:
+def find_image_files(inputs: Iterable[str | Path]) -> list[Path]:
     """Files given directly, plus every image file (by suffix) under the folders given, in a stable order."""
     found = []
     for item in map(Path, inputs):

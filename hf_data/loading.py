@@ -1,5 +1,6 @@
-"""The data of a training run, shared by `train_vit.py` and `pretrain_mae.py`: the options that say where the X-rays
-are, and the step that turns the user's folder into the prepared imagefolder tree (`hf_data`) and loads it."""
+"""The data of a run, shared by `train_vit.py`, `pretrain_mae.py` and `calibrate.py`: the options that say where the
+X-rays are, the step that turns the user's folder into the prepared imagefolder tree and loads it, and the patient
+ids of a loaded validation split."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ from pathlib import Path
 from filelock import FileLock
 from transformers import TrainingArguments
 
-from hf_data import PrepareReport, load_prepared, make_synthetic_dataset, prepare_dataset
-from hf_data.prepare import prepared_settings
+from hf_data.prepare import MANIFEST_NAME, PrepareReport, load_prepared, prepare_dataset, prepared_settings, read_patient_id
+from hf_data.synthetic import make_synthetic_dataset
 
 try:
     import fcntl
@@ -117,3 +118,21 @@ def claim_tree(prepared_dir: Path, data_args: DataArguments):
                 "the default folder is named after the split settings), or wait for the other run to finish."
             ) from None
     return in_use
+
+
+def load_model_data(data_dir: str, prepared_dir: str | None, validation_fraction: float, split_seed: int, synthetic_images_per_class: int):
+    """A prepared imagefolder tree as is, or a raw source (Kaggle / class folders / 'synthetic') prepared the way train_vit.py does."""
+    path = Path(data_dir).expanduser()
+    if (path / MANIFEST_NAME).is_file():
+        prepared = path
+    else:
+        source = make_synthetic_dataset(Path("data/synthetic"), images_per_class=synthetic_images_per_class) if data_dir == "synthetic" else path
+        prepared = Path(prepared_dir or default_prepared_dir(source, validation_fraction, split_seed, keep_kaggle_val=False))
+        print(prepare_dataset(source, prepared, validation_fraction=validation_fraction, seed=split_seed).summary())
+    return load_prepared(prepared)
+
+
+def validation_patient_ids(dataset) -> list[str]:
+    """The patient id of every validation image, in order: the groups `cxr.reliability.fit_reliability` keeps
+    together when it checks the prediction sets on children held out from the fit."""
+    return [read_patient_id(Path(image["path"]).name) for image in dataset["validation"]["image"]]
