@@ -15,7 +15,8 @@ from pathlib import Path
 from cxr.card import replace_reliability_section
 from cxr.folders import staging_folder, swap_in, write_text_atomic
 from cxr.ood import DEFAULT_SCORE, OOD_FILE, SCORES
-from cxr.reliability import describe_reliability, fit_reliability, save_reliability, warn_if_other_split
+from cxr.reliability import describe_reliability, fit_reliability, save_reliability
+from cxr.run_record import calibrated_parts, read_metrics, update_metrics, warn_if_other_split
 from hf_data.loading import load_model_data, validation_patient_ids
 
 
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         if (args.model_dir / name).is_file():
             shutil.copy2(args.model_dir / name, staging / name)
     save_reliability(staging, detector, summary)
+    update_metrics(staging, **calibrated_parts(read_metrics(staging), summary))
     update_card(staging, summary)
     swap_in(staging, args.model_dir, replaced=("*.onnx",))
     print(describe_reliability(summary))

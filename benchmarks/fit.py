@@ -18,7 +18,7 @@ from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from cxr.metrics import classification_metrics, softmax
 from cxr.features import embed_split
-from cxr.reliability import warn_if_other_split
+from cxr.run_record import warn_if_other_split
 from hf_data.loading import load_model_data
 
 FIGURES = [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("f1_viral_pneumonia", "F1 viral"), ("pneumonia_accuracy", "pneumonia acc.")]

@@ -6,6 +6,8 @@ import os
 import stat
 from pathlib import Path
 
+from cxr.run_record import read_run
+
 # The `tiny_model_dir` fixture's train_vit.py options (less --output_dir): the tiny synthetic run, seconds long, that
 # most tests read and that tests/test_faults.py and tests/test_distributed.py repeat as their reference run.
 TINY_RUN = [
@@ -53,9 +55,10 @@ def folder_checksums(folder: Path, follow_links: bool = False) -> dict[str, str]
 
 
 def prepared_data(model_dir: Path) -> Path:
-    """The prepared (imagefolder) tree the tiny synthetic run that wrote `model_dir` used: such a run prepares its data
-    under its working folder, which is the model folder's parent for every tiny-run fixture (conftest.py, test_mae.py)."""
-    return Path(model_dir).parent / "data" / "prepared" / "synthetic"
+    """The prepared (imagefolder) tree the run that wrote `model_dir` used: train_vit.py records it in run.json; an MAE
+    encoder folder has none, and its tiny run prepares the synthetic set under its working folder."""
+    recorded = read_run(model_dir).get("data", {}).get("prepared_dir")
+    return Path(recorded) if recorded else Path(model_dir).parent / "data" / "prepared" / "synthetic"
 
 
 def validation_images(model_dir: Path) -> list[Path]:

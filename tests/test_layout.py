@@ -88,8 +88,6 @@ def test_no_import_cycle_between_modules_or_packages():
     assert find_cycle({package: targets - {package} for package, targets in packages.items()}) is None
 
 
-@pytest.mark.xfail(strict=True, reason="tests/test_browser.py imports test_app and tests/test_architectures.py imports "
-                   "conftest, until their shared helpers move to tests/helpers.py (issue 16, plan step 10)")
 def test_no_test_file_imports_another_test_file():
     tests = ROOT / "tests"
     test_modules = {path.stem for path in tests.glob("test_*.py")} | {"conftest"}
