@@ -41,18 +41,29 @@ from cxr.saliency import saliency_overlay
 from cxr.workarounds import install_gradio_cache_patch
 
 # Serving limits for a small CPU box; docs/deployment.md has the measurements behind them.
-CONCURRENCY_LIMIT = 2  # one prediction in Python while the other keeps torch busy; each slot may hold a worst-case decode
+CONCURRENCY_LIMIT = (
+    2  # one prediction in Python while the other keeps torch busy; each slot may hold a worst-case decode
+)
 QUEUE_SIZE = 32  # beyond this, "queue is full" at once instead of unbounded waiting and memory
 DELETE_CACHE = (60, 120)  # every minute, delete uploads and overlays older than two minutes (and all of them at exit)
-PREVIEW_SIDE = 768  # the preview of what the model sees is shown at most this large (the model itself reads far fewer pixels)
-EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"  # the X-rays that ship with the demo (examples/README.md credits them)
+PREVIEW_SIDE = (
+    768  # the preview of what the model sees is shown at most this large (the model itself reads far fewer pixels)
+)
+EXAMPLES_DIR = (
+    Path(__file__).resolve().parent / "examples"
+)  # the X-rays that ship with the demo (examples/README.md credits them)
 # What Gradio itself leaves in its temporary folder: hash-named folders of cached files, upload staging files, one folder.
 GRADIO_OWN_ENTRY = re.compile(r"[0-9a-f]{64}|tmp[a-z0-9_]{8}|vibe_edit_history")
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
 
 # The held-out figures the description quotes from metrics.json, in order.
-FIGURES = {"accuracy": "accuracy {:.1%}", "macro_f1": "macro-F1 {:.3f}", "pneumonia_sensitivity": "pneumonia sensitivity {:.1%}", "pneumonia_specificity": "specificity {:.1%}"}
+FIGURES = {
+    "accuracy": "accuracy {:.1%}",
+    "macro_f1": "macro-F1 {:.3f}",
+    "pneumonia_sensitivity": "pneumonia sensitivity {:.1%}",
+    "pneumonia_specificity": "specificity {:.1%}",
+}
 
 ARTICLE = """
 **Reading the output.** The bars are the model's probabilities for the three classes, calibrated on held-out
@@ -118,7 +129,11 @@ def answer_upload(classifier: Pipeline, path: str | None) -> tuple[str, dict[str
         "score": detector.score_name if detector else None,
         "prediction_sets": prediction.prediction_sets,
     }
-    warning = NOT_AN_XRAY.format(score=prediction.ood_score, threshold=detector.threshold) if prediction.looks_like_chest_xray is False else ""
+    warning = (
+        NOT_AN_XRAY.format(score=prediction.ood_score, threshold=detector.threshold)
+        if prediction.looks_like_chest_xray is False
+        else ""
+    )
     return warning, prediction.scores, saliency_overlay(image, prediction.saliency), check
 
 
@@ -189,7 +204,9 @@ def build_demo(model: str = DEFAULT_MODEL_DIR, examples: str | Path | None = EXA
     install_gradio_cache_patch()  # identical answers share one cached overlay: write it whole (cxr.workarounds)
     classifier = load_classifier(model)
 
-    def classify_xray(xray: str | None = None, pasted: str | None = None) -> tuple[str, dict[str, float], Image.Image, dict]:
+    def classify_xray(
+        xray: str | None = None, pasted: str | None = None
+    ) -> tuple[str, dict[str, float], Image.Image, dict]:
         return answer_upload(classifier, xray or pasted)
 
     # gr.File hands the uploaded file to our loader byte for byte (gr.Image would re-open it with Pillow, which cannot
@@ -215,8 +232,16 @@ def build_demo(model: str = DEFAULT_MODEL_DIR, examples: str | Path | None = EXA
         outputs=[
             gr.Markdown(elem_id="xray-warning"),
             bars := gr.Label(num_top_classes=3, label="Prediction", elem_id="prediction"),
-            gr.Image(type="pil", format="jpeg", label="Regions that drove the top prediction (Grad-CAM, coarse)", elem_id="saliency"),
-            check := gr.JSON(label="Chest X-ray check (out-of-distribution score; higher = less like the training X-rays)", elem_id="xray-check"),
+            gr.Image(
+                type="pil",
+                format="jpeg",
+                label="Regions that drove the top prediction (Grad-CAM, coarse)",
+                elem_id="saliency",
+            ),
+            check := gr.JSON(
+                label="Chest X-ray check (out-of-distribution score; higher = less like the training X-rays)",
+                elem_id="xray-check",
+            ),
         ],
         examples=find_examples(examples) or None,
         cache_examples=False,
@@ -234,7 +259,9 @@ def build_demo(model: str = DEFAULT_MODEL_DIR, examples: str | Path | None = EXA
         upload.clear(lambda: None, None, seen, api_visibility="private")
         seen.input(lambda _: None, seen, upload, api_visibility="private")
         # The bars' heading shows the prediction set; set apart from /predict, whose Label output stays a plain value.
-        check.change(lambda shown: gr.Label(label=prediction_set_heading(shown or {})), check, bars, api_visibility="private")
+        check.change(
+            lambda shown: gr.Label(label=prediction_set_heading(shown or {})), check, bars, api_visibility="private"
+        )
     return demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE, api_open=False)
 
 
@@ -244,7 +271,11 @@ def check_temp_dir(folder: str | Path) -> None:
     path = Path(folder)
     if not path.exists():
         return
-    foreign = [entry for entry in path.iterdir() if not is_gradio_own(entry)] if path.is_dir() and not path.is_symlink() else [path]
+    foreign = (
+        [entry for entry in path.iterdir() if not is_gradio_own(entry)]
+        if path.is_dir() and not path.is_symlink()
+        else [path]
+    )
     if foreign:
         names = ", ".join(sorted(entry.name for entry in foreign)[:5]) + (", ..." if len(foreign) > 5 else "")
         raise SystemExit(
@@ -297,8 +328,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Address to listen on. Default: the GRADIO_SERVER_NAME environment variable, else 127.0.0.1 "
         "(this machine only); 0.0.0.0 makes it reachable from the network.",
     )
-    parser.add_argument("--port", type=int, default=None, help="Port. Default: the GRADIO_SERVER_PORT environment variable, else 7860 (or the next free one).")
-    parser.add_argument("--share", action="store_true", help="Also open a temporary public gradio.live link (off by default; anyone with the link can use the app).")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="Port. Default: the GRADIO_SERVER_PORT environment variable, else 7860 (or the next free one).",
+    )
+    parser.add_argument(
+        "--share",
+        action="store_true",
+        help="Also open a temporary public gradio.live link (off by default; anyone with the link can use the app).",
+    )
     return parser.parse_args(argv)
 
 

@@ -29,17 +29,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("model_dir", type=Path, help="Model folder written by train_vit.py (rewritten in place).")
     parser.add_argument(
-        "--data_dir", required=True,
+        "--data_dir",
+        required=True,
         help="The data the model was trained on: a prepared tree (data/prepared/<name>, with manifest.csv), the raw folder given to "
         "train_vit.py (prepared again with the same patient-grouped split), or 'synthetic'.",
     )
-    parser.add_argument("--prepared_dir", default=None, help="Where to prepare a raw --data_dir. Default: data/prepared/<name of data_dir>.")
-    parser.add_argument("--validation_fraction", type=float, default=0.1, help="As given to train_vit.py (raw --data_dir only; default 0.1).")
-    parser.add_argument("--split_seed", type=int, default=42, help="As given to train_vit.py (raw --data_dir only; default 42).")
-    parser.add_argument("--seed", dest="split_seed", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # the old spelling
-    parser.add_argument("--synthetic_images_per_class", type=int, default=200, help="As given to train_vit.py (--data_dir synthetic only; default 200).")
-    parser.add_argument("--score", choices=SCORES, default=DEFAULT_SCORE, help=f"Which out-of-distribution score decides (default {DEFAULT_SCORE}; benchmarks/ood.py compares them).")
-    parser.add_argument("--batch_size", type=int, default=64, help="Images per forward pass during feature extraction (default 64).")
+    parser.add_argument(
+        "--prepared_dir",
+        default=None,
+        help="Where to prepare a raw --data_dir. Default: data/prepared/<name of data_dir>.",
+    )
+    parser.add_argument(
+        "--validation_fraction",
+        type=float,
+        default=0.1,
+        help="As given to train_vit.py (raw --data_dir only; default 0.1).",
+    )
+    parser.add_argument(
+        "--split_seed", type=int, default=42, help="As given to train_vit.py (raw --data_dir only; default 42)."
+    )
+    parser.add_argument(
+        "--seed", dest="split_seed", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )  # the old spelling
+    parser.add_argument(
+        "--synthetic_images_per_class",
+        type=int,
+        default=200,
+        help="As given to train_vit.py (--data_dir synthetic only; default 200).",
+    )
+    parser.add_argument(
+        "--score",
+        choices=SCORES,
+        default=DEFAULT_SCORE,
+        help=f"Which out-of-distribution score decides (default {DEFAULT_SCORE}; benchmarks/ood.py compares them).",
+    )
+    parser.add_argument(
+        "--batch_size", type=int, default=64, help="Images per forward pass during feature extraction (default 64)."
+    )
     return parser
 
 
@@ -51,14 +77,18 @@ def main(argv: list[str] | None = None) -> int:
 
     if not (args.model_dir / "config.json").is_file():
         parser.error(f"no model at {args.model_dir} (no config.json there)")
-    dataset = load_model_data(args.data_dir, args.prepared_dir, args.validation_fraction, args.split_seed, args.synthetic_images_per_class)
+    dataset = load_model_data(
+        args.data_dir, args.prepared_dir, args.validation_fraction, args.split_seed, args.synthetic_images_per_class
+    )
     if "validation" not in dataset or "train" not in dataset:
         parser.error(f"{args.data_dir} has no train and validation splits")
     warn_if_other_split(args.model_dir, dataset)
     model = AutoModelForImageClassification.from_pretrained(args.model_dir, use_safetensors=True)
     processor = AutoImageProcessor.from_pretrained(args.model_dir)
 
-    detector, summary = fit_reliability(model, processor, dataset, validation_patient_ids(dataset), batch_size=args.batch_size, score_name=args.score)
+    detector, summary = fit_reliability(
+        model, processor, dataset, validation_patient_ids(dataset), batch_size=args.batch_size, score_name=args.score
+    )
     # Rewritten files go into a staging sibling, swapped in at once: a crash leaves the folder as it was, never new
     # weights beside old statistics. The rest is carried over; ONNX exports of the old weights are not.
     staging = staging_folder(args.model_dir)
@@ -71,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     update_card(staging, summary)
     swap_in(staging, args.model_dir, replaced=("*.onnx",))
     print(describe_reliability(summary))
-    print(f"Saved into {args.model_dir}: calibrated head (model.safetensors, config.json), {OOD_FILE}, conformal.json, metrics.json.")
+    print(
+        f"Saved into {args.model_dir}: calibrated head (model.safetensors, config.json), {OOD_FILE}, conformal.json, metrics.json."
+    )
     return 0
 
 

@@ -18,23 +18,37 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep instead of spinning: see app.py
 
-from cxr.models import DEFAULT_MODEL_DIR
 from cxr.features import OnnxExportError
+from cxr.models import DEFAULT_MODEL_DIR
 from cxr.predictor import ModelNotFoundError, find_image_files, load_classifier, predict_files, write_predictions
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("inputs", nargs="+", help="Image files and/or folders (searched recursively for JPEG, PNG, DICOM, ...).")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument(
+        "inputs", nargs="+", help="Image files and/or folders (searched recursively for JPEG, PNG, DICOM, ...)."
+    )
     parser.add_argument("--model", default=DEFAULT_MODEL_DIR, help="Model folder written by train_vit.py, or a Hub id.")
-    parser.add_argument("--output", type=Path, default=Path("predictions.csv"), help="Where to write the results: .csv or .json.")
+    parser.add_argument(
+        "--output", type=Path, default=Path("predictions.csv"), help="Where to write the results: .csv or .json."
+    )
     parser.add_argument("--batch_size", type=int, default=16, help="Images per forward pass.")
-    parser.add_argument("--int8", action="store_true", help="Quantize the model's Linear layers to int8: faster on CPU, slightly different scores "
-                        "(and the X-ray check, fitted in float32, flags a few more real X-rays: docs/reliability.md).")
-    parser.add_argument("--onnx", action="store_true", help="Run the model with ONNX Runtime (CPU) instead of PyTorch. With --int8, ONNX Runtime's "
-                        "own int8 quantization: as fast as PyTorch's or faster, and closer to the float32 scores (python -m benchmarks.speed "
-                        "compares them). The model is exported on first use into the model folder (model.onnx / model.int8.onnx; a temporary "
-                        "copy for a Hub id or a read-only folder) and exported again whenever its weights change.")
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="Quantize the model's Linear layers to int8: faster on CPU, slightly different scores "
+        "(and the X-ray check, fitted in float32, flags a few more real X-rays: docs/reliability.md).",
+    )
+    parser.add_argument(
+        "--onnx",
+        action="store_true",
+        help="Run the model with ONNX Runtime (CPU) instead of PyTorch. With --int8, ONNX Runtime's "
+        "own int8 quantization: as fast as PyTorch's or faster, and closer to the float32 scores (python -m benchmarks.speed "
+        "compares them). The model is exported on first use into the model folder (model.onnx / model.int8.onnx; a temporary "
+        "copy for a Hub id or a read-only folder) and exported again whenever its weights change.",
+    )
     args = parser.parse_args(argv)
 
     paths = find_image_files(args.inputs)
@@ -46,14 +60,24 @@ def main(argv: list[str] | None = None) -> int:
         print(error, file=sys.stderr)
         return 1
     if classifier.ood_detector is None:
-        print(f"Note: {args.model} has no out-of-distribution statistics, so looks_like_chest_xray stays empty "
-              f"(add them with: python calibrate.py {args.model} --data_dir YOUR_DATA).", file=sys.stderr)
+        print(
+            f"Note: {args.model} has no out-of-distribution statistics, so looks_like_chest_xray stays empty "
+            f"(add them with: python calibrate.py {args.model} --data_dir YOUR_DATA).",
+            file=sys.stderr,
+        )
     if classifier.prediction_sets is None:
-        print(f"Note: {args.model} has no prediction-set thresholds (conformal.json), so set_90 and set_95 stay empty "
-              f"(add them with: python calibrate.py {args.model} --data_dir YOUR_DATA).", file=sys.stderr)
-    count, failed, flagged = write_predictions(predict_files(classifier, paths, batch_size=args.batch_size), args.output)
-    print(f"Wrote {count} predictions to {args.output} ({failed} files could not be read; see the error column; "
-          f"{flagged} do not look like a pediatric chest X-ray: looks_like_chest_xray is false).")
+        print(
+            f"Note: {args.model} has no prediction-set thresholds (conformal.json), so set_90 and set_95 stay empty "
+            f"(add them with: python calibrate.py {args.model} --data_dir YOUR_DATA).",
+            file=sys.stderr,
+        )
+    count, failed, flagged = write_predictions(
+        predict_files(classifier, paths, batch_size=args.batch_size), args.output
+    )
+    print(
+        f"Wrote {count} predictions to {args.output} ({failed} files could not be read; see the error column; "
+        f"{flagged} do not look like a pediatric chest X-ray: looks_like_chest_xray is false)."
+    )
     return 0
 
 

@@ -40,13 +40,21 @@ from cxr.metrics import plot_confusion_matrix, plot_training_curves, softmax, tr
 from cxr.models import DEFAULT_CHECKPOINT, DEFAULT_MODEL_DIR, PRESETS, build_model, input_size, load_teacher
 from cxr.reliability import describe_reliability, fit_reliability, save_reliability
 from cxr.run_record import calibrated_parts, options_of, run_record, write_metrics, write_run
-from cxr.training import XrayTrainer, check_writable, checkpoint_to_resume, class_weights, peak_memory_mib, weighted_loss
+from cxr.training import (
+    XrayTrainer,
+    check_writable,
+    checkpoint_to_resume,
+    class_weights,
+    peak_memory_mib,
+    weighted_loss,
+)
 from cxr.transforms import collate, pixel_transform
 from hf_data.loading import DataArguments, default_prepared_dir, prepare_and_load, validation_patient_ids
 
 RECIPES = Path(__file__).resolve().parent / "recipes"  # named option sets: --recipe NAME reads recipes/NAME.args
 # The old model's files a new model folder replaces (never carried over beside the new ones); checkpoints and anything else stay.
 MODEL_FILES = ("*.safetensors", "*.json", "*.png", "*.onnx", "*.bin", "README.md")
+
 
 @dataclass
 class ModelArguments:
@@ -64,12 +72,20 @@ class ModelArguments:
             "options given on the command line override the recipe's."
         },
     )
-    resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in --output_dir instead of starting afresh."})
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue from the last checkpoint in --output_dir instead of starting afresh."},
+    )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Start afresh in an --output_dir that holds checkpoints or a model: delete its checkpoints now, replace its model at the end."},
+        metadata={
+            "help": "Start afresh in an --output_dir that holds checkpoints or a model: delete its checkpoints now, replace its model at the end."
+        },
     )
-    early_stopping_patience: int = field(default=3, metadata={"help": "Stop after this many evaluations without a better validation macro-F1 (0 disables)."})
+    early_stopping_patience: int = field(
+        default=3,
+        metadata={"help": "Stop after this many evaluations without a better validation macro-F1 (0 disables)."},
+    )
     weight_average_decay: float = field(
         default=0.0,
         metadata={
@@ -85,7 +101,12 @@ class ModelArguments:
             "Only the student is evaluated and saved."
         },
     )
-    distillation_weight: float = field(default=0.5, metadata={"help": "With --teacher: the share of the loss given to the teacher's labels (the rest to the true ones)."})
+    distillation_weight: float = field(
+        default=0.5,
+        metadata={
+            "help": "With --teacher: the share of the loss given to the teacher's labels (the rest to the true ones)."
+        },
+    )
 
 
 @dataclass
@@ -98,31 +119,49 @@ class SearchArguments:
             "then train with the best. 0: no search."
         },
     )
-    search_minutes: float = field(default=30.0, metadata={"help": "Start no new trial after this many minutes (the running trial finishes)."})
+    search_minutes: float = field(
+        default=30.0, metadata={"help": "Start no new trial after this many minutes (the running trial finishes)."}
+    )
     search_epochs: float = field(default=3.0, metadata={"help": "Training epochs per trial."})
-    search_train_samples: int | None = field(default=None, metadata={"help": "Train each trial on at most this many images (a random subset)."})
+    search_train_samples: int | None = field(
+        default=None, metadata={"help": "Train each trial on at most this many images (a random subset)."}
+    )
 
 
 @dataclass
 class XrayTrainingArguments(TrainingArguments):
     """`TrainingArguments` with defaults suited to this task; every standard option still works."""
 
-    output_dir: str = field(default=DEFAULT_MODEL_DIR, metadata={"help": "The model folder to write (and its checkpoints)."})
+    output_dir: str = field(
+        default=DEFAULT_MODEL_DIR, metadata={"help": "The model folder to write (and its checkpoints)."}
+    )
     eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate on the validation split."})
     save_strategy: str = field(default="epoch", metadata={"help": "When to save a checkpoint."})
-    save_total_limit: int | None = field(default=2, metadata={"help": "Checkpoints kept on disk (the best one is always kept)."})
-    load_best_model_at_end: bool = field(default=True, metadata={"help": "Keep the checkpoint with the best --metric_for_best_model."})
-    metric_for_best_model: str | None = field(default="macro_f1", metadata={"help": "Validation metric that picks the best checkpoint."})
+    save_total_limit: int | None = field(
+        default=2, metadata={"help": "Checkpoints kept on disk (the best one is always kept)."}
+    )
+    load_best_model_at_end: bool = field(
+        default=True, metadata={"help": "Keep the checkpoint with the best --metric_for_best_model."}
+    )
+    metric_for_best_model: str | None = field(
+        default="macro_f1", metadata={"help": "Validation metric that picks the best checkpoint."}
+    )
     num_train_epochs: float = field(default=10.0, metadata={"help": "Training epochs (early stopping may end sooner)."})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch size per device for training."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Batch size per device for evaluation."})
-    warmup_steps: float = field(default=0.1, metadata={"help": "Linear warm-up: steps, or a fraction of all steps if below 1."})
+    warmup_steps: float = field(
+        default=0.1, metadata={"help": "Linear warm-up: steps, or a fraction of all steps if below 1."}
+    )
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
     logging_steps: float = field(default=10, metadata={"help": "Log the training loss every this many steps."})
-    remove_unused_columns: bool = field(default=False, metadata={"help": "Must stay False: the image column is decoded on the fly."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Must stay False: the image column is decoded on the fly."}
+    )
     average_tokens_across_devices: bool = field(
         default=False,
-        metadata={"help": "Must stay False: the class-weighted loss is already a mean over each process's batch (True would multiply it by the number of processes)."},
+        metadata={
+            "help": "Must stay False: the class-weighted loss is already a mean over each process's batch (True would multiply it by the number of processes)."
+        },
     )
 
 
@@ -131,19 +170,31 @@ def main(argv: list[str] | None = None) -> dict:
         # Launched as several processes (torchrun, accelerate launch) on a machine without a GPU: join them as CPU
         # workers over gloo. Without this, accelerate treats each process as a separate run, all writing one folder.
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-    parser = HfArgumentParser((DataArguments, ModelArguments, SearchArguments, XrayTrainingArguments), description=__doc__.split("\n")[0])
+    parser = HfArgumentParser(
+        (DataArguments, ModelArguments, SearchArguments, XrayTrainingArguments), description=__doc__.split("\n")[0]
+    )
     from_command_line, given_argv = argv is None, sys.argv[1:] if argv is None else argv
     argv = with_recipe(given_argv)
     data_args, model_args, search_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    publish, training_args.push_to_hub = training_args.push_to_hub, False  # Trainer never pushes: the finished folder is published at the end
+    publish, training_args.push_to_hub = (
+        training_args.push_to_hub,
+        False,
+    )  # Trainer never pushes: the finished folder is published at the end
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     if training_args.should_save:
         check_writable(output_dir)  # before any work: a run that cannot save its model should not start
-    last_checkpoint = checkpoint_to_resume(output_dir, model_args.resume, model_args.overwrite_output_dir, training_args.should_save)
+    last_checkpoint = checkpoint_to_resume(
+        output_dir, model_args.resume, model_args.overwrite_output_dir, training_args.should_save
+    )
 
     # Data: the user's folders -> an imagefolder tree of links -> a DatasetDict (train and validation split by patient).
-    prepared_dir = Path(data_args.prepared_dir or default_prepared_dir(data_args.source, data_args.validation_fraction, data_args.split_seed, data_args.keep_kaggle_val))
+    prepared_dir = Path(
+        data_args.prepared_dir
+        or default_prepared_dir(
+            data_args.source, data_args.validation_fraction, data_args.split_seed, data_args.keep_kaggle_val
+        )
+    )
     dataset, report = prepare_and_load(data_args, training_args)
     class_keys = dataset["train"].features["label"].names
     id2label = {index: DISPLAY_NAMES[key] for index, key in enumerate(class_keys)}
@@ -152,12 +203,20 @@ def main(argv: list[str] | None = None) -> dict:
     model, processor, origin = build_model(model_args.model, id2label)
     teacher, teacher_processor = None, None
     if model_args.teacher:
-        teacher, teacher_processor = load_teacher(model_args.teacher, id2label, {split: len(dataset[split]) for split in dataset})
+        teacher, teacher_processor = load_teacher(
+            model_args.teacher, id2label, {split: len(dataset[split]) for split in dataset}
+        )
         origin.teacher = model_args.teacher
     print(f"Model: {type(model).__name__}, {model.num_parameters() / 1e6:.1f} M parameters, {origin.describe()}.")
 
-    train_dataset = dataset["train"].with_transform(pixel_transform(processor, augment=True, teacher_processor=teacher_processor))
-    eval_splits = {split: dataset[split].with_transform(pixel_transform(processor, augment=False)) for split in dataset if split != "train"}
+    train_dataset = dataset["train"].with_transform(
+        pixel_transform(processor, augment=True, teacher_processor=teacher_processor)
+    )
+    eval_splits = {
+        split: dataset[split].with_transform(pixel_transform(processor, augment=False))
+        for split in dataset
+        if split != "train"
+    }
 
     if training_args.should_save:
         check_free_space(output_dir, model, training_args)
@@ -166,7 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
         data_collator=collate,
         eval_dataset=eval_splits["validation"],
         processing_class=processor,
-        compute_loss_func=weighted_loss(class_weights(dataset["train"]["label"], len(class_keys)), training_args.label_smoothing_factor),
+        compute_loss_func=weighted_loss(
+            class_weights(dataset["train"]["label"], len(class_keys)), training_args.label_smoothing_factor
+        ),
         compute_metrics=trainer_metrics(class_keys),
         weight_average_decay=model_args.weight_average_decay,
         teacher=teacher,
@@ -177,8 +238,15 @@ def main(argv: list[str] | None = None) -> dict:
         subset = dataset["train"].shuffle(seed=training_args.seed)
         subset = subset.select(range(min(len(subset), search_args.search_train_samples or len(subset))))
         search = search_hyperparameters(
-            search_args, training_args, lambda: build_model(model_args.model, id2label)[0],
-            dict(trainer_parts, train_dataset=subset.with_transform(pixel_transform(processor, augment=True, teacher_processor=teacher_processor))),
+            search_args,
+            training_args,
+            lambda: build_model(model_args.model, id2label)[0],
+            dict(
+                trainer_parts,
+                train_dataset=subset.with_transform(
+                    pixel_transform(processor, augment=True, teacher_processor=teacher_processor)
+                ),
+            ),
         )
         for name, value in search["best"]["hyperparameters"].items():
             setattr(training_args, name, value)
@@ -201,7 +269,13 @@ def main(argv: list[str] | None = None) -> dict:
     train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
 
     # The best checkpoint is loaded: fold the calibration temperature into its head and fit the out-of-distribution check.
-    ood_detector, reliability = fit_reliability(trainer.model, processor, dataset, validation_patient_ids(dataset), batch_size=training_args.per_device_eval_batch_size)
+    ood_detector, reliability = fit_reliability(
+        trainer.model,
+        processor,
+        dataset,
+        validation_patient_ids(dataset),
+        batch_size=training_args.per_device_eval_batch_size,
+    )
     print(describe_reliability(reliability))
 
     # The model folder appears whole or not at all: every file goes into a hidden sibling, swapped in at the end.
@@ -215,13 +289,20 @@ def main(argv: list[str] | None = None) -> dict:
         trainer.log_metrics(split, prediction.metrics)
         if trainer.is_world_process_zero():
             plot_confusion_matrix(
-                prediction.label_ids, softmax(prediction.predictions).argmax(-1), list(id2label.values()),
-                staging / f"confusion_matrix_{split}.png", title=f"{split} split ({len(split_dataset)} images)",
+                prediction.label_ids,
+                softmax(prediction.predictions).argmax(-1),
+                list(id2label.values()),
+                staging / f"confusion_matrix_{split}.png",
+                title=f"{split} split ({len(split_dataset)} images)",
             )
 
-    trainer.save_model(str(staging))  # model (safetensors, calibrated head) + image processor: what pipeline() and app.py load
+    trainer.save_model(
+        str(staging)
+    )  # model (safetensors, calibrated head) + image processor: what pipeline() and app.py load
     if training_args.should_save:
-        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; the model folder holds none (settings are in run.json)
+        (staging / "training_args.bin").unlink(
+            missing_ok=True
+        )  # a pickle; the model folder holds none (settings are in run.json)
     if not trainer.is_world_process_zero():
         if training_args.should_save:  # --save_on_each_node: this node's copy of the weights
             swap_in(staging, output_dir, replaced=MODEL_FILES)
@@ -230,11 +311,19 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {
         "model_origin": asdict(origin) | {"description": origin.describe()},
         "model": {
-            "architecture": type(trainer.model).__name__, "model_type": trainer.model.config.model_type,
-            "parameters": trainer.model.num_parameters(), "image_size": input_size(processor),
-            "class_keys": class_keys, "labels": list(id2label.values()),
+            "architecture": type(trainer.model).__name__,
+            "model_type": trainer.model.config.model_type,
+            "parameters": trainer.model.num_parameters(),
+            "image_size": input_size(processor),
+            "class_keys": class_keys,
+            "labels": list(id2label.values()),
         },
-        "data": {"source": str(data_args.source), "synthetic": data_args.synthetic, "counts": report.counts, "skipped": len(report.skipped)},
+        "data": {
+            "source": str(data_args.source),
+            "synthetic": data_args.synthetic,
+            "counts": report.counts,
+            "skipped": len(report.skipped),
+        },
         "train": train_result.metrics | {"peak_memory_mib": peak_memory_mib(), "hardware": hardware()},
         "best_checkpoint": trainer.state.best_model_checkpoint,
         **({"search": search} if search else {}),
@@ -243,22 +332,38 @@ def main(argv: list[str] | None = None) -> dict:
     summary |= calibrated_parts(summary, reliability)  # the calibration, X-ray check and sets, in the one metrics.json
     # run.json: the options as typed, with any --recipe expanded (the card shows every option), and as resolved.
     record = run_record(
-        given=given_argv, expanded=argv, program=Path(sys.argv[0]).name if from_command_line else "train_vit.py",
-        model=model_args, data=options_of(data_args) | {"prepared_dir": str(prepared_dir.resolve()), "source": str(data_args.source), "synthetic": data_args.synthetic},
-        search=search_args, training=options_of(training_args) | {"push_to_hub": publish},
+        given=given_argv,
+        expanded=argv,
+        program=Path(sys.argv[0]).name if from_command_line else "train_vit.py",
+        model=model_args,
+        data=options_of(data_args)
+        | {
+            "prepared_dir": str(prepared_dir.resolve()),
+            "source": str(data_args.source),
+            "synthetic": data_args.synthetic,
+        },
+        search=search_args,
+        training=options_of(training_args) | {"push_to_hub": publish},
     )
     write_run(staging, record)
     write_metrics(staging, summary)
     save_reliability(staging, ood_detector, reliability)  # ood.safetensors and conformal.json
     card = render_model_card(record, summary)
     card.save(staging / "README.md")
-    swap_in(staging, output_dir, replaced=MODEL_FILES)  # the old model (if any) is replaced in one step, its checkpoints carried over
+    swap_in(
+        staging, output_dir, replaced=MODEL_FILES
+    )  # the old model (if any) is replaced in one step, its checkpoints carried over
     print(f"\nModel folder: {output_dir}  ({origin.describe()})")
-    print(f'Try it: python -c "from transformers import pipeline; print(pipeline(\'image-classification\', model=\'{output_dir}\')(\'your_xray.jpeg\', top_k=3))"')
+    print(
+        f"Try it: python -c \"from transformers import pipeline; print(pipeline('image-classification', model='{output_dir}')('your_xray.jpeg', top_k=3))\""
+    )
     if publish:  # exactly the finished folder, in one commit (cxr/hub.py says why not Trainer's push)
         url, files = publish_model_folder(
-            output_dir, training_args.hub_model_id or output_dir.absolute().name,
-            token=training_args.hub_token, private=training_args.hub_private_repo, revision=training_args.hub_revision,
+            output_dir,
+            training_args.hub_model_id or output_dir.absolute().name,
+            token=training_args.hub_token,
+            private=training_args.hub_private_repo,
+            revision=training_args.hub_revision,
         )
         print(f"Published to {url}: {', '.join(files)}")
     return results
@@ -272,14 +377,18 @@ def with_recipe(argv: list[str], expanding: tuple[str, ...] = ()) -> list[str]:
     for name in names:
         path = RECIPES / f"{name}.args"
         if not path.is_file():
-            raise SystemExit(f"No recipe '{name}' ({path} does not exist). Recipes: {', '.join(sorted(p.stem for p in RECIPES.glob('*.args')))}.")
+            raise SystemExit(
+                f"No recipe '{name}' ({path} does not exist). Recipes: {', '.join(sorted(p.stem for p in RECIPES.glob('*.args')))}."
+            )
         if name in expanding:
             raise SystemExit(f"Recipe '{name}' names itself, through {' -> '.join(expanding)}.")
         recipe_args += with_recipe(shlex.split(path.read_text(), comments=True), (*expanding, name))
     return recipe_args + argv
 
 
-def search_hyperparameters(search_args: SearchArguments, training_args: TrainingArguments, model_init, trainer_parts: dict) -> dict:
+def search_hyperparameters(
+    search_args: SearchArguments, training_args: TrainingArguments, model_init, trainer_parts: dict
+) -> dict:
     """Optuna search through `Trainer.hyperparameter_search`, bounded by trials and minutes, on the validation split.
     Returns every trial (settings, validation macro-F1, state) and the best one's settings."""
     import optuna
@@ -319,15 +428,25 @@ def search_hyperparameters(search_args: SearchArguments, training_args: Training
         {"number": trial.number, "state": trial.state.name, "validation_macro_f1": trial.value, **trial.params}
         for trial in optuna.load_study(study_name="search", storage=storage).trials
     ]
-    print(f"\nHyperparameter search: {len(trials)} trials in {(time.monotonic() - started) / 60:.1f} min, validation macro-F1 after {search_args.search_epochs:g} epochs:")
+    print(
+        f"\nHyperparameter search: {len(trials)} trials in {(time.monotonic() - started) / 60:.1f} min, validation macro-F1 after {search_args.search_epochs:g} epochs:"
+    )
     for trial in trials:
-        settings = ", ".join(f"{name} {trial[name]:.3g}" for name in ("learning_rate", "weight_decay", "warmup_steps") if name in trial)
-        print(f"  trial {trial['number']}: {trial['state'].lower():<8} macro-F1 {trial['validation_macro_f1'] or float('nan'):.3f}  {settings}")
+        settings = ", ".join(
+            f"{name} {trial[name]:.3g}" for name in ("learning_rate", "weight_decay", "warmup_steps") if name in trial
+        )
+        print(
+            f"  trial {trial['number']}: {trial['state'].lower():<8} macro-F1 {trial['validation_macro_f1'] or float('nan'):.3f}  {settings}"
+        )
     print(f"Training with the best: {best.hyperparameters}\n")
     shutil.rmtree(args.output_dir, ignore_errors=True)
     return {
         "trials": trials,
-        "best": {"trial": int(best.run_id), "validation_macro_f1": best.objective, "hyperparameters": best.hyperparameters},
+        "best": {
+            "trial": int(best.run_id),
+            "validation_macro_f1": best.objective,
+            "hyperparameters": best.hyperparameters,
+        },
         "epochs_per_trial": search_args.search_epochs,
         "train_samples_per_trial": len(trainer_parts["train_dataset"]),
         "minutes": (time.monotonic() - started) / 60,
@@ -338,7 +457,9 @@ def check_free_space(output_dir: Path, model, training_args: TrainingArguments) 
     """Exit with a clear message when the disk cannot hold this run's checkpoints and model folder (an estimate)."""
     weights = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
     checkpoint = 3 * weights  # the weights and AdamW's two moment estimates
-    kept = 0 if training_args.save_strategy == "no" else (training_args.save_total_limit or 2) + 1  # +1: the newest, before old ones are rotated out
+    kept = (
+        0 if training_args.save_strategy == "no" else (training_args.save_total_limit or 2) + 1
+    )  # +1: the newest, before old ones are rotated out
     needed = kept * checkpoint + weights + 100 * 2**20  # + the final model folder, plots and slack
     free = shutil.disk_usage(output_dir).free
     if free < needed:

@@ -48,7 +48,7 @@ class Candidate:
     overrides: dict
 
     @classmethod
-    def parse(cls, spec: str) -> "Candidate":
+    def parse(cls, spec: str) -> Candidate:
         head, *pairs = spec.split(":")
         preset, _, size = head.partition("@")
         overrides = {"image_size": int(size)} if size else {}
@@ -85,10 +85,10 @@ def measure(candidate: Candidate, prepared_dir: str, args: argparse.Namespace) -
     torch.set_num_threads(args.threads)
     from sklearn.metrics import f1_score
 
+    from cxr.labels import DISPLAY_NAMES
     from cxr.models import build_preset
     from cxr.training import class_weights, peak_memory_mib, weighted_loss
     from cxr.transforms import collate, pixel_transform
-    from cxr.labels import DISPLAY_NAMES
     from hf_data import load_prepared
 
     dataset = load_prepared(prepared_dir)
@@ -98,8 +98,14 @@ def measure(candidate: Candidate, prepared_dir: str, args: argparse.Namespace) -
     model, processor = build_preset(candidate.preset, id2label, **candidate.overrides)
     loss_fn = weighted_loss(class_weights(dataset["train"]["label"], len(class_keys)), label_smoothing=0.1)
     train = dataset["train"].with_transform(pixel_transform(processor, augment=True))
-    loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True, collate_fn=collate, drop_last=True,
-                                         generator=torch.Generator().manual_seed(0))
+    loader = torch.utils.data.DataLoader(
+        train,
+        batch_size=args.batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=PILOT_LEARNING_RATE, weight_decay=0.05)
 
     def step(batch) -> None:
@@ -123,7 +129,9 @@ def measure(candidate: Candidate, prepared_dir: str, args: argparse.Namespace) -
             batch = next(batches)
         data_seconds += time.perf_counter() - fetch
         step(batch)
-        if index == args.warmup_steps + args.train_steps - 1:  # the rate is over these steps; any later ones are pilot training
+        if (
+            index == args.warmup_steps + args.train_steps - 1
+        ):  # the rate is over these steps; any later ones are pilot training
             train_seconds, train_data_seconds = time.perf_counter() - start, data_seconds
     train_rate = args.train_steps * args.batch_size / train_seconds
 
@@ -145,10 +153,16 @@ def measure(candidate: Candidate, prepared_dir: str, args: argparse.Namespace) -
     macro_f1 = float(f1_score(labels, predictions, average="macro")) if args.pilot_steps else None
     size = candidate.overrides.get("image_size") or processor.size.height
     return Measurement(
-        spec=candidate.spec, architecture=type(model).__name__.removesuffix("ForImageClassification"), image_size=int(size),
-        parameters_m=model.num_parameters() / 1e6, train_images_per_s=train_rate, data_wait_share=train_data_seconds / train_seconds,
-        infer_images_per_s=infer_images / infer_seconds if infer_seconds else float("nan"), peak_memory_mib=peak_memory_mib(),
-        minutes_for_15_epochs=EPOCHS * len(dataset["train"]) / train_rate / 60, macro_f1=macro_f1,
+        spec=candidate.spec,
+        architecture=type(model).__name__.removesuffix("ForImageClassification"),
+        image_size=int(size),
+        parameters_m=model.num_parameters() / 1e6,
+        train_images_per_s=train_rate,
+        data_wait_share=train_data_seconds / train_seconds,
+        infer_images_per_s=infer_images / infer_seconds if infer_seconds else float("nan"),
+        peak_memory_mib=peak_memory_mib(),
+        minutes_for_15_epochs=EPOCHS * len(dataset["train"]) / train_rate / 60,
+        macro_f1=macro_f1,
     )
 
 
@@ -163,57 +177,119 @@ def prepare(data_dir: Path) -> str:
     data_args = DataArguments(data_dir=str(data_dir))
     with tempfile.TemporaryDirectory() as scratch:
         prepare_and_load(data_args, TrainingArguments(output_dir=scratch, report_to="none"))
-    return str(default_prepared_dir(data_args.source, data_args.validation_fraction, data_args.split_seed, data_args.keep_kaggle_val))
+    return str(
+        default_prepared_dir(
+            data_args.source, data_args.validation_fraction, data_args.split_seed, data_args.keep_kaggle_val
+        )
+    )
 
 
 def table(rows: list[Measurement], reference: Measurement | None, args: argparse.Namespace) -> str:
     f1 = args.pilot_steps > 0
-    header = ["candidate", "network", "px", "params (M)", "train img/s", "vs ref", "data wait", "infer img/s", "peak MiB", "min / 15 ep"]
+    header = [
+        "candidate",
+        "network",
+        "px",
+        "params (M)",
+        "train img/s",
+        "vs ref",
+        "data wait",
+        "infer img/s",
+        "peak MiB",
+        "min / 15 ep",
+    ]
     header += [f"macro-F1 @{args.pilot_steps} steps"] if f1 else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         relative = f"{row.train_images_per_s / reference.train_images_per_s:.2f}" if reference else "-"
-        cells = [f"`{row.spec}`", row.architecture, str(row.image_size), f"{row.parameters_m:.2f}", f"{row.train_images_per_s:.1f}", relative,
-                 f"{100 * row.data_wait_share:.0f}%", f"{row.infer_images_per_s:.0f}", f"{row.peak_memory_mib:.0f}", f"{row.minutes_for_15_epochs:.0f}"]
+        cells = [
+            f"`{row.spec}`",
+            row.architecture,
+            str(row.image_size),
+            f"{row.parameters_m:.2f}",
+            f"{row.train_images_per_s:.1f}",
+            relative,
+            f"{100 * row.data_wait_share:.0f}%",
+            f"{row.infer_images_per_s:.0f}",
+            f"{row.peak_memory_mib:.0f}",
+            f"{row.minutes_for_15_epochs:.0f}",
+        ]
         cells += [f"{row.macro_f1:.3f}"] if f1 else []
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> list[Measurement]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--candidates", nargs="+", type=Candidate.parse, default=None, metavar="PRESET[@SIZE][:KEY=VALUE]",
-                        help=f"What to measure (default: {' '.join(COMPARISON)}).")
-    parser.add_argument("--reference", default="scratch-small-p8",
-                        help="Candidate (as written) whose training rate the 'vs ref' column divides by; measured first if not listed.")
-    parser.add_argument("--data_dir", type=Path, default=REAL_DATA, help="The X-ray folder, as train_vit.py's --data_dir.")
-    parser.add_argument("--threads", type=int, default=max(1, torch_threads_default()), help="torch threads per candidate (train_vit.py uses all cores).")
-    parser.add_argument("--batch_size", type=int, default=32, help="Images per training step (train_vit.py's default) and per inference batch.")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog=__doc__.split("\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--candidates",
+        nargs="+",
+        type=Candidate.parse,
+        default=None,
+        metavar="PRESET[@SIZE][:KEY=VALUE]",
+        help=f"What to measure (default: {' '.join(COMPARISON)}).",
+    )
+    parser.add_argument(
+        "--reference",
+        default="scratch-small-p8",
+        help="Candidate (as written) whose training rate the 'vs ref' column divides by; measured first if not listed.",
+    )
+    parser.add_argument(
+        "--data_dir", type=Path, default=REAL_DATA, help="The X-ray folder, as train_vit.py's --data_dir."
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, torch_threads_default()),
+        help="torch threads per candidate (train_vit.py uses all cores).",
+    )
+    parser.add_argument(
+        "--batch_size",
+        type=int,
+        default=32,
+        help="Images per training step (train_vit.py's default) and per inference batch.",
+    )
     parser.add_argument("--warmup_steps", type=int, default=1, help="Untimed training steps first.")
     parser.add_argument("--train_steps", type=int, default=3, help="Timed training steps.")
     parser.add_argument("--infer_batches", type=int, default=2, help="Timed inference batches (after one untimed).")
-    parser.add_argument("--pilot_steps", type=int, default=0, help="If > 0: train this many steps in all, then score macro-F1 on the whole validation split.")
+    parser.add_argument(
+        "--pilot_steps",
+        type=int,
+        default=0,
+        help="If > 0: train this many steps in all, then score macro-F1 on the whole validation split.",
+    )
     parser.add_argument("--json", type=Path, default=None, help="Also write the measurements here.")
     args = parser.parse_args(argv)
     if args.pilot_steps and args.pilot_steps < args.warmup_steps + args.train_steps:
         parser.error("--pilot_steps must be at least --warmup_steps + --train_steps")
     if not args.data_dir.is_dir():
-        parser.error(f"No data at {args.data_dir}: give --data_dir (the Kaggle chest_xray folder or folders split by class).")
+        parser.error(
+            f"No data at {args.data_dir}: give --data_dir (the Kaggle chest_xray folder or folders split by class)."
+        )
 
     candidates = args.candidates or [Candidate.parse(spec) for spec in COMPARISON]
     if args.reference and args.reference not in [c.spec for c in candidates]:
         candidates.insert(0, Candidate.parse(args.reference))
     prepared_dir = prepare(args.data_dir)
-    print(f"{len(candidates)} candidates, {args.threads} torch thread(s), batch {args.batch_size}, data {args.data_dir}; load: {load_average()}", flush=True)
+    print(
+        f"{len(candidates)} candidates, {args.threads} torch thread(s), batch {args.batch_size}, data {args.data_dir}; load: {load_average()}",
+        flush=True,
+    )
     rows = []
     for candidate in candidates:
         began = time.perf_counter()
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:  # a fresh process: its own peak memory
             row = pool.submit(measure, candidate, prepared_dir, args).result()
         rows.append(row)
-        print(f"  {candidate.spec}: {row.train_images_per_s:.1f} train img/s, {row.infer_images_per_s:.0f} infer img/s "
-              f"({time.perf_counter() - began:.0f} s; load {load_average()})", flush=True)
+        print(
+            f"  {candidate.spec}: {row.train_images_per_s:.1f} train img/s, {row.infer_images_per_s:.0f} infer img/s "
+            f"({time.perf_counter() - began:.0f} s; load {load_average()})",
+            flush=True,
+        )
     reference = next((row for row in rows if row.spec == args.reference), None)
     print()
     print(table(rows, reference, args))

@@ -16,24 +16,43 @@ from pathlib import Path
 
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-from cxr.metrics import classification_metrics, softmax
 from cxr.features import embed_split
+from cxr.metrics import classification_metrics, softmax
 from cxr.run_record import warn_if_other_split
 from hf_data.loading import load_model_data
 
-FIGURES = [("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("f1_viral_pneumonia", "F1 viral"), ("pneumonia_accuracy", "pneumonia acc.")]
+FIGURES = [
+    ("accuracy", "accuracy"),
+    ("macro_f1", "macro-F1"),
+    ("f1_viral_pneumonia", "F1 viral"),
+    ("pneumonia_accuracy", "pneumonia acc."),
+]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", type=Path, help="Model folders written by train_vit.py on this data.")
-    parser.add_argument("--data_dir", required=True, help="The data the models were trained on (raw folder, prepared tree or 'synthetic').")
-    parser.add_argument("--prepared_dir", default=None, help="Where to prepare a raw --data_dir. Default: data/prepared/<name of data_dir>.")
+    parser.add_argument(
+        "--data_dir",
+        required=True,
+        help="The data the models were trained on (raw folder, prepared tree or 'synthetic').",
+    )
+    parser.add_argument(
+        "--prepared_dir",
+        default=None,
+        help="Where to prepare a raw --data_dir. Default: data/prepared/<name of data_dir>.",
+    )
     parser.add_argument("--split_seed", type=int, default=42, help="As given to train_vit.py (default 42).")
     parser.add_argument("--batch_size", type=int, default=64, help="Images per forward pass (default 64).")
     args = parser.parse_args(argv)
 
-    dataset = load_model_data(args.data_dir, args.prepared_dir, validation_fraction=0.1, split_seed=args.split_seed, synthetic_images_per_class=200)
+    dataset = load_model_data(
+        args.data_dir,
+        args.prepared_dir,
+        validation_fraction=0.1,
+        split_seed=args.split_seed,
+        synthetic_images_per_class=200,
+    )
     class_keys = dataset["train"].features["label"].names
     rows = []
     for folder in args.folders:
@@ -41,9 +60,15 @@ def main(argv: list[str] | None = None) -> None:
         model = AutoModelForImageClassification.from_pretrained(folder, use_safetensors=True)
         processor = AutoImageProcessor.from_pretrained(folder)
         for split in ("train", "validation"):
-            features, labels = embed_split(model, processor, dataset[split], batch_size=args.batch_size, desc=f"{folder.name}: {split}")
+            features, labels = embed_split(
+                model, processor, dataset[split], batch_size=args.batch_size, desc=f"{folder.name}: {split}"
+            )
             figures = classification_metrics(labels, softmax(features["logits"]), class_keys)
-            rows.append(f"| `{folder.name}` | {split} ({len(labels)} images) | " + " | ".join(f"{figures[key]:.3f}" for key, _ in FIGURES) + " |")
+            rows.append(
+                f"| `{folder.name}` | {split} ({len(labels)} images) | "
+                + " | ".join(f"{figures[key]:.3f}" for key, _ in FIGURES)
+                + " |"
+            )
     print("| model folder | split | " + " | ".join(title for _, title in FIGURES) + " |")
     print("|---|---|" + "---:|" * len(FIGURES))
     print("\n".join(rows))

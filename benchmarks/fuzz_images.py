@@ -49,7 +49,12 @@ from PIL import Image
 from benchmarks.common import add_old_spelling
 
 SUFFIXES = [None, ".png", ".jpeg", ".dcm"]
-PROBLEMS = ("crash", "hang", "memory", "worker died")  # outcomes that break the loader's promise  # None: the raw bytes are passed, as an upload's contents
+PROBLEMS = (
+    "crash",
+    "hang",
+    "memory",
+    "worker died",
+)  # outcomes that break the loader's promise  # None: the raw bytes are passed, as an upload's contents
 HUGE = [0, 1, 2, 31, 32, 33, 255, 256, 4096, 6324, 6325, 20000, 32767, 32768, 65535, 65536, 2**24, 2**31 - 1, 2**32 - 1]
 
 
@@ -67,7 +72,14 @@ def encode(image: Image.Image, fmt: str, **params) -> bytes:
     return buffer.getvalue()
 
 
-def dicom(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits: int = 16, frames: int | None = None, rle: bool = False, **tags) -> bytes:
+def dicom(
+    pixels: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    bits: int = 16,
+    frames: int | None = None,
+    rle: bool = False,
+    **tags,
+) -> bytes:
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
@@ -77,7 +89,7 @@ def dicom(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits: int = 16, 
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     dataset = FileDataset("x.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
     samples = 3 if pixels.ndim == (4 if frames else 3) else 1
-    dataset.Rows, dataset.Columns = pixels.shape[(1 if frames else 0):(3 if frames else 2)]
+    dataset.Rows, dataset.Columns = pixels.shape[(1 if frames else 0) : (3 if frames else 2)]
     dataset.SamplesPerPixel = samples
     dataset.PhotometricInterpretation = photometric
     if samples == 3:
@@ -126,7 +138,13 @@ def make_seeds() -> dict[str, bytes]:
         "dicom-2-frames": dicom(np.stack([picture().astype(np.uint16)] * 2), frames=2),
         "dicom-rgb-2-frames": dicom(np.stack([np.stack([picture()] * 3, axis=-1)] * 2), "RGB", bits=8, frames=2),
         "dicom-rle": dicom(picture().astype(np.uint16) * 16, rle=True),
-        "dicom-voi-lut": dicom(picture().astype(np.uint16) * 16, WindowCenter=2000, WindowWidth=4000, RescaleSlope=1, RescaleIntercept=-1024),
+        "dicom-voi-lut": dicom(
+            picture().astype(np.uint16) * 16,
+            WindowCenter=2000,
+            WindowWidth=4000,
+            RescaleSlope=1,
+            RescaleIntercept=-1024,
+        ),
     }
 
 
@@ -167,7 +185,9 @@ def strategies(seeds: dict[str, bytes]):
         kind = draw(st.sampled_from(["png", "jpeg", "bmp", "gif"]))
         width, height = draw(size), draw(size)
         if kind == "png":
-            data = bytearray(seeds[draw(st.sampled_from(["png-gray", "png-16bit", "png-palette", "png-rgba", "png-1bit"]))])
+            data = bytearray(
+                seeds[draw(st.sampled_from(["png-gray", "png-16bit", "png-palette", "png-rgba", "png-1bit"]))]
+            )
             depth, color = draw(st.sampled_from([1, 2, 4, 8, 16, 0, 7])), draw(st.sampled_from([0, 2, 3, 4, 6, 1]))
             ihdr = struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, draw(st.sampled_from([0, 1])))
             data[16:29] = ihdr
@@ -178,7 +198,11 @@ def strategies(seeds: dict[str, bytes]):
             data[at + 5 : at + 9] = struct.pack(">HH", height % 65536, width % 65536)
         elif kind == "bmp":
             data = bytearray(seeds["bmp"])
-            data[18:26] = struct.pack("<ii", width - 2**31, height - 2**31) if draw(st.booleans()) else struct.pack("<II", width, height)
+            data[18:26] = (
+                struct.pack("<ii", width - 2**31, height - 2**31)
+                if draw(st.booleans())
+                else struct.pack("<II", width, height)
+            )
             data[28:30] = struct.pack("<H", draw(st.sampled_from([1, 4, 8, 16, 24, 32, 0, 64])))
         else:
             data = bytearray(seeds["gif"])
@@ -187,7 +211,13 @@ def strategies(seeds: dict[str, bytes]):
 
     @st.composite
     def dicom_file(draw):
-        from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
+        from pydicom.uid import (
+            DeflatedExplicitVRLittleEndian,
+            ExplicitVRBigEndian,
+            ImplicitVRLittleEndian,
+            JPEGBaseline8Bit,
+            RLELossless,
+        )
 
         exact = draw(st.booleans())  # pixel data of exactly the length the tags claim, so pydicom decodes it
         sides = [31, 32, 33, 64] if exact else [0, 1, 31, 32, 64, 4096, 6325, 65535]
@@ -196,8 +226,20 @@ def strategies(seeds: dict[str, bytes]):
         bits = draw(st.sampled_from([8, 16, 32] if exact else [8, 16, 1, 12, 32, 64]))
         frames = draw(st.sampled_from([None, "1", "2", "3"] if exact else [None, "1", "2", "0", "-1", "100000", "abc"]))
         photometric = draw(st.sampled_from(["MONOCHROME2", "MONOCHROME1", "RGB", "YBR_FULL", "PALETTE COLOR", "??"]))
-        syntax = draw(st.sampled_from([None, ImplicitVRLittleEndian, ExplicitVRBigEndian] if exact else
-                                      [None, ImplicitVRLittleEndian, ExplicitVRBigEndian, RLELossless, JPEGBaseline8Bit, DeflatedExplicitVRLittleEndian]))
+        syntax = draw(
+            st.sampled_from(
+                [None, ImplicitVRLittleEndian, ExplicitVRBigEndian]
+                if exact
+                else [
+                    None,
+                    ImplicitVRLittleEndian,
+                    ExplicitVRBigEndian,
+                    RLELossless,
+                    JPEGBaseline8Bit,
+                    DeflatedExplicitVRLittleEndian,
+                ]
+            )
+        )
         if exact:
             length = rows * columns * samples * (bits // 8) * int(frames or 1) + draw(st.sampled_from([0, 0, 0, 1, -1]))
             pixel_bytes = (bytes(range(256)) * (length // 256 + 1))[: max(length, 0)]
@@ -215,9 +257,13 @@ def strategies(seeds: dict[str, bytes]):
             if frames is not None:
                 dataset.add_new(0x00280008, "IS", frames)
             if draw(st.booleans()):
-                dataset.WindowCenter, dataset.WindowWidth = draw(st.sampled_from([("40", "0"), ("1e308", "-5"), ("nan", "nan"), ("1", "1")]))
+                dataset.WindowCenter, dataset.WindowWidth = draw(
+                    st.sampled_from([("40", "0"), ("1e308", "-5"), ("nan", "nan"), ("1", "1")])
+                )
             if draw(st.booleans()):
-                dataset.RescaleSlope, dataset.RescaleIntercept = draw(st.sampled_from([("0", "0"), ("1e300", "1e300"), ("inf", "1")]))
+                dataset.RescaleSlope, dataset.RescaleIntercept = draw(
+                    st.sampled_from([("0", "0"), ("1e300", "1e300"), ("inf", "1")])
+                )
             dataset.PixelData = pixel_bytes
             if syntax is not None:
                 dataset.file_meta.TransferSyntaxUID = syntax
@@ -226,18 +272,46 @@ def strategies(seeds: dict[str, bytes]):
             data = bytearray(buffer.getvalue())
         except Exception:  # noqa: BLE001 - a combination pydicom will not write: send what we have
             pass
-        return bytes(data), f"dicom {rows} x {columns} x {frames} frames, {samples} samples, {bits} bits, {photometric}, {syntax or 'explicit LE'}, {len(pixel_bytes)} pixel bytes"
+        return (
+            bytes(data),
+            f"dicom {rows} x {columns} x {frames} frames, {samples} samples, {bits} bits, {photometric}, {syntax or 'explicit LE'}, {len(pixel_bytes)} pixel bytes",
+        )
 
-    bomb = st.tuples(st.sampled_from(["L", "I;16", "RGB", "RGBA"]), st.sampled_from([(6324, 6324), (6325, 6325), (20000, 2000)])).map(
-        lambda spec: (zero_png(*spec), f"bomb PNG of zeros, {spec[0]} {spec[1][0]} x {spec[1][1]}")
+    bomb = st.tuples(
+        st.sampled_from(["L", "I;16", "RGB", "RGBA"]), st.sampled_from([(6324, 6324), (6325, 6325), (20000, 2000)])
+    ).map(lambda spec: (zero_png(*spec), f"bomb PNG of zeros, {spec[0]} {spec[1][0]} x {spec[1][1]}"))
+    magics = [
+        b"\x89PNG\r\n\x1a\n",
+        b"\xff\xd8\xff\xe0",
+        b"\xff\xd8\xff\xdb",
+        b"GIF89a",
+        b"BM",
+        b"II*\x00",
+        b"MM\x00*",
+        b"RIFF\x00\x00\x00\x00WEBPVP8 ",
+        b"\0" * 128 + b"DICM",
+        b"P5\n64 64\n255\n",
+    ]
+    magic = st.tuples(st.sampled_from(magics), st.binary(max_size=2048)).map(
+        lambda pair: (pair[0] + pair[1], f"magic {pair[0][:12]!r} + {len(pair[1])} random bytes")
     )
-    magics = [b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff\xe0", b"\xff\xd8\xff\xdb", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*", b"RIFF\x00\x00\x00\x00WEBPVP8 ", b"\0" * 128 + b"DICM", b"P5\n64 64\n255\n"]
-    magic = st.tuples(st.sampled_from(magics), st.binary(max_size=2048)).map(lambda pair: (pair[0] + pair[1], f"magic {pair[0][:12]!r} + {len(pair[1])} random bytes"))
 
     @st.composite
     def any_input(draw):
-        roll = draw(st.integers(0, 99))  # mutate 55 %, header 15 %, dicom 20 %, magic 7 %, bomb 3 % (each costs a second)
-        kind = mutated() if roll < 55 else header() if roll < 70 else dicom_file() if roll < 90 else magic if roll < 97 else bomb
+        roll = draw(
+            st.integers(0, 99)
+        )  # mutate 55 %, header 15 %, dicom 20 %, magic 7 %, bomb 3 % (each costs a second)
+        kind = (
+            mutated()
+            if roll < 55
+            else header()
+            if roll < 70
+            else dicom_file()
+            if roll < 90
+            else magic
+            if roll < 97
+            else bomb
+        )
         return draw(kind)
 
     return st.tuples(any_input(), st.sampled_from(SUFFIXES))
@@ -264,7 +338,9 @@ def apply(data: bytearray, step: tuple) -> bytearray:
 
 
 def describe(steps: list[tuple]) -> str:
-    return ", ".join(f"{step[0]}@{step[1]:.3g}" if isinstance(step[1], float) else f"{step[0]}@{step[1]}" for step in steps)
+    return ", ".join(
+        f"{step[0]}@{step[1]:.3g}" if isinstance(step[1], float) else f"{step[0]}@{step[1]}" for step in steps
+    )
 
 
 _ZERO_PNGS: dict[tuple, bytes] = {}
@@ -281,8 +357,12 @@ def zero_png(mode: str, size: tuple[int, int]) -> bytes:
         parts.append(compressor.flush())
         ihdr = struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, 0)
         idat = b"".join(parts)
-        chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))  # noqa: E731
-        _ZERO_PNGS[(mode, size)] = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+        chunk = lambda kind, body: (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )  # noqa: E731
+        _ZERO_PNGS[(mode, size)] = (
+            b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+        )
     return _ZERO_PNGS[(mode, size)]
 
 
@@ -298,7 +378,12 @@ def ramp_png(mode: str, size: tuple[int, int]) -> bytes:
     compressor = zlib.compressobj(6)
     idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
     chunk = lambda kind, body: struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))  # noqa: E731
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, 0)) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, 0))
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )
 
 
 def rle_zero_frame(rows: int, columns: int, segments: int) -> bytes:
@@ -358,7 +443,9 @@ def worst_cases():
     from pydicom.uid import JPEGBaseline8Bit, RLELossless
 
     side = 6324  # 6324 x 6324 = 39.99 MP, the largest square under the 40-megapixel limit
-    ramp16 = lambda rows, columns: (np.arange(rows * columns, dtype=np.uint32) % 4096).astype(np.uint16).reshape(rows, columns)  # noqa: E731
+    ramp16 = lambda rows, columns: (
+        (np.arange(rows * columns, dtype=np.uint32) % 4096).astype(np.uint16).reshape(rows, columns)
+    )  # noqa: E731
     originals = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "xray_originals"
     largest = max(originals.glob("*.jpeg"), key=lambda path: path.stat().st_size, default=None)
     if largest:
@@ -367,33 +454,101 @@ def worst_cases():
     yield "40 MP 16-bit grey PNG", ramp_png("I;16", (side, side)), None, True
     yield "40 MP 8-bit RGB PNG", ramp_png("RGB", (side, side)), None, True
     yield "40 MP RGBA PNG (20000 x 2000, transparency made black)", zero_png("RGBA", (20000, 2000)), None, False
-    yield "40 MP 8-bit grey JPEG", encode(Image.fromarray(np.tile(picture(side, 1)[0], (side, 1)), "L"), "JPEG", quality=90), None, True
+    yield (
+        "40 MP 8-bit grey JPEG",
+        encode(Image.fromarray(np.tile(picture(side, 1)[0], (side, 1)), "L"), "JPEG", quality=90),
+        None,
+        True,
+    )
     progressive = encode(Image.fromarray(np.tile(picture(side, 1)[0], (side, 1)), "L"), "JPEG", progressive=True)
     end, last = progressive.rindex(b"\xff\xd9"), progressive.rindex(b"\xff\xda")
     scans = progressive.count(b"\xff\xda")
-    yield "40 MP grey progressive JPEG, last scan repeated to 16 scans (the most allowed)", progressive[:end] + progressive[last:end] * (16 - scans) + progressive[end:], None, False
+    yield (
+        "40 MP grey progressive JPEG, last scan repeated to 16 scans (the most allowed)",
+        progressive[:end] + progressive[last:end] * (16 - scans) + progressive[end:],
+        None,
+        False,
+    )
     repeats = (60 << 20) // (end - last)
-    yield f"40 MP grey progressive JPEG, last scan repeated {repeats:,} times", progressive[:end] + progressive[last:end] * repeats + progressive[end:], None, False
-    yield "40 MP RGB progressive JPEG", encode(Image.fromarray(np.tile(picture(side, 1)[0], (side, 1)), "L").convert("RGB"), "JPEG", progressive=True), None, True
+    yield (
+        f"40 MP grey progressive JPEG, last scan repeated {repeats:,} times",
+        progressive[:end] + progressive[last:end] * repeats + progressive[end:],
+        None,
+        False,
+    )
+    yield (
+        "40 MP RGB progressive JPEG",
+        encode(Image.fromarray(np.tile(picture(side, 1)[0], (side, 1)), "L").convert("RGB"), "JPEG", progressive=True),
+        None,
+        True,
+    )
     big = dicom(ramp16(5792, 5792))  # 33.5 MP: the largest 16-bit DICOM under the 64 MiB cap
     yield "33.5 MP 16-bit DICOM, 64 MiB (largest uncompressed under the cap)", big, None, True
-    yield "  the same, window width 0 (falls back to the full range)", dicom(ramp16(5792, 5792), WindowCenter=2048, WindowWidth=0), None, True
+    yield (
+        "  the same, window width 0 (falls back to the full range)",
+        dicom(ramp16(5792, 5792), WindowCenter=2048, WindowWidth=0),
+        None,
+        True,
+    )
     del big
-    yield "RLE RGB 16-bit 6300 x 6300 (227 MiB decoded)", encapsulated(dicom(picture(64, 64), bits=8), rle_zero_frame(6300, 6300, 6), RLELossless,
-                                                                      Rows=6300, Columns=6300, SamplesPerPixel=3, PhotometricInterpretation="RGB", PlanarConfiguration=0,
-                                                                      BitsAllocated=16, BitsStored=16, HighBit=15), None, False
-    yield "RLE RGB 8-bit 6300 x 6300 (114 MiB decoded, under the budget)", encapsulated(dicom(picture(64, 64), bits=8), rle_zero_frame(6300, 6300, 3), RLELossless,
-                                                                      Rows=6300, Columns=6300, SamplesPerPixel=3, PhotometricInterpretation="RGB", PlanarConfiguration=0), None, False
+    yield (
+        "RLE RGB 16-bit 6300 x 6300 (227 MiB decoded)",
+        encapsulated(
+            dicom(picture(64, 64), bits=8),
+            rle_zero_frame(6300, 6300, 6),
+            RLELossless,
+            Rows=6300,
+            Columns=6300,
+            SamplesPerPixel=3,
+            PhotometricInterpretation="RGB",
+            PlanarConfiguration=0,
+            BitsAllocated=16,
+            BitsStored=16,
+            HighBit=15,
+        ),
+        None,
+        False,
+    )
+    yield (
+        "RLE RGB 8-bit 6300 x 6300 (114 MiB decoded, under the budget)",
+        encapsulated(
+            dicom(picture(64, 64), bits=8),
+            rle_zero_frame(6300, 6300, 3),
+            RLELossless,
+            Rows=6300,
+            Columns=6300,
+            SamplesPerPixel=3,
+            PhotometricInterpretation="RGB",
+            PlanarConfiguration=0,
+        ),
+        None,
+        False,
+    )
     small = dicom(picture().astype(np.uint16) * 16)
     yield "padded DICOM, 16 MiB of empty private elements", padded(small, 16), None, False
     yield "padded DICOM, 64 MiB of empty private elements", padded(small, 64 - 0.01), None, False
-    yield "100 x 100 DICOM wrapping a 54 MP JPEG frame", encapsulated(dicom(picture(100, 100), bits=8), encode(Image.new("L", (9000, 6000)), "JPEG"), JPEGBaseline8Bit), None, False
+    yield (
+        "100 x 100 DICOM wrapping a 54 MP JPEG frame",
+        encapsulated(dicom(picture(100, 100), bits=8), encode(Image.new("L", (9000, 6000)), "JPEG"), JPEGBaseline8Bit),
+        None,
+        False,
+    )
     yield "palette DICOM 6324 x 6324, 16-bit colour table (229 MiB as RGB)", palette_dicom(side, side), None, False
     yield "palette DICOM 4000 x 4000, 16-bit colour table", palette_dicom(4000, 4000), None, False
     deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
     zeros = b"\0" * 2**24
-    yield "deflated DICOM inflating to 1 GiB", deflated(small, b"".join(deflate.compress(zeros) for _ in range(64)) + deflate.flush()), None, False
-    yield "EPS (Ghostscript, where installed)", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 6000 6000\nshowpage\n", None, False
+    yield (
+        "deflated DICOM inflating to 1 GiB",
+        deflated(small, b"".join(deflate.compress(zeros) for _ in range(64)) + deflate.flush()),
+        None,
+        False,
+    )
+    yield (
+        "EPS (Ghostscript, where installed)",
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 6000 6000\nshowpage\n",
+        None,
+        False,
+    )
     yield "forged PNG header 6325 x 6325 (just over)", png_claiming(6325, 6325), None, False
     yield "forged PNG header 50000 x 50000", png_claiming(50000, 50000), None, False
     yield "forged JPEG header 6324 x 6324 RGB (under the limit)", forge_jpeg(side, side, "RGB"), None, False
@@ -460,29 +615,45 @@ def forged_dicom(rows: int, columns: int, exact: bool = False, **tags) -> bytes:
     return buffer.getvalue()
 
 
-def measure_worst_cases(runner: "Runner", repeats: int, only: str = "") -> None:
+def measure_worst_cases(runner: Runner, repeats: int, only: str = "") -> None:
     """Print the worst-case table: per case its peak memory over the worker at rest, its time, and the loader's answer."""
-    print(f"load average at start: {' '.join(f'{x:.2f}' for x in psutil.getloadavg())} ({psutil.cpu_count()} cores); best of {repeats}\n")
-    print(f"| case | file | peak extra MiB | seconds | answer |\n|---|---:|---:|---:|---|")
+    print(
+        f"load average at start: {' '.join(f'{x:.2f}' for x in psutil.getloadavg())} ({psutil.cpu_count()} cores); best of {repeats}\n"
+    )
+    print("| case | file | peak extra MiB | seconds | answer |\n|---|---:|---:|---:|---|")
     rows, reference = [], 0.0
     for label, data, suffix, legitimate in worst_cases():
         if only not in label and not legitimate:
             continue
         results = []
-        for _ in range(repeats):  # a fresh worker each time: memory an earlier case left to malloc would hide this one's
+        for _ in range(
+            repeats
+        ):  # a fresh worker each time: memory an earlier case left to malloc would hide this one's
             runner.restart()
             results.append(runner.run(data, suffix))
         outcome, message = results[0][0], results[0][3]
         seconds, peak = min(r[1] for r in results), min(r[2] for r in results)
         if legitimate:
             reference = max(reference, peak)
-        answer = "decoded" if outcome.startswith("RGB image") else ("refused: " + message.removeprefix("The upload ")[:100]) if message else outcome[:100]
+        answer = (
+            "decoded"
+            if outcome.startswith("RGB image")
+            else ("refused: " + message.removeprefix("The upload ")[:100])
+            if message
+            else outcome[:100]
+        )
         rows.append((label, len(data), peak, seconds, answer, legitimate))
         print(f"| {label} | {len(data) / 2**20:,.1f} MiB | {peak:,.0f} | {seconds:.2f} | {answer} |", flush=True)
     print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in psutil.getloadavg())}")
-    print(f"largest legitimate upload: +{reference:,.0f} MiB; target: every case under {1.5 * reference:,.0f} MiB (1.5x) and 3 s")
+    print(
+        f"largest legitimate upload: +{reference:,.0f} MiB; target: every case under {1.5 * reference:,.0f} MiB (1.5x) and 3 s"
+    )
     over = [row for row in rows if row[2] > 1.5 * reference or row[3] > 3]
-    print("every case within the targets" if not over else "over a target: " + "; ".join(f"{row[0]} ({row[2]:,.0f} MiB, {row[3]:.2f} s)" for row in over))
+    print(
+        "every case within the targets"
+        if not over
+        else "over a target: " + "; ".join(f"{row[0]} ({row[2]:,.0f} MiB, {row[3]:.2f} s)" for row in over)
+    )
 
 
 # ---- the worker: one input at a time -----------------------------------------------------------------------------------
@@ -548,7 +719,11 @@ def worker(connection, model: str | None) -> None:
                 if classifier:
                     try:
                         warning, scores, overlay, check = app.answer_upload(classifier, str(source))
-                        outcome = "RGB image; app.answer_upload answered" if len(scores) == 3 and overlay.mode == "RGB" else "crash: app.answer_upload gave a bad answer"
+                        outcome = (
+                            "RGB image; app.answer_upload answered"
+                            if len(scores) == 3 and overlay.mode == "RGB"
+                            else "crash: app.answer_upload gave a bad answer"
+                        )
                     except gr.Error as error:
                         outcome = f"crash: app.answer_upload refused what load_image accepted: {error.message[:80]}"
         except ImageLoadError as error:
@@ -580,7 +755,9 @@ class Runner:
         self.process = self.context.Process(target=worker, args=(child, self.model), daemon=True)
         self.process.start()
         self.watch = psutil.Process(self.process.pid)
-        if not self.connection.poll(300) or self.connection.recv() != "ready":  # imports (and the model) load outside the limits
+        if (
+            not self.connection.poll(300) or self.connection.recv() != "ready"
+        ):  # imports (and the model) load outside the limits
             raise SystemExit("the fuzzing worker did not start")
 
     def run(self, data: bytes, suffix: str | None) -> tuple[str, float, float, str]:
@@ -601,7 +778,12 @@ class Runner:
                 self.process.kill()
                 self.process.join()
                 self.start()
-                return ("hang: over the time limit" if elapsed > self.time_limit else "memory: over the memory limit"), elapsed, peak, ""
+                return (
+                    ("hang: over the time limit" if elapsed > self.time_limit else "memory: over the memory limit"),
+                    elapsed,
+                    peak,
+                    "",
+                )
         try:
             return self.connection.recv()
         except (EOFError, OSError):  # the worker died after the input was sent (e.g. killed for memory by the kernel)
@@ -621,18 +803,42 @@ class Runner:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=120, help="How long to fuzz.")
-    parser.add_argument("--time_limit", type=float, default=10, help="Seconds one input may take before it counts as a hang.")
+    parser.add_argument(
+        "--time_limit", type=float, default=10, help="Seconds one input may take before it counts as a hang."
+    )
     parser.add_argument("--memory_limit", type=float, default=3072, help="MiB the worker may reach on one input.")
     add_old_spelling(parser, "--time-limit", "time_limit", type=float)
     add_old_spelling(parser, "--memory-limit", "memory_limit", type=float)
-    parser.add_argument("--model", help="Also run app.answer_upload (with this model folder) on every input that decodes.")
-    parser.add_argument("--out", type=Path, default=Path("runs/fuzz"), help="Where crashing, hanging and memory-hungry inputs are saved.")
-    parser.add_argument("--replay", type=Path, help="Run one saved input (its .json beside it gives the suffix) and print the outcome.")
-    parser.add_argument("--worst", action="store_true", help="Instead of fuzzing, measure each worst case (docs/security.md) and print the table.")
-    parser.add_argument("--repeats", type=int, default=1, help="With --worst: runs per case; the table keeps the best (the CPU may be shared).")
-    parser.add_argument("--case", default="", help="With --worst: only the cases whose label contains this text (to rerun an outlier).")
+    parser.add_argument(
+        "--model", help="Also run app.answer_upload (with this model folder) on every input that decodes."
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/fuzz"),
+        help="Where crashing, hanging and memory-hungry inputs are saved.",
+    )
+    parser.add_argument(
+        "--replay", type=Path, help="Run one saved input (its .json beside it gives the suffix) and print the outcome."
+    )
+    parser.add_argument(
+        "--worst",
+        action="store_true",
+        help="Instead of fuzzing, measure each worst case (docs/security.md) and print the table.",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="With --worst: runs per case; the table keeps the best (the CPU may be shared).",
+    )
+    parser.add_argument(
+        "--case", default="", help="With --worst: only the cases whose label contains this text (to rerun an outlier)."
+    )
     return parser
 
 
@@ -645,7 +851,11 @@ def main() -> None:
         runner.close()
         return
     if args.replay:
-        suffix = json.loads(args.replay.with_suffix(".json").read_text()).get("suffix") if args.replay.with_suffix(".json").exists() else None
+        suffix = (
+            json.loads(args.replay.with_suffix(".json").read_text()).get("suffix")
+            if args.replay.with_suffix(".json").exists()
+            else None
+        )
         print(runner.run(args.replay.read_bytes(), suffix))
         runner.close()
         return
@@ -657,7 +867,9 @@ def main() -> None:
     end = 0.0  # set once the seeds have run
     tried = 0
 
-    @settings(max_examples=200, deadline=None, database=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=200, deadline=None, database=None, phases=[Phase.generate], suppress_health_check=list(HealthCheck)
+    )
     @given(strategies(make_seeds()))
     def fuzz(case) -> None:
         nonlocal tried, slowest, largest
@@ -675,7 +887,9 @@ def main() -> None:
             args.out.mkdir(parents=True, exist_ok=True)
             name = hashlib.sha1(data).hexdigest()[:16]
             (args.out / f"{name}.bin").write_bytes(data)
-            (args.out / f"{name}.json").write_text(json.dumps({"outcome": outcome, "input": description, "suffix": suffix}, indent=2))
+            (args.out / f"{name}.json").write_text(
+                json.dumps({"outcome": outcome, "input": description, "suffix": suffix}, indent=2)
+            )
             problems.append((outcome, label, args.out / f"{name}.bin"))
 
     for name, data in make_seeds().items():  # every seed as it is, first: each must decode
@@ -688,16 +902,23 @@ def main() -> None:
         fuzz()
     runner.close()
 
-    print(f"Fuzzed cxr.images.load_image{' and app.answer_upload' if args.model else ''} for {time.monotonic() - started:.0f} s: {tried:,} inputs "
-          f"(time limit {args.time_limit:g} s, memory limit {args.memory_limit:,.0f} MiB per input)\n")
+    print(
+        f"Fuzzed cxr.images.load_image{' and app.answer_upload' if args.model else ''} for {time.monotonic() - started:.0f} s: {tried:,} inputs "
+        f"(time limit {args.time_limit:g} s, memory limit {args.memory_limit:,.0f} MiB per input)\n"
+    )
     for outcome, count in outcomes.most_common():
         print(f"  {count:>7,}  {outcome}")
     bad = sum(count for outcome, count in outcomes.items() if outcome.startswith(PROBLEMS))
-    print(f"\n  {tried - bad:,} of {tried:,} inputs ended in an RGB image or ImageLoadError; {bad:,} did not" + (":" if bad else "."))
+    print(
+        f"\n  {tried - bad:,} of {tried:,} inputs ended in an RGB image or ImageLoadError; {bad:,} did not"
+        + (":" if bad else ".")
+    )
     for outcome, label, path in problems[:20]:
         print(f"    {outcome}\n      input: {label}\n      saved: {path}")
     print(f"\nslowest input: {slowest[0]:.2f} s, {slowest[1]}")
-    print(f"most memory for one input: +{largest[0]:,.0f} MiB over the worker's resident memory before it, {largest[1]}")
+    print(
+        f"most memory for one input: +{largest[0]:,.0f} MiB over the worker's resident memory before it, {largest[1]}"
+    )
 
 
 if __name__ == "__main__":

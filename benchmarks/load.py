@@ -55,13 +55,18 @@ app.main(sys.argv[2:])
 """
 
 
-def start_server(model: str, port: int, cache: Path, log: Path, timeout: float = 180, no_work_image: Path | None = None) -> subprocess.Popen:
+def start_server(
+    model: str, port: int, cache: Path, log: Path, timeout: float = 180, no_work_image: Path | None = None
+) -> subprocess.Popen:
     """`python app.py --model M` on loopback port `port`, once its page answers; with `no_work_image`, NO_WORK_APP."""
     env = dict(os.environ, GRADIO_TEMP_DIR=str(cache), GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1")
     program = ["-c", NO_WORK_APP, str(no_work_image)] if no_work_image else [str(REPO / "app.py")]
     server = subprocess.Popen(
         [sys.executable, *program, "--model", model, "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+        cwd=REPO,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -102,7 +107,16 @@ def loopback_client(url: str, verify_tls: bool = False, **kwargs):
     return Client(url, verbose=False, ssl_verify=verify_tls, **kwargs)
 
 
-def drive(url: str, images: list[Path], total: int, clients: int, max_seconds: float, timeout: float, downloads: Path, verify_tls: bool = False) -> list[tuple[float, str | None]]:
+def drive(
+    url: str,
+    images: list[Path],
+    total: int,
+    clients: int,
+    max_seconds: float,
+    timeout: float,
+    downloads: Path,
+    verify_tls: bool = False,
+) -> list[tuple[float, str | None]]:
     """`total` requests from `clients` threads, each waiting for its answer before sending the next: (seconds, error)."""
     from gradio_client import handle_file
 
@@ -123,7 +137,9 @@ def drive(url: str, images: list[Path], total: int, clients: int, max_seconds: f
                 return
             start = time.perf_counter()
             try:
-                client.submit(handle_file(str(images[number % len(images)])), api_name="/predict").result(timeout=timeout)
+                client.submit(handle_file(str(images[number % len(images)])), api_name="/predict").result(
+                    timeout=timeout
+                )
                 error = None
             except Exception as failure:  # noqa: BLE001 - the benchmark counts every kind of failure
                 error = f"{type(failure).__name__}: {str(failure)[:80]}"
@@ -154,19 +170,35 @@ def row(name: str, results: list[tuple[float, str | None]], clients: int, second
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--model", default="outputs/vit-xray", help="Model folder (or Hub id) app.py serves.")
     parser.add_argument("--requests", type=int, default=500, help="Requests in the load phase.")
     parser.add_argument("--clients", type=int, default=20, help="Concurrent clients in the load phase.")
     parser.add_argument("--single", type=int, default=20, help="Requests sent one at a time before the load.")
     parser.add_argument("--sample", type=int, default=76, help="Kaggle training images added to the originals.")
-    parser.add_argument("--max_seconds", type=float, default=600, help="Stop sending new load requests after this long.")
+    parser.add_argument(
+        "--max_seconds", type=float, default=600, help="Stop sending new load requests after this long."
+    )
     add_old_spelling(parser, "--max-seconds", "max_seconds", type=float)
-    parser.add_argument("--timeout", type=float, default=120, help="Seconds one request may take before it counts as an error.")
+    parser.add_argument(
+        "--timeout", type=float, default=120, help="Seconds one request may take before it counts as an error."
+    )
     parser.add_argument("--port", type=int, default=0, help="Loopback port for the app (0: a free one).")
-    parser.add_argument("--data", type=Path, default=SHARED_DATA, help="The shared data folder (xray_originals/, chest_xray/train/).")
-    parser.add_argument("--no_work", action="store_true", help="Serve the same app with answer_upload() replaced by a ready answer: what Gradio, gradio_client and this machine allow whatever the model (the floor under every figure).")
-    parser.add_argument("--verify_tls", action="store_true", help="gradio_client's default: load the CA bundle for every HTTP request, though loopback HTTP has no TLS (see loopback_client).")
+    parser.add_argument(
+        "--data", type=Path, default=SHARED_DATA, help="The shared data folder (xray_originals/, chest_xray/train/)."
+    )
+    parser.add_argument(
+        "--no_work",
+        action="store_true",
+        help="Serve the same app with answer_upload() replaced by a ready answer: what Gradio, gradio_client and this machine allow whatever the model (the floor under every figure).",
+    )
+    parser.add_argument(
+        "--verify_tls",
+        action="store_true",
+        help="gradio_client's default: load the CA bundle for every HTTP request, though loopback HTTP has no TLS (see loopback_client).",
+    )
     return parser
 
 
@@ -181,21 +213,41 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="xray-load-") as scratch:
         scratch = Path(scratch)
-        server = start_server(args.model, args.port, scratch / "server-cache", scratch / "server.log", no_work_image=images[0] if args.no_work else None)
+        server = start_server(
+            args.model,
+            args.port,
+            scratch / "server-cache",
+            scratch / "server.log",
+            no_work_image=images[0] if args.no_work else None,
+        )
         process = psutil.Process(server.pid)
         samples: list[tuple[float, float]] = []  # (seconds since the load began, RSS MiB)
         try:
             import app
 
-            served = "app.py answering at once (--no_work: a ready answer, no model run)" if args.no_work else f"{args.model}"
-            print(f"Load test of {served} at {url} (app.py: {app.CONCURRENCY_LIMIT} predictions at a time, queue of {app.QUEUE_SIZE})")
+            served = (
+                "app.py answering at once (--no_work: a ready answer, no model run)"
+                if args.no_work
+                else f"{args.model}"
+            )
+            print(
+                f"Load test of {served} at {url} (app.py: {app.CONCURRENCY_LIMIT} predictions at a time, queue of {app.QUEUE_SIZE})"
+            )
             originals = sum(path.parent.name == "xray_originals" for path in images)
-            print(f"{len(images)} images, cycled: {originals} full-resolution originals + {len(images) - originals} Kaggle training images (224 px)")
-            print(f"machine: {psutil.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run; clients run in this process\n")
+            print(
+                f"{len(images)} images, cycled: {originals} full-resolution originals + {len(images) - originals} Kaggle training images (224 px)"
+            )
+            print(
+                f"machine: {psutil.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run; clients run in this process\n"
+            )
 
-            drive(url, images[:3], 3, 1, 120, args.timeout, scratch / "downloads", args.verify_tls)  # warm-up: first calls allocate and pick kernels
+            drive(
+                url, images[:3], 3, 1, 120, args.timeout, scratch / "downloads", args.verify_tls
+            )  # warm-up: first calls allocate and pick kernels
             start = time.perf_counter()
-            single = drive(url, images, args.single, 1, args.max_seconds, args.timeout, scratch / "downloads", args.verify_tls)
+            single = drive(
+                url, images, args.single, 1, args.max_seconds, args.timeout, scratch / "downloads", args.verify_tls
+            )
             single_seconds = time.perf_counter() - start
             rss_warm = rss_mib(process)
 
@@ -209,9 +261,21 @@ def main() -> None:
 
             watcher = threading.Thread(target=watch, daemon=True)
             watcher.start()
-            load = drive(url, images, args.requests, args.clients, args.max_seconds, args.timeout, scratch / "downloads", args.verify_tls)
+            load = drive(
+                url,
+                images,
+                args.requests,
+                args.clients,
+                args.max_seconds,
+                args.timeout,
+                scratch / "downloads",
+                args.verify_tls,
+            )
             load_seconds = time.perf_counter() - load_start
-            cpu_server, cpu_clients = busy_seconds(process) - cpu_before[0], busy_seconds(psutil.Process()) - cpu_before[1]
+            cpu_server, cpu_clients = (
+                busy_seconds(process) - cpu_before[0],
+                busy_seconds(psutil.Process()) - cpu_before[1],
+            )
             stop.set()
             watcher.join()
             rss_end = rss_mib(process)
@@ -231,15 +295,21 @@ def main() -> None:
 
     quarters = [samples[len(samples) * quarter // 4][1] if samples else float("nan") for quarter in (1, 2, 3)]
     peak = max((rss for _, rss in samples), default=float("nan"))
-    print(f"server RSS (MiB): {rss_warm:.0f} after warm-up; {', '.join(f'{rss:.0f}' for rss in quarters)} a quarter, half and three quarters "
-          f"through the load; {rss_end:.0f} at the end (peak {peak:.0f})")
+    print(
+        f"server RSS (MiB): {rss_warm:.0f} after warm-up; {', '.join(f'{rss:.0f}' for rss in quarters)} a quarter, half and three quarters "
+        f"through the load; {rss_end:.0f} at the end (peak {peak:.0f})"
+    )
     print(f"                  growth over the second half of the load: {rss_end - quarters[1]:+.0f} MiB")
-    print(f"server cache at the end: {len(cache_sizes)} files, {cache_sizes.count(0)} of them empty "
-          f"(app.DELETE_CACHE = {app.DELETE_CACHE}: uploads go once older than {app.DELETE_CACHE[1]} s)")
+    print(
+        f"server cache at the end: {len(cache_sizes)} files, {cache_sizes.count(0)} of them empty "
+        f"(app.DELETE_CACHE = {app.DELETE_CACHE}: uploads go once older than {app.DELETE_CACHE[1]} s)"
+    )
     answered = max(len(load), 1)
-    print(f"CPU time per load request: server {1000 * cpu_server / answered:.0f} ms, the {args.clients} clients (this process) "
-          f"{1000 * cpu_clients / answered:.0f} ms; {psutil.cpu_count()} CPUs x {load_seconds:.0f} s = {psutil.cpu_count() * load_seconds:.0f} CPU-s available, "
-          f"{cpu_server + cpu_clients:.0f} CPU-s used by server and clients")
+    print(
+        f"CPU time per load request: server {1000 * cpu_server / answered:.0f} ms, the {args.clients} clients (this process) "
+        f"{1000 * cpu_clients / answered:.0f} ms; {psutil.cpu_count()} CPUs x {load_seconds:.0f} s = {psutil.cpu_count() * load_seconds:.0f} CPU-s available, "
+        f"{cpu_server + cpu_clients:.0f} CPU-s used by server and clients"
+    )
     errors = {}
     for _, error in single + load:
         if error:

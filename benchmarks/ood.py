@@ -34,19 +34,44 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 from sklearn.metrics import roc_auc_score
 
+from cxr.features import embed_split, forward_features
 from cxr.images import load_image
 from cxr.models import input_size
-from cxr.predictor import load_classifier
-from cxr.features import embed_split, forward_features
 from cxr.ood import ACCEPT_RATE, SCORES, accept_threshold
+from cxr.predictor import load_classifier
 
 ORIGINALS = Path(__file__).resolve().parents[2] / "shared" / "data" / "xray_originals"
 SITE_PACKAGES = Path(np.__file__).resolve().parents[1]
-PACKAGE_IMAGE_DIRS = ["gradio/media_assets/images", "gradio/test_data", "sklearn/datasets/images", "matplotlib/mpl-data/sample_data"]
+PACKAGE_IMAGE_DIRS = [
+    "gradio/media_assets/images",
+    "gradio/test_data",
+    "sklearn/datasets/images",
+    "matplotlib/mpl-data/sample_data",
+]
 SKIMAGE_SAMPLES = [  # the skimage.data images that ship inside the wheel (the rest need a download)
-    "astronaut", "brick", "camera", "cat", "cell", "checkerboard", "clock", "coffee", "coins", "colorwheel", "grass",
-    "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo", "microaneurysms", "moon", "page", "retina",
-    "rocket", "shepp_logan_phantom", "text",
+    "astronaut",
+    "brick",
+    "camera",
+    "cat",
+    "cell",
+    "checkerboard",
+    "clock",
+    "coffee",
+    "coins",
+    "colorwheel",
+    "grass",
+    "gravel",
+    "horse",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "logo",
+    "microaneurysms",
+    "moon",
+    "page",
+    "retina",
+    "rocket",
+    "shepp_logan_phantom",
+    "text",
 ]
 
 
@@ -81,7 +106,9 @@ def document(rng: np.random.Generator, width: int, height: int) -> Image.Image:
     """A white page with a title and paragraphs of text, as a scanned letter or a screenshot of one."""
     page = Image.new("L", (width, height), 250)
     draw = ImageDraw.Draw(page)
-    words = "patient report chest radiograph findings normal lungs clear no consolidation impression date signed".split()
+    words = (
+        "patient report chest radiograph findings normal lungs clear no consolidation impression date signed".split()
+    )
     draw.text((width * 0.1, height * 0.05), "DISCHARGE SUMMARY", fill=0, font_size=max(12, width // 20))
     y = height * 0.15
     while y < height * 0.9:
@@ -112,7 +139,11 @@ def generated_images(seed: int = 0) -> dict[str, bytes]:
     for size in (224, 512, 1024):
         images[f"noise, grey {size}px"] = png(rng.integers(0, 256, (size, size), dtype=np.uint8))
         images[f"noise, colour {size}px"] = png(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
-        images[f"noise, smooth {size}px"] = png(Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).filter(ImageFilter.GaussianBlur(size / 40)))
+        images[f"noise, smooth {size}px"] = png(
+            Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8)).filter(
+                ImageFilter.GaussianBlur(size / 40)
+            )
+        )
     for level in (0, 128, 255):
         images[f"flat grey {level}"] = png(Image.new("L", (400, 400), level))
     ramp = np.linspace(0, 255, 512)
@@ -120,11 +151,17 @@ def generated_images(seed: int = 0) -> dict[str, bytes]:
     images["gradient, vertical"] = png(np.tile(ramp[:384, None], (1, 512)).astype(np.uint8))
     yy, xx = np.mgrid[-1:1:400j, -1:1:400j]
     images["gradient, radial"] = png((np.clip(1 - np.hypot(xx, yy), 0, 1) * 255).astype(np.uint8))
-    images["gradient, colour"] = png(np.stack([np.tile(ramp, (384, 1)), np.tile(ramp[:384, None], (1, 512)), np.full((384, 512), 128.0)], -1).astype(np.uint8))
+    images["gradient, colour"] = png(
+        np.stack([np.tile(ramp, (384, 1)), np.tile(ramp[:384, None], (1, 512)), np.full((384, 512), 128.0)], -1).astype(
+            np.uint8
+        )
+    )
     for index, (width, height) in enumerate([(850, 1100), (1240, 1754), (600, 800), (1100, 850)]):
         images[f"document page {index + 1}"] = png(document(rng, width, height))
     for index in range(6):
-        images[f"photo-like scene {index + 1}"] = png(photo_like(rng, int(rng.integers(400, 900)), int(rng.integers(300, 700))))
+        images[f"photo-like scene {index + 1}"] = png(
+            photo_like(rng, int(rng.integers(400, 900)), int(rng.integers(300, 700)))
+        )
     return images
 
 
@@ -147,15 +184,27 @@ def score_files(classifier, files: dict[str, bytes], batch_size: int = 32) -> di
     batches = []
     for start in range(0, len(names), batch_size):
         images = [load_image(files[name], draft_size=size) for name in names[start : start + batch_size]]
-        batches.append(forward_features(classifier.model, classifier.image_processor(images, return_tensors="pt")["pixel_values"]))
+        batches.append(
+            forward_features(classifier.model, classifier.image_processor(images, return_tensors="pt")["pixel_values"])
+        )
     return classifier.ood_detector.scores({key: torch.cat([batch[key] for batch in batches]) for key in batches[0]})
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="outputs/vit-xray", help="Model folder with ood.safetensors (run python calibrate.py on it first).")
-    parser.add_argument("--data_dir", default="data/prepared/chest_xray", help="The prepared data the model was trained on (its validation split).")
-    parser.add_argument("--originals", type=Path, default=ORIGINALS, help="Full-resolution real X-rays (JPEG/PNG/DICOM).")
+    parser.add_argument(
+        "--model",
+        default="outputs/vit-xray",
+        help="Model folder with ood.safetensors (run python calibrate.py on it first).",
+    )
+    parser.add_argument(
+        "--data_dir",
+        default="data/prepared/chest_xray",
+        help="The prepared data the model was trained on (its validation split).",
+    )
+    parser.add_argument(
+        "--originals", type=Path, default=ORIGINALS, help="Full-resolution real X-rays (JPEG/PNG/DICOM)."
+    )
     args = parser.parse_args(argv)
 
     from hf_data import load_prepared
@@ -163,25 +212,43 @@ def main(argv: list[str] | None = None) -> None:
     classifier = load_classifier(args.model)
     detector = classifier.ood_detector
     if detector is None:
-        raise SystemExit(f"{args.model} has no out-of-distribution statistics: python calibrate.py {args.model} --data_dir {args.data_dir}")
+        raise SystemExit(
+            f"{args.model} has no out-of-distribution statistics: python calibrate.py {args.model} --data_dir {args.data_dir}"
+        )
     validation = load_prepared(args.data_dir)["validation"]
     outputs, _ = embed_split(classifier.model, classifier.image_processor, validation, desc="Validation")
-    originals = {path.name: path.read_bytes() for path in sorted(args.originals.glob("*")) if path.suffix.lower() in (".jpeg", ".jpg", ".png", ".dcm")}
-    files = {"originals": originals, "not X-ray": package_images() | generated_images(), "altered X-ray": altered_xrays(originals)}
-    groups = {"validation": detector.scores(outputs)} | {group: score_files(classifier, images) for group, images in files.items()}
+    originals = {
+        path.name: path.read_bytes()
+        for path in sorted(args.originals.glob("*"))
+        if path.suffix.lower() in (".jpeg", ".jpg", ".png", ".dcm")
+    }
+    files = {
+        "originals": originals,
+        "not X-ray": package_images() | generated_images(),
+        "altered X-ray": altered_xrays(originals),
+    }
+    groups = {"validation": detector.scores(outputs)} | {
+        group: score_files(classifier, images) for group, images in files.items()
+    }
     sizes = {group: len(scores["energy"]) for group, scores in groups.items()}
-    print(f"\nModel {args.model}. Each threshold accepts {ACCEPT_RATE:.0%} of the validation split ({sizes['validation']} X-rays); "
-          f"also {sizes['originals']} full-resolution originals; out of distribution: {sizes['not X-ray']} non-X-rays, {sizes['altered X-ray']} altered X-rays.\n")
+    print(
+        f"\nModel {args.model}. Each threshold accepts {ACCEPT_RATE:.0%} of the validation split ({sizes['validation']} X-rays); "
+        f"also {sizes['originals']} full-resolution originals; out of distribution: {sizes['not X-ray']} non-X-rays, {sizes['altered X-ray']} altered X-rays.\n"
+    )
 
     header = f"{'score':<26}{'ROC-AUC':>8}{'non-X-rays flagged':>20}{'altered X-rays flagged':>24}{'validation wrongly flagged':>28}{'originals wrongly flagged':>27}"
     print(header + "\n" + "-" * len(header))
     for name in SCORES:
         threshold = detector.thresholds[name]
         real = np.concatenate([groups["validation"][name], groups["originals"][name]])
-        auroc = roc_auc_score(np.r_[np.zeros(len(real)), np.ones(sizes["not X-ray"])], np.r_[real, groups["not X-ray"][name]])
+        auroc = roc_auc_score(
+            np.r_[np.zeros(len(real)), np.ones(sizes["not X-ray"])], np.r_[real, groups["not X-ray"][name]]
+        )
         flagged = {group: float((scores[name] > threshold).mean()) for group, scores in groups.items()}
         label = name + (" (chosen)" if name == detector.score_name else "")
-        print(f"{label:<26}{auroc:>8.3f}{flagged['not X-ray']:>20.1%}{flagged['altered X-ray']:>24.1%}{flagged['validation']:>28.1%}{flagged['originals']:>27.1%}")
+        print(
+            f"{label:<26}{auroc:>8.3f}{flagged['not X-ray']:>20.1%}{flagged['altered X-ray']:>24.1%}{flagged['validation']:>28.1%}{flagged['originals']:>27.1%}"
+        )
     print("ROC-AUC: real X-rays (validation + originals) against the non-X-rays.")
 
     name, threshold = detector.score_name, detector.threshold
@@ -191,8 +258,10 @@ def main(argv: list[str] | None = None) -> None:
     real = np.concatenate([groups["validation"][name], groups["originals"][name]])
     for rate in sorted({0.95, 0.97, 0.98, 0.99, 1.0, ACCEPT_RATE}):
         cut = accept_threshold(groups["validation"][name], rate)
-        print(f"{rate:>20.0%}{cut:>11.4g}{(groups['originals'][name] <= cut).mean():>20.1%}{(real <= cut).mean():>26.1%}"
-              f"{(groups['not X-ray'][name] > cut).mean():>20.1%}{(groups['altered X-ray'][name] > cut).mean():>24.1%}")
+        print(
+            f"{rate:>20.0%}{cut:>11.4g}{(groups['originals'][name] <= cut).mean():>20.1%}{(real <= cut).mean():>26.1%}"
+            f"{(groups['not X-ray'][name] > cut).mean():>20.1%}{(groups['altered X-ray'][name] > cut).mean():>24.1%}"
+        )
     print(f"Lowest non-X-ray score: {groups['not X-ray'][name].min():.4g}; highest real X-ray score: {real.max():.4g}.")
 
     print(f"\nChosen score ({name}, threshold {threshold:.4g}); the misses (accepted non-X-rays, flagged real X-rays):")

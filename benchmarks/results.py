@@ -24,9 +24,16 @@ from pathlib import Path
 from cxr.run_record import read_metrics, read_run
 
 COLUMNS = [
-    ("accuracy", "accuracy"), ("macro_f1", "macro-F1"), ("f1_bacterial_pneumonia", "F1 bacterial"), ("f1_normal", "F1 normal"),
-    ("f1_viral_pneumonia", "F1 viral"), ("pneumonia_accuracy", "pneumonia acc."), ("pneumonia_sensitivity", "sensitivity"),
-    ("pneumonia_specificity", "specificity"), ("roc_auc_ovr", "ROC-AUC"), ("expected_calibration_error", "ECE"),
+    ("accuracy", "accuracy"),
+    ("macro_f1", "macro-F1"),
+    ("f1_bacterial_pneumonia", "F1 bacterial"),
+    ("f1_normal", "F1 normal"),
+    ("f1_viral_pneumonia", "F1 viral"),
+    ("pneumonia_accuracy", "pneumonia acc."),
+    ("pneumonia_sensitivity", "sensitivity"),
+    ("pneumonia_specificity", "specificity"),
+    ("roc_auc_ovr", "ROC-AUC"),
+    ("expected_calibration_error", "ECE"),
 ]
 
 
@@ -63,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"| `{folder.name}` | {split} | {figures} | {wall_minutes(summary)} | {memory} |")
     print()
     for folder, summary in summaries.items():
-        print(f"- `{folder.name}`: {summary['model_origin']['description']}; epochs run {summary['train']['epoch']:g}; options: `{recipe_of(folder)}`")
+        print(
+            f"- `{folder.name}`: {summary['model_origin']['description']}; epochs run {summary['train']['epoch']:g}; options: `{recipe_of(folder)}`"
+        )
 
     seeds = defaultdict(list)  # the same options but --seed (and --resume, which changes nothing) -> those folders
     for folder in args.folders:
@@ -75,7 +84,9 @@ def main(argv: list[str] | None = None) -> None:
         validation = [summaries[folder]["validation"] for folder in folders]
         for key, title in COLUMNS:
             values = [figures[key] for figures in validation]
-            print(f"- {title}: {statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} ({min(values):.3f}-{max(values):.3f})")
+            print(
+                f"- {title}: {statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+            )
 
 
 if __name__ == "__main__":

@@ -39,7 +39,9 @@ def reachable(url: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def space_environment(model_id: str, hub_cache: Path, port: int, temp_dir: Path, host: str = "127.0.0.1") -> dict[str, str]:
+def space_environment(
+    model_id: str, hub_cache: Path, port: int, temp_dir: Path, host: str = "127.0.0.1"
+) -> dict[str, str]:
     """The environment a Space's app gets (its variables, the cache preload_from_hub filled), offline."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("GRADIO_", "XRAY_", "HF_"))}
     return env | {
@@ -54,14 +56,18 @@ def space_environment(model_id: str, hub_cache: Path, port: int, temp_dir: Path,
     }
 
 
-def start_space(python: str, space_dir: Path, env: dict[str, str], log: Path, timeout: float = 300) -> tuple[subprocess.Popen, float]:
+def start_space(
+    python: str, space_dir: Path, env: dict[str, str], log: Path, timeout: float = 300
+) -> tuple[subprocess.Popen, float]:
     """`python app.py` in `space_dir` (no arguments: a Space passes none); returns the process once its page answers,
     and the seconds that took. Raises RuntimeError with the log's tail if it exits or does not answer in time."""
     import httpx
 
     url = f"http://127.0.0.1:{env['GRADIO_SERVER_PORT']}/"
     began = time.monotonic()
-    server = subprocess.Popen([python, "app.py"], cwd=space_dir, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [python, "app.py"], cwd=space_dir, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT
+    )
     while time.monotonic() - began < timeout:
         if server.poll() is not None:
             raise RuntimeError(f"app.py exited with {server.returncode}:\n{log.read_text()[-3000:]}")
@@ -105,10 +111,21 @@ def install(venv: Path, requirements: Path) -> tuple[float, str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_dir", type=Path, default=REPO / "outputs" / "vit-xray", help="A model folder train_vit.py wrote.")
-    parser.add_argument("--model_id", default="test-org/vit-xray", help="The Hub id it is served under (only in the local cache).")
-    parser.add_argument("--work_dir", type=Path, default=None, help="Where the Space, cache and environment go. Default: a new temporary folder.")
-    parser.add_argument("--python", default=None, help="Start with this Python instead of a fresh environment (what the CI test does).")
+    parser.add_argument(
+        "--model_dir", type=Path, default=REPO / "outputs" / "vit-xray", help="A model folder train_vit.py wrote."
+    )
+    parser.add_argument(
+        "--model_id", default="test-org/vit-xray", help="The Hub id it is served under (only in the local cache)."
+    )
+    parser.add_argument(
+        "--work_dir",
+        type=Path,
+        default=None,
+        help="Where the Space, cache and environment go. Default: a new temporary folder.",
+    )
+    parser.add_argument(
+        "--python", default=None, help="Start with this Python instead of a fresh environment (what the CI test does)."
+    )
     args = parser.parse_args(argv)
     if not (args.model_dir / "config.json").is_file():
         raise SystemExit(f"--model_dir: no model folder at {args.model_dir} (train one: see the README).")
@@ -123,7 +140,12 @@ def main(argv: list[str] | None = None) -> None:
     space = work / "space"
     files = assemble(args.model_id, space, overwrite=True)
     print(f"Space folder {space}: {len(files)} files; requirements:")
-    print("  " + "\n  ".join(line for line in (space / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")))
+    print(
+        "  "
+        + "\n  ".join(
+            line for line in (space / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")
+        )
+    )
     fill_hub_cache(work / "hub", args.model_id, args.model_dir)
 
     python = args.python
@@ -137,7 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     env = space_environment(args.model_id, work / "hub", free_port(), temp_dir)
     server, seconds = start_space(python, space, env, work / "app.log")
     try:
-        print(f"Start: {seconds:.1f} s from `python app.py` to the page answering (XRAY_MODEL={args.model_id}, HF_HUB_OFFLINE=1).")
+        print(
+            f"Start: {seconds:.1f} s from `python app.py` to the page answering (XRAY_MODEL={args.model_id}, HF_HUB_OFFLINE=1)."
+        )
         example = sorted((space / "examples").glob("*.jpeg"))[0]
         client = Client(f"http://127.0.0.1:{env['GRADIO_SERVER_PORT']}/", verbose=False, ssl_verify=False)
         began = time.monotonic()

@@ -25,8 +25,8 @@ same app answering at once.
 from __future__ import annotations
 
 import argparse
-import os
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -86,9 +86,11 @@ def int8_matmul_gops(size: int = 2048, repeats: int = 10) -> float:
 
     weights = numpy_helper.from_array(np.random.default_rng(0).integers(-127, 128, (size, size), dtype=np.int8), "W")
     graph = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["A", "W"], ["Y"])], "int8_matmul",
+        [helper.make_node("MatMulInteger", ["A", "W"], ["Y"])],
+        "int8_matmul",
         [helper.make_tensor_value_info("A", TensorProto.UINT8, [size, size])],
-        [helper.make_tensor_value_info("Y", TensorProto.INT32, [size, size])], [weights],
+        [helper.make_tensor_value_info("Y", TensorProto.INT32, [size, size])],
+        [weights],
     )
     graph = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     options = ort.SessionOptions()
@@ -173,7 +175,9 @@ def app_work_ms(model_dir: str, image: Path, repeats: int = 10) -> float:
     return 1000 * statistics.median(times[2:])
 
 
-def app_latency(model_dir: str, image: Path, requests: int, no_work: bool = False, verify_tls: bool = False) -> list[float]:
+def app_latency(
+    model_dir: str, image: Path, requests: int, no_work: bool = False, verify_tls: bool = False
+) -> list[float]:
     """Milliseconds per request through the running app (gradio_client, one request at a time, loopback);
     `no_work`: through the same app answering at once (benchmarks.load.NO_WORK_APP)."""
     from gradio_client import handle_file
@@ -183,7 +187,13 @@ def app_latency(model_dir: str, image: Path, requests: int, no_work: bool = Fals
 
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="xray-latency-") as scratch:
-        server = start_server(model_dir, port, Path(scratch) / "cache", Path(scratch) / "server.log", no_work_image=image if no_work else None)
+        server = start_server(
+            model_dir,
+            port,
+            Path(scratch) / "cache",
+            Path(scratch) / "server.log",
+            no_work_image=image if no_work else None,
+        )
         try:
             client = loopback_client(f"http://127.0.0.1:{port}/", verify_tls)
             for _ in range(2):
@@ -200,15 +210,35 @@ def app_latency(model_dir: str, image: Path, requests: int, no_work: bool = Fals
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="Folder of X-ray images to classify.")
-    parser.add_argument("--repeat", type=int, default=2, help="Pass over the images this many times (more images, steadier figures).")
+    parser.add_argument(
+        "--repeat", type=int, default=2, help="Pass over the images this many times (more images, steadier figures)."
+    )
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--agreement_images", type=int, default=200, help="Kaggle training X-rays (a fixed sample from the chest_xray/train/ folder beside the default --images) each path also labels, untimed, after the timed run: top-1 agreement is counted over them and the distinct timed images.")
-    parser.add_argument("--presets", nargs="*", default=["scratch-base", "scratch-small"], help=f"Architectures built with random weights: {', '.join(PRESETS)}.")
+    parser.add_argument(
+        "--agreement_images",
+        type=int,
+        default=200,
+        help="Kaggle training X-rays (a fixed sample from the chest_xray/train/ folder beside the default --images) each path also labels, untimed, after the timed run: top-1 agreement is counted over them and the distinct timed images.",
+    )
+    parser.add_argument(
+        "--presets",
+        nargs="*",
+        default=["scratch-base", "scratch-small"],
+        help=f"Architectures built with random weights: {', '.join(PRESETS)}.",
+    )
     parser.add_argument("--model", action="append", default=[], help="A trained model folder to add (repeatable).")
-    parser.add_argument("--requests", type=int, default=20, help="Single requests sent through the app per model (0 skips the app).")
-    parser.add_argument("--verify_tls", action="store_true", help="gradio_client's default: load the CA bundle for every HTTP request, though loopback HTTP has no TLS (see benchmarks.load.loopback_client).")
+    parser.add_argument(
+        "--requests", type=int, default=20, help="Single requests sent through the app per model (0 skips the app)."
+    )
+    parser.add_argument(
+        "--verify_tls",
+        action="store_true",
+        help="gradio_client's default: load the CA bundle for every HTTP request, though loopback HTTP has no TLS (see benchmarks.load.loopback_client).",
+    )
     parser.add_argument("--worker", nargs=2, metavar=("MODEL_DIR", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -245,8 +275,23 @@ def main() -> None:
             export_onnx(folder)
             rows = {}
             for path_name in PATHS:
-                command = [sys.executable, "-m", "benchmarks.speed", "--images", str(args.images), "--repeat", str(args.repeat), "--batch_size", str(args.batch_size), "--worker", folder, path_name]
-                rows[path_name] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+                command = [
+                    sys.executable,
+                    "-m",
+                    "benchmarks.speed",
+                    "--images",
+                    str(args.images),
+                    "--repeat",
+                    str(args.repeat),
+                    "--batch_size",
+                    str(args.batch_size),
+                    "--worker",
+                    folder,
+                    path_name,
+                ]
+                rows[path_name] = json.loads(
+                    subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+                )
             plain = rows[PATHS[0]]
             for path_name, row in rows.items():
                 differ = sum(a != b for a, b in zip(row["check_labels"], plain["check_labels"]))
@@ -255,23 +300,52 @@ def main() -> None:
                     f"{label:<32} {path_name:<30} {row['rate']:>9.2f} {row['rate'] / plain['rate']:>7.2f}x {100 * row['rate'] / own_ceiling:>9.0f}% "
                     f"{row['peak_mib']:>9.0f} {100 * (1 - differ / len(check_images)):>11.1f}% {differ:>7}"
                 )
-            print(f"{'':<32} ceiling = {rate:.0f} GFLOP/s / {vit_gflops(config):.2f} GFLOP per image = {ceiling:.2f} images/s (float32 rows);")
-            print(f"{'':<32}           {int8_rate:.0f} GOP/s int8 / {vit_gflops(config):.2f} = {int8_ceiling:.2f} images/s (int8 rows) = {int8_ceiling / plain['rate']:.2f}x plain\n")
+            print(
+                f"{'':<32} ceiling = {rate:.0f} GFLOP/s / {vit_gflops(config):.2f} GFLOP per image = {ceiling:.2f} images/s (float32 rows);"
+            )
+            print(
+                f"{'':<32}           {int8_rate:.0f} GOP/s int8 / {vit_gflops(config):.2f} = {int8_ceiling:.2f} images/s (int8 rows) = {int8_ceiling / plain['rate']:.2f}x plain\n"
+            )
             if args.requests:
                 times = sorted(app_latency(folder, images[0], args.requests, verify_tls=args.verify_tls))
-                latencies.append((label, config.image_size, forward_ms(folder), app_work_ms(folder, images[0]), statistics.median(times), times[int(0.95 * (len(times) - 1))]))
+                latencies.append(
+                    (
+                        label,
+                        config.image_size,
+                        forward_ms(folder),
+                        app_work_ms(folder, images[0]),
+                        statistics.median(times),
+                        times[int(0.95 * (len(times) - 1))],
+                    )
+                )
         if latencies:  # the model loaded behind the no-work app does not matter: it never runs
-            floor = sorted(app_latency(models[-1][1], images[0], args.requests, no_work=True, verify_tls=args.verify_tls))
+            floor = sorted(
+                app_latency(models[-1][1], images[0], args.requests, no_work=True, verify_tls=args.verify_tls)
+            )
 
     if latencies:
-        print(f"App latency, one request at a time through gradio_client ({args.requests} requests of {images[0].name}, prediction + Grad-CAM overlay):")
-        print(f"{'model':<32} {'input':>6} {'forward ms':>11} {'app work ms':>13} {'app p50 ms':>11} {'app p95 ms':>11} {'p50 / forward':>14} {'transport ms':>13}")
+        print(
+            f"App latency, one request at a time through gradio_client ({args.requests} requests of {images[0].name}, prediction + Grad-CAM overlay):"
+        )
+        print(
+            f"{'model':<32} {'input':>6} {'forward ms':>11} {'app work ms':>13} {'app p50 ms':>11} {'app p95 ms':>11} {'p50 / forward':>14} {'transport ms':>13}"
+        )
         for label, size, forward, work, p50, p95 in latencies:
-            print(f"{label:<32} {size:>6} {forward:>11.0f} {work:>13.0f} {p50:>11.0f} {p95:>11.0f} {p50 / forward:>13.2f}x {p50 - work:>13.0f}")
-        print(f"{'the same app, answering at once':<32} {'':>6} {'':>11} {0:>13} {statistics.median(floor):>11.0f} {floor[int(0.95 * (len(floor) - 1))]:>11.0f} {'':>14} {statistics.median(floor):>13.0f}")
-        print("app work: answer_upload(), the app's own work for one upload in-process (decode, forward with Grad-CAM, X-ray check, overlay);")
-        print("transport: app p50 minus that, i.e. upload, Gradio's queue and events, the overlay's download, gradio_client.")
-        print("The last row is the same Interface with answer_upload() replaced by a ready answer: the floor no model can go under.")
+            print(
+                f"{label:<32} {size:>6} {forward:>11.0f} {work:>13.0f} {p50:>11.0f} {p95:>11.0f} {p50 / forward:>13.2f}x {p50 - work:>13.0f}"
+            )
+        print(
+            f"{'the same app, answering at once':<32} {'':>6} {'':>11} {0:>13} {statistics.median(floor):>11.0f} {floor[int(0.95 * (len(floor) - 1))]:>11.0f} {'':>14} {statistics.median(floor):>13.0f}"
+        )
+        print(
+            "app work: answer_upload(), the app's own work for one upload in-process (decode, forward with Grad-CAM, X-ray check, overlay);"
+        )
+        print(
+            "transport: app p50 minus that, i.e. upload, Gradio's queue and events, the overlay's download, gradio_client."
+        )
+        print(
+            "The last row is the same Interface with answer_upload() replaced by a ready answer: the floor no model can go under."
+        )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,9 @@ def training_data(workdir: Path):
 
 def plain_loop(model, dataset, loss_fn, batch_size: int, steps: int, warmup: int) -> tuple[float, float]:
     """Samples/s of a bare DataLoader + AdamW loop, and the share of time spent waiting for data."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, collate_fn=collate, drop_last=True
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
     batches = iter(loader)
@@ -57,7 +59,9 @@ def plain_loop(model, dataset, loss_fn, batch_size: int, steps: int, warmup: int
     return steps * batch_size / seconds, data_seconds / seconds
 
 
-def trainer_loop(model, processor, dataset, loss_fn, batch_size: int, steps: int, warmup: int, output_dir: str) -> float:
+def trainer_loop(
+    model, processor, dataset, loss_fn, batch_size: int, steps: int, warmup: int, output_dir: str
+) -> float:
     """Samples/s of the Trainer as train_vit.py configures it, timed between the warm-up and the last step."""
     times = {}
 
@@ -67,18 +71,35 @@ def trainer_loop(model, processor, dataset, loss_fn, batch_size: int, steps: int
                 times[state.global_step] = time.perf_counter()
 
     args = TrainingArguments(
-        output_dir=output_dir, per_device_train_batch_size=batch_size, max_steps=warmup + steps, learning_rate=1e-3,
-        eval_strategy="no", save_strategy="no", report_to="none", remove_unused_columns=False, disable_tqdm=True,
-        logging_steps=10_000, dataloader_drop_last=True,
+        output_dir=output_dir,
+        per_device_train_batch_size=batch_size,
+        max_steps=warmup + steps,
+        learning_rate=1e-3,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        logging_steps=10_000,
+        dataloader_drop_last=True,
     )
-    trainer = XrayTrainer(model=model, args=args, data_collator=collate, train_dataset=dataset, processing_class=processor,
-                          compute_loss_func=loss_fn, callbacks=[StepClock()])
+    trainer = XrayTrainer(
+        model=model,
+        args=args,
+        data_collator=collate,
+        train_dataset=dataset,
+        processing_class=processor,
+        compute_loss_func=loss_fn,
+        callbacks=[StepClock()],
+    )
     trainer.train()
     return steps * batch_size / (times[warmup + steps] - times[warmup])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--model", default="scratch-small", choices=list(PRESETS))
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=30, help="Timed optimizer steps per loop.")
@@ -90,7 +111,9 @@ def main() -> None:
         class_keys = train.features["label"].names
         id2label = {index: DISPLAY_NAMES[key] for index, key in enumerate(class_keys)}
         loss_fn = weighted_loss(class_weights(train["label"], len(class_keys)))
-        print(f"{args.model}, batch {args.batch_size}, {args.steps} timed steps, {torch.get_num_threads()} threads, data {source}\n")
+        print(
+            f"{args.model}, batch {args.batch_size}, {args.steps} timed steps, {torch.get_num_threads()} threads, data {source}\n"
+        )
 
         torch.manual_seed(0)
         model, processor, _ = build_model(args.model, id2label)
@@ -99,11 +122,15 @@ def main() -> None:
 
         torch.manual_seed(0)
         model, processor, _ = build_model(args.model, id2label)
-        trainer_rate = trainer_loop(model, processor, dataset, loss_fn, args.batch_size, args.steps, args.warmup, workdir + "/trainer")
+        trainer_rate = trainer_loop(
+            model, processor, dataset, loss_fn, args.batch_size, args.steps, args.warmup, workdir + "/trainer"
+        )
 
     print(f"{'loop':<22} {'samples/s':>10}")
     print(f"{'plain PyTorch':<22} {plain_rate:>10.1f}   ({100 * data_share:.0f}% of its time waiting for data)")
-    print(f"{'Trainer (train_vit)':<22} {trainer_rate:>10.1f}   ({100 * (trainer_rate / plain_rate - 1):+.1f}% vs plain)")
+    print(
+        f"{'Trainer (train_vit)':<22} {trainer_rate:>10.1f}   ({100 * (trainer_rate / plain_rate - 1):+.1f}% vs plain)"
+    )
 
 
 if __name__ == "__main__":

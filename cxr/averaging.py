@@ -17,7 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-TRAINING_WEIGHTS = "training_weights.safetensors"  # in a checkpoint whose model is the average: the weights being trained
+TRAINING_WEIGHTS = (
+    "training_weights.safetensors"  # in a checkpoint whose model is the average: the weights being trained
+)
 
 
 class WeightAveraging:
@@ -28,16 +30,22 @@ class WeightAveraging:
         self.weight_average_decay = weight_average_decay
         self.averaged_weights: dict[str, torch.Tensor] | None = None
         self.averaged_step = 0
-        self.stashed_weights: dict[str, torch.Tensor] | None = None  # the trained weights while the average is in the model
+        self.stashed_weights: dict[str, torch.Tensor] | None = (
+            None  # the trained weights while the average is in the model
+        )
 
     def _unwrapped(self):
         return self.accelerator.unwrap_model(self.model)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)  # the checkpoint's model: the average, where one was kept
+        super()._load_from_checkpoint(
+            resume_from_checkpoint, model
+        )  # the checkpoint's model: the average, where one was kept
         training_weights = Path(resume_from_checkpoint) / TRAINING_WEIGHTS
         if self.weight_average_decay and training_weights.is_file():
-            self.averaged_weights = {name: value.detach().clone() for name, value in self._unwrapped().state_dict().items()}
+            self.averaged_weights = {
+                name: value.detach().clone() for name, value in self._unwrapped().state_dict().items()
+            }
             self._unwrapped().load_state_dict(load_file(training_weights), strict=True)
 
     def _update_average(self) -> None:
@@ -82,7 +90,9 @@ class WeightAveraging:
         super()._save_checkpoint(model, trial)
         if self.stashed_weights is not None and self.args.should_save:
             folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            save_file({name: value.contiguous() for name, value in self.stashed_weights.items()}, folder / TRAINING_WEIGHTS)
+            save_file(
+                {name: value.contiguous() for name, value in self.stashed_weights.items()}, folder / TRAINING_WEIGHTS
+            )
 
     def train(self, *args, **kwargs):
         self.averaged_weights, self.averaged_step = None, 0  # a fresh average for each run (and each search trial)

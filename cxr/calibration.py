@@ -30,7 +30,9 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def nll(logits: np.ndarray, labels: np.ndarray) -> float:
-    return float(F.cross_entropy(torch.as_tensor(logits, dtype=torch.float64), torch.as_tensor(labels, dtype=torch.long)))
+    return float(
+        F.cross_entropy(torch.as_tensor(logits, dtype=torch.float64), torch.as_tensor(labels, dtype=torch.long))
+    )
 
 
 @torch.no_grad()

@@ -53,25 +53,42 @@ HUB_METRIC_IDS = ["accuracy", "f1", "roc_auc", "precision", "recall"]  # the car
 HUB_DATASET = "hf-vision/chest-xray-pneumonia"  # the Kermany images (CC BY 4.0) on the Hub, as in Kaggle's download
 
 
-def hub_eval_results(metrics: dict, class_keys: list[str], display_names: list[str], eval_split: str, synthetic_data: bool) -> list[EvalResult]:
+def hub_eval_results(
+    metrics: dict, class_keys: list[str], display_names: list[str], eval_split: str, synthetic_data: bool
+) -> list[EvalResult]:
     """The card's model-index: the headline figures, then precision and recall of each class (one-vs-rest)."""
     dataset = dict(
         task_type="image-classification",
         task_name="Image Classification",
         dataset_type="synthetic" if synthetic_data else HUB_DATASET,
-        dataset_name="Synthetic chest X-ray stand-ins (generated)" if synthetic_data else "Pediatric chest X-ray (Kermany et al. 2018)",
+        dataset_name="Synthetic chest X-ray stand-ins (generated)"
+        if synthetic_data
+        else "Pediatric chest X-ray (Kermany et al. 2018)",
         dataset_split=eval_split,
     )
     results = [
-        EvalResult(**dataset, metric_type=HUB_METRICS[key][0], metric_config=HUB_METRICS[key][1], metric_args=HUB_METRICS[key][2],
-                   metric_name=label, metric_value=round(metrics[key], 4))
+        EvalResult(
+            **dataset,
+            metric_type=HUB_METRICS[key][0],
+            metric_config=HUB_METRICS[key][1],
+            metric_args=HUB_METRICS[key][2],
+            metric_name=label,
+            metric_value=round(metrics[key], 4),
+        )
         for key, label in HEADLINE
         if key in metrics
     ]
     for key, name in zip(class_keys, display_names, strict=True):
         for metric_type in ("precision", "recall"):
-            results.append(EvalResult(**dataset, metric_type=metric_type, metric_args={"average": "binary", "pos_label": key},
-                                      metric_name=f"{metric_type.capitalize()} ({name})", metric_value=round(metrics[f"{metric_type}_{key}"], 4)))
+            results.append(
+                EvalResult(
+                    **dataset,
+                    metric_type=metric_type,
+                    metric_args={"average": "binary", "pos_label": key},
+                    metric_name=f"{metric_type.capitalize()} ({name})",
+                    metric_value=round(metrics[f"{metric_type}_{key}"], 4),
+                )
+            )
     return results
 
 
@@ -90,7 +107,14 @@ def render_model_card(record: dict, summary: dict) -> ModelCard:
         license="apache-2.0",  # the code's license (LICENSE); the training images stay CC BY 4.0, credited in the card
         library_name="transformers",
         pipeline_tag="image-classification",
-        tags=["vision", "image-classification", network_facts["model_type"], "medical-imaging", "chest-x-ray", "pneumonia"],
+        tags=[
+            "vision",
+            "image-classification",
+            network_facts["model_type"],
+            "medical-imaging",
+            "chest-x-ray",
+            "pneumonia",
+        ],
         base_model=origin.get("base_model"),  # only a Hub id: never a local folder or a preset
         datasets=None if synthetic_data else [HUB_DATASET],
         metrics=HUB_METRIC_IDS,
@@ -107,7 +131,9 @@ def render_model_card(record: dict, summary: dict) -> ModelCard:
         )
         for key, name in zip(class_keys, display_names, strict=True)
     ]
-    network, network_short = NETWORKS.get(network_facts["model_type"], (f"A `{network_facts['architecture']}`", "network"))
+    network, network_short = NETWORKS.get(
+        network_facts["model_type"], (f"A `{network_facts['architecture']}`", "network")
+    )
     data_description = (
         "SYNTHETIC generated stand-in images (not X-rays), for pipeline checks only; these figures say nothing about X-rays."
         if synthetic_data
@@ -145,7 +171,11 @@ def render_model_card(record: dict, summary: dict) -> ModelCard:
 
 def hardware() -> str:
     """What trained the model, for the card: the GPU's name, or the CPU and torch's thread count."""
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return (
+        torch.cuda.get_device_name(0)
+        if torch.cuda.is_available()
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
 
 
 SECTION_START, SECTION_END = "<!-- reliability -->", "<!-- /reliability -->"
@@ -161,40 +191,47 @@ def reliability_section(summary: dict | None) -> str:
         for split, f in calibration["by_split"].items()
     ]
     accepted = ", ".join(f"{share:.1%} of {split}" for split, share in ood["accepted"].items())
-    return "\n".join([
-        SECTION_START,
-        "## Calibration and out-of-distribution check",
-        "",
-        f"**Calibrated probabilities.** Temperature scaling: T = {calibration['temperature']:.3f}, fitted on the {calibration['fitted_on']} "
-        "by minimising the negative log-likelihood, and folded into the classifier head (weight and bias divided by T), so the saved "
-        "weights, and plain `pipeline()`, give the calibrated probabilities. T is recorded in `config.json` (`calibration_temperature`).",
-        "",
-        "| split | ECE before | ECE after | NLL before | NLL after |",
-        "|---|---|---|---|---|",
-        *rows,
-        "",
-        "ECE: expected calibration error, 15 equal-width confidence bins. On the validation split, where T was fitted, the figure after is optimistic.",
-        "",
-        f"**Is it a chest X-ray at all?** `ood.safetensors` holds the training split's feature statistics; an image whose "
-        f"`{ood['score']}` score (distance of its penultimate features to the nearest class, shared Ledoit-Wolf covariance) exceeds "
-        f"{ood['threshold']:.4g} is flagged as not looking like a pediatric chest X-ray. The threshold accepts {ood.get('accept_rate', 0.95):.0%} of the validation X-rays "
-        f"(accepted: {accepted}). The project's app and batch predictor (`cxr.predictor`) report the flag; plain `pipeline()` does not. "
-        "`python -m benchmarks.ood` measures it on real X-rays, photos, documents, noise and altered X-rays.",
-        *prediction_sets_paragraph(summary.get("prediction_sets")),
-        SECTION_END,
-    ])
+    return "\n".join(
+        [
+            SECTION_START,
+            "## Calibration and out-of-distribution check",
+            "",
+            f"**Calibrated probabilities.** Temperature scaling: T = {calibration['temperature']:.3f}, fitted on the {calibration['fitted_on']} "
+            "by minimising the negative log-likelihood, and folded into the classifier head (weight and bias divided by T), so the saved "
+            "weights, and plain `pipeline()`, give the calibrated probabilities. T is recorded in `config.json` (`calibration_temperature`).",
+            "",
+            "| split | ECE before | ECE after | NLL before | NLL after |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+            "ECE: expected calibration error, 15 equal-width confidence bins. On the validation split, where T was fitted, the figure after is optimistic.",
+            "",
+            f"**Is it a chest X-ray at all?** `ood.safetensors` holds the training split's feature statistics; an image whose "
+            f"`{ood['score']}` score (distance of its penultimate features to the nearest class, shared Ledoit-Wolf covariance) exceeds "
+            f"{ood['threshold']:.4g} is flagged as not looking like a pediatric chest X-ray. The threshold accepts {ood.get('accept_rate', 0.95):.0%} of the validation X-rays "
+            f"(accepted: {accepted}). The project's app and batch predictor (`cxr.predictor`) report the flag; plain `pipeline()` does not. "
+            "`python -m benchmarks.ood` measures it on real X-rays, photos, documents, noise and altered X-rays.",
+            *prediction_sets_paragraph(summary.get("prediction_sets")),
+            SECTION_END,
+        ]
+    )
 
 
 def prediction_sets_paragraph(sets: dict | None) -> list[str]:
     """Card lines for the conformal prediction sets: what they promise and the coverage measured on data the fit did not see."""
     if not sets:
         return []
-    checks = {"validation children held out of the fit": sets["validation_held_out_children"], **sets.get("by_split", {})}
+    checks = {
+        "validation children held out of the fit": sets["validation_held_out_children"],
+        **sets.get("by_split", {}),
+    }
     rows = [
         f"| {where} | {level} | {report['coverage']:.3f} | {report['mean_set_size']:.2f} | "
-        + " / ".join(f"{c['coverage']:.2f}, {c['mean_set_size']:.2f}" for c in report["by_class"].values()) + " |"
+        + " / ".join(f"{c['coverage']:.2f}, {c['mean_set_size']:.2f}" for c in report["by_class"].values())
+        + " |"
         for where, by_level in checks.items()
-        for level, report in by_level.items() if isinstance(report, dict)
+        for level, report in by_level.items()
+        if isinstance(report, dict)
     ]
     return [
         "",

@@ -64,9 +64,12 @@ class PredictionSets:
     fitted_on: dict[str, int] = field(default_factory=dict)  # images per class behind the thresholds
 
     @classmethod
-    def fit(cls, probabilities: np.ndarray, labels: np.ndarray, names: list[str], levels=LEVELS) -> "PredictionSets":
+    def fit(cls, probabilities: np.ndarray, labels: np.ndarray, names: list[str], levels=LEVELS) -> PredictionSets:
         probabilities, labels = np.asarray(probabilities, dtype=np.float64), np.asarray(labels)
-        thresholds = {level_name(level): [class_threshold(probabilities[labels == k, k], level) for k in range(len(names))] for level in levels}
+        thresholds = {
+            level_name(level): [class_threshold(probabilities[labels == k, k], level) for k in range(len(names))]
+            for level in levels
+        }
         return cls(list(names), thresholds, {name: int((labels == k).sum()) for k, name in enumerate(names)})
 
     def members(self, probabilities: np.ndarray) -> dict[str, np.ndarray]:
@@ -79,7 +82,10 @@ class PredictionSets:
         probabilities = np.asarray(probabilities, dtype=np.float64)
         members = self.members(probabilities)
         order = np.argsort(-probabilities, axis=1, kind="stable")
-        return [{name: [self.labels[k] for k in order[i] if inside[i, k]] for name, inside in members.items()} for i in range(len(probabilities))]
+        return [
+            {name: [self.labels[k] for k in order[i] if inside[i, k]] for name, inside in members.items()}
+            for i in range(len(probabilities))
+        ]
 
     def evaluate(self, probabilities: np.ndarray, labels: np.ndarray) -> dict:
         """Empirical coverage and mean set size, overall and per true class, at each level."""
@@ -98,10 +104,13 @@ class PredictionSets:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "PredictionSets":
+    def load(cls, path: str | Path) -> PredictionSets:
         document = json.loads(Path(path).read_text())
-        return cls(document["labels"], {name: [float(value) for value in values] for name, values in document["min_probability"].items()},
-                   document.get("fitted_on_images_per_class", {}))
+        return cls(
+            document["labels"],
+            {name: [float(value) for value in values] for name, values in document["min_probability"].items()},
+            document.get("fitted_on_images_per_class", {}),
+        )
 
 
 def coverage_report(members: dict[str, np.ndarray], labels: np.ndarray, names: list[str]) -> dict:
@@ -109,9 +118,20 @@ def coverage_report(members: dict[str, np.ndarray], labels: np.ndarray, names: l
     report = {}
     for name, inside in members.items():
         covered, size = inside[np.arange(len(labels)), labels], inside.sum(axis=1)
-        by_class = {label: {"images": int((labels == k).sum()), "coverage": _mean(covered[labels == k]), "mean_set_size": _mean(size[labels == k])}
-                    for k, label in enumerate(names)}
-        report[name] = {"images": len(labels), "coverage": _mean(covered), "mean_set_size": _mean(size), "by_class": by_class}
+        by_class = {
+            label: {
+                "images": int((labels == k).sum()),
+                "coverage": _mean(covered[labels == k]),
+                "mean_set_size": _mean(size[labels == k]),
+            }
+            for k, label in enumerate(names)
+        }
+        report[name] = {
+            "images": len(labels),
+            "coverage": _mean(covered),
+            "mean_set_size": _mean(size),
+            "by_class": by_class,
+        }
     return report
 
 
@@ -137,7 +157,9 @@ def _join(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
 
 
-def held_out_check(probabilities: np.ndarray, labels: np.ndarray, groups: list[str], names: list[str], seed: int = 0) -> dict:
+def held_out_check(
+    probabilities: np.ndarray, labels: np.ndarray, groups: list[str], names: list[str], seed: int = 0
+) -> dict:
     """Coverage on validation children the thresholds did not see: the children are split in two halves at random,
     thresholds are fitted on one half and measured on the other, and then the other way round; each image is
     scored once, by thresholds fitted without it or its siblings."""

@@ -20,7 +20,9 @@ class Distillation:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         teacher_pixel_values = inputs.pop("teacher_pixel_values", None)
         if self.teacher is None or teacher_pixel_values is None:  # no teacher, or an evaluation batch
-            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
         with torch.no_grad():
             teacher_labels = self.teacher(pixel_values=teacher_pixel_values).logits.argmax(dim=-1)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)

@@ -47,7 +47,9 @@ def forward_features(model, pixel_values: torch.Tensor, saliency: bool = False) 
     model.eval()
     pixel_values = pixel_values.to(model.device, model.dtype)
     if saliency:
-        pixel_values = pixel_values.detach().requires_grad_()  # the graph then reaches every hidden state, whatever the weights
+        pixel_values = (
+            pixel_values.detach().requires_grad_()
+        )  # the graph then reaches every hidden state, whatever the weights
     _install_head_hook(model)
     recorded = []
     token = _HEAD_INPUTS.set(recorded)
@@ -57,7 +59,9 @@ def forward_features(model, pixel_values: torch.Tensor, saliency: bool = False) 
     finally:
         _HEAD_INPUTS.reset(token)
     if len(recorded) != 1:
-        raise RuntimeError(f"{type(model).__name__}: its classifier head ran {len(recorded)} times in one forward pass; forward_features expects one")
+        raise RuntimeError(
+            f"{type(model).__name__}: its classifier head ran {len(recorded)} times in one forward pass; forward_features expects one"
+        )
     last = outputs.hidden_states[-1].detach()
     grid, prefix = feature_grid(last)
     mean = grid.mean(dim=(2, 3))
@@ -81,7 +85,9 @@ def feature_grid(hidden_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     if hidden_state.dim() == 4:
         return hidden_state, None
     if hidden_state.dim() != 3:
-        raise ValueError(f"a hidden state of shape {tuple(hidden_state.shape)} is neither a token sequence nor a feature map")
+        raise ValueError(
+            f"a hidden state of shape {tuple(hidden_state.shape)} is neither a token sequence nor a feature map"
+        )
     batch, length, width = hidden_state.shape
     side = math.isqrt(length)
     extra = length - side * side
@@ -96,7 +102,9 @@ def classifier_module(model) -> torch.nn.Module:
         module = getattr(model, name, None)
         if isinstance(module, torch.nn.Module):
             return module
-    raise TypeError(f"{type(model).__name__} has no `classifier` or `head` module: not an image classifier forward_features can read")
+    raise TypeError(
+        f"{type(model).__name__} has no `classifier` or `head` module: not an image classifier forward_features can read"
+    )
 
 
 # The inputs of classifier heads during the current `forward_features` call: each call (each thread) sets its own
@@ -123,17 +131,23 @@ def _install_head_hook(model) -> None:
             head._cxr_records_input = True
 
 
-def embed_split(model, processor, split, batch_size: int = 64, desc: str = "Features") -> tuple[dict[str, np.ndarray], np.ndarray]:
+def embed_split(
+    model, processor, split, batch_size: int = 64, desc: str = "Features"
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """`forward_features` (as numpy arrays) and the labels for every image of a dataset split.
 
     The split comes from `hf_data.load_prepared` (undecoded image column): images go through the training
     transform (the project's one loader, no augmentation), as in evaluation."""
-    loader = torch.utils.data.DataLoader(split.with_transform(pixel_transform(processor, augment=False)), batch_size=batch_size, collate_fn=collate)
+    loader = torch.utils.data.DataLoader(
+        split.with_transform(pixel_transform(processor, augment=False)), batch_size=batch_size, collate_fn=collate
+    )
     batches, labels = [], []
     for batch in tqdm(loader, desc=desc, unit="batch"):
         batches.append(forward_features(model, batch["pixel_values"]))
         labels.append(batch["labels"].numpy())
-    return {key: np.concatenate([_numpy(batch[key]) for batch in batches]) for key in batches[0]}, np.concatenate(labels)
+    return {key: np.concatenate([_numpy(batch[key]) for batch in batches]) for key in batches[0]}, np.concatenate(
+        labels
+    )
 
 
 def classifier_head(model) -> torch.nn.Linear:

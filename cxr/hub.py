@@ -29,13 +29,18 @@ def model_folder_files(folder: str | Path) -> list[str]:
     files = sorted(
         path.name
         for path in folder.iterdir()
-        if path.is_file() and not path.is_symlink() and not path.name.startswith(".") and not path.name.endswith(EXCLUDED_SUFFIXES)
+        if path.is_file()
+        and not path.is_symlink()
+        and not path.name.startswith(".")
+        and not path.name.endswith(EXCLUDED_SUFFIXES)
     )
     missing = [name for name in REQUIRED if name not in files]
     if not any(name.endswith(".safetensors") and name != "ood.safetensors" for name in files):
         missing.append("model.safetensors")
     if missing:
-        raise ValueError(f"'{folder}' is not a finished model folder (missing {', '.join(missing)}): train it with train_vit.py first.")
+        raise ValueError(
+            f"'{folder}' is not a finished model folder (missing {', '.join(missing)}): train it with train_vit.py first."
+        )
     return files
 
 
@@ -67,7 +72,9 @@ def publish_model_folder(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Publish a model folder written by train_vit.py to the Hugging Face Hub.")
+    parser = argparse.ArgumentParser(
+        description="Publish a model folder written by train_vit.py to the Hugging Face Hub."
+    )
     parser.add_argument("folder", help="The model folder, e.g. outputs/vit-xray.")
     parser.add_argument("repo_id", help="The model repo, e.g. your-name/vit-xray (created if it does not exist).")
     parser.add_argument("--private", action="store_true", help="Create the repo private.")

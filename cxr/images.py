@@ -112,10 +112,14 @@ def _read_bytes(source: str | os.PathLike | bytes) -> tuple[bytes, str]:
         name = _quote(path.name)
         try:
             info = path.stat()
-            if not stat.S_ISREG(info.st_mode):  # a folder, a pipe (opening it would wait forever) or a device (/dev/zero never ends)
+            if not stat.S_ISREG(
+                info.st_mode
+            ):  # a folder, a pipe (opening it would wait forever) or a device (/dev/zero never ends)
                 raise ImageLoadError(f"{name} is not a regular file.")
             if info.st_size > MAX_FILE_BYTES:
-                raise ImageLoadError(f"{name} is {info.st_size / 2**20:.0f} MiB; the limit is {MAX_FILE_BYTES // 2**20} MiB.")
+                raise ImageLoadError(
+                    f"{name} is {info.st_size / 2**20:.0f} MiB; the limit is {MAX_FILE_BYTES // 2**20} MiB."
+                )
             with path.open("rb") as file:
                 data = file.read(MAX_FILE_BYTES + 1)  # never more than the limit, even from a file still growing
         except OSError as error:
@@ -135,7 +139,9 @@ def _check_size(size: tuple[int, int], name: str) -> None:
             "(no chest X-ray is that large, and decoding it could exhaust memory)."
         )
     if min(width, height) < MIN_SIDE:
-        raise ImageLoadError(f"{name} is only {width} x {height} px; a chest X-ray needs at least {MIN_SIDE} px a side.")
+        raise ImageLoadError(
+            f"{name} is only {width} x {height} px; a chest X-ray needs at least {MIN_SIDE} px a side."
+        )
 
 
 def _check_budget(decoded_bytes: int, what: str, name: str) -> None:
@@ -164,9 +170,13 @@ def _open_with_pillow(data: bytes, name: str, draft_size: int | None) -> Image.I
     except ImageLoadError:
         raise
     except UnidentifiedImageError as error:
-        raise ImageLoadError(f"{name} is not an image this app reads (JPEG, PNG, TIFF, BMP, GIF, WebP or DICOM).") from error
+        raise ImageLoadError(
+            f"{name} is not an image this app reads (JPEG, PNG, TIFF, BMP, GIF, WebP or DICOM)."
+        ) from error
     except Image.DecompressionBombError as error:
-        raise ImageLoadError(f"{name} is refused: images over {MAX_PIXELS / 1e6:.0f} megapixels could exhaust memory.") from error
+        raise ImageLoadError(
+            f"{name} is refused: images over {MAX_PIXELS / 1e6:.0f} megapixels could exhaust memory."
+        ) from error
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as error:
         raise ImageLoadError(f"{name} is damaged or truncated and cannot be decoded ({_quote(error)}).") from error
     return image
@@ -177,7 +187,9 @@ def _check_scans(jpeg: bytes, pixels: int, name: str) -> None:
     # FF DA counts scans (and those of an embedded EXIF thumbnail).
     scans = jpeg.count(b"\xff\xda")
     if scans * pixels > MAX_SCAN_PIXELS:
-        raise ImageLoadError(f"{name} is a JPEG of {scans:,} scans, each a full decoding pass; at its size the limit is {MAX_SCAN_PIXELS // max(pixels, 1)}.")
+        raise ImageLoadError(
+            f"{name} is a JPEG of {scans:,} scans, each a full decoding pass; at its size the limit is {MAX_SCAN_PIXELS // max(pixels, 1)}."
+        )
 
 
 def _bytes_per_pixel(mode: str) -> int:
@@ -193,21 +205,54 @@ def _is_dicom(data: bytes, source: str | os.PathLike | bytes) -> bool:
 # ---- DICOM: pydicom, header first ------------------------------------------------------------------------------------
 
 _DICOM_TAGS = [  # all the decode reads; everything else in the header is skipped, not parsed
-    "Rows", "Columns", "SamplesPerPixel", "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
-    "PhotometricInterpretation", "PlanarConfiguration", "NumberOfFrames", "PixelData",
-    "ExtendedOffsetTable", "ExtendedOffsetTableLengths",
-    "RescaleSlope", "RescaleIntercept", "RescaleType", "ModalityLUTSequence",
-    "WindowCenter", "WindowWidth", "VOILUTFunction", "VOILUTSequence",
-    "RedPaletteColorLookupTableDescriptor", "GreenPaletteColorLookupTableDescriptor", "BluePaletteColorLookupTableDescriptor",
-    "RedPaletteColorLookupTableData", "GreenPaletteColorLookupTableData", "BluePaletteColorLookupTableData",
-    "SegmentedRedPaletteColorLookupTableData", "SegmentedGreenPaletteColorLookupTableData", "SegmentedBluePaletteColorLookupTableData",
+    "Rows",
+    "Columns",
+    "SamplesPerPixel",
+    "BitsAllocated",
+    "BitsStored",
+    "HighBit",
+    "PixelRepresentation",
+    "PhotometricInterpretation",
+    "PlanarConfiguration",
+    "NumberOfFrames",
+    "PixelData",
+    "ExtendedOffsetTable",
+    "ExtendedOffsetTableLengths",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "RescaleType",
+    "ModalityLUTSequence",
+    "WindowCenter",
+    "WindowWidth",
+    "VOILUTFunction",
+    "VOILUTSequence",
+    "RedPaletteColorLookupTableDescriptor",
+    "GreenPaletteColorLookupTableDescriptor",
+    "BluePaletteColorLookupTableDescriptor",
+    "RedPaletteColorLookupTableData",
+    "GreenPaletteColorLookupTableData",
+    "BluePaletteColorLookupTableData",
+    "SegmentedRedPaletteColorLookupTableData",
+    "SegmentedGreenPaletteColorLookupTableData",
+    "SegmentedBluePaletteColorLookupTableData",
 ]
 _NATIVE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
 _RLE = "1.2.840.10008.1.2.5"
-_JPEG = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70",  # baseline, 12-bit, lossless
-         "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}  # JPEG-LS
-_JPEG2000 = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91",
-             "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202", "1.2.840.10008.1.2.4.203"}  # HTJ2K
+_JPEG = {
+    "1.2.840.10008.1.2.4.50",
+    "1.2.840.10008.1.2.4.51",
+    "1.2.840.10008.1.2.4.57",
+    "1.2.840.10008.1.2.4.70",  # baseline, 12-bit, lossless
+    "1.2.840.10008.1.2.4.80",
+    "1.2.840.10008.1.2.4.81",
+}  # JPEG-LS
+_JPEG2000 = {
+    "1.2.840.10008.1.2.4.90",
+    "1.2.840.10008.1.2.4.91",
+    "1.2.840.10008.1.2.4.201",
+    "1.2.840.10008.1.2.4.202",
+    "1.2.840.10008.1.2.4.203",
+}  # HTJ2K
 
 
 class _BoundedReader(io.BytesIO):
@@ -242,7 +287,7 @@ def _decode_dicom(data: bytes, name: str) -> Image.Image:
             dataset = pydicom.dcmread(reader, force=True, specific_tags=_DICOM_TAGS)
             if reader.refused:  # pydicom swallows an EOFError in the header and returns what it read so far
                 raise ImageLoadError(f"{name} is refused: {reader.refused}.")
-            reader.reads = -10**9  # header read: the decode below may read freely
+            reader.reads = -(10**9)  # header read: the decode below may read freely
             _check_dicom_budget(dataset, name)
             dataset.pixel_array_options(index=0)  # multi-frame: only the first frame is decoded
             pixels = dataset.pixel_array
@@ -259,7 +304,9 @@ def _decode_dicom(data: bytes, name: str) -> Image.Image:
         return Image.fromarray(_stretch_to_uint8(pixels))
     gray = _stretch_to_uint8(pixels, lambda chunk: _window(apply_modality_lut(chunk, dataset), dataset))
     if photometric == "MONOCHROME1":
-        np.subtract(255, gray, out=gray)  # MONOCHROME1 stores bone dark; X-ray viewers (and our model) expect bone bright
+        np.subtract(
+            255, gray, out=gray
+        )  # MONOCHROME1 stores bone dark; X-ray viewers (and our model) expect bone bright
     return Image.fromarray(gray, mode="L")
 
 
@@ -271,11 +318,16 @@ def _check_dicom_budget(dataset, name: str) -> None:
     samples, bits = int(dataset.get("SamplesPerPixel") or 1), int(dataset.get("BitsAllocated") or 0)
     _check_size((columns, rows), name)
     if samples not in (1, 3) or bits not in (1, 8, 16, 32):
-        raise ImageLoadError(f"{name} has {samples} samples of {bits} bits a pixel; this app reads 1 or 3 samples of 1, 8, 16 or 32 bits.")
+        raise ImageLoadError(
+            f"{name} has {samples} samples of {bits} bits a pixel; this app reads 1 or 3 samples of 1, 8, 16 or 32 bits."
+        )
     cost, what = rows * columns * samples * math.ceil(bits / 8), f"{samples} x {bits}-bit samples a pixel"
     if str(dataset.get("PhotometricInterpretation", "")) == "PALETTE COLOR":
         entry_bits = _int_at(dataset.get("RedPaletteColorLookupTableDescriptor"), 2, 16)
-        cost, what = max(cost, rows * columns * 3 * (2 if entry_bits > 8 else 1)), f"RGB from a {entry_bits}-bit colour table"
+        cost, what = (
+            max(cost, rows * columns * 3 * (2 if entry_bits > 8 else 1)),
+            f"RGB from a {entry_bits}-bit colour table",
+        )
     _check_budget(cost, what, name)
     syntax = str(dataset.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2.1"))
     pixel_data = dataset.PixelData
@@ -283,9 +335,13 @@ def _check_dicom_budget(dataset, name: str) -> None:
         from pydicom.pixels.utils import get_expected_length
 
         frames = max(1, _int_at([dataset.get("NumberOfFrames")], 0, 1))
-        needed = math.ceil(get_expected_length(dataset, unit="bytes") / frames)  # YBR_FULL_422 holds 2 samples a pixel, not 3
+        needed = math.ceil(
+            get_expected_length(dataset, unit="bytes") / frames
+        )  # YBR_FULL_422 holds 2 samples a pixel, not 3
         if len(pixel_data) < needed:
-            raise ImageLoadError(f"{name} is truncated: its first frame needs {needed:,} bytes of pixel data, it holds {len(pixel_data):,}.")
+            raise ImageLoadError(
+                f"{name} is truncated: its first frame needs {needed:,} bytes of pixel data, it holds {len(pixel_data):,}."
+            )
         return
     if syntax != _RLE and syntax not in _JPEG | _JPEG2000:
         raise ImageLoadError(f"{name} uses transfer syntax {_quote(syntax, 64)}, which this app does not decode.")
@@ -293,7 +349,9 @@ def _check_dicom_budget(dataset, name: str) -> None:
     if syntax == _RLE:
         segments = struct.unpack("<I", frame[:4])[0] if len(frame) >= 64 else 0
         if segments != samples * math.ceil(bits / 8):
-            raise ImageLoadError(f"{name}'s RLE frame holds {segments} segments; its header needs {samples * math.ceil(bits / 8)}.")
+            raise ImageLoadError(
+                f"{name}'s RLE frame holds {segments} segments; its header needs {samples * math.ceil(bits / 8)}."
+            )
         return
     if syntax in _JPEG:
         _check_scans(frame, rows * columns, name)
@@ -362,7 +420,9 @@ def _window(values: np.ndarray, dataset) -> np.ndarray:
     from pydicom.pixels import apply_voi_lut
 
     width = dataset.get("WindowWidth")
-    if width is not None and not isinstance(width, (str, bytes)) and hasattr(width, "__len__"):  # several windows: pydicom uses the first
+    if (
+        width is not None and not isinstance(width, (str, bytes)) and hasattr(width, "__len__")
+    ):  # several windows: pydicom uses the first
         width = width[0] if len(width) else None
     if "VOILUTSequence" not in dataset and width is not None and not _positive(width):
         return values  # a window width <= 0 is invalid (PS3.3 C.11.2.1.2): fall back to the full range

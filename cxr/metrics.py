@@ -18,7 +18,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix
 
-METRIC_DIR = Path(__file__).resolve().parent.parent / "metrics" / "xray_classification"  # the evaluate module, shipped in the repo
+METRIC_DIR = (
+    Path(__file__).resolve().parent.parent / "metrics" / "xray_classification"
+)  # the evaluate module, shipped in the repo
 _METRIC = None
 
 
@@ -35,7 +37,9 @@ def load_metric():
     if _METRIC is None:
         import evaluate  # imported here: the app and predictor never need it
 
-        _METRIC = evaluate.load(str(METRIC_DIR), keep_in_memory=True)  # in memory: no cache files, no locks between runs
+        _METRIC = evaluate.load(
+            str(METRIC_DIR), keep_in_memory=True
+        )  # in memory: no cache files, no locks between runs
     return _METRIC
 
 
@@ -45,10 +49,15 @@ def expected_calibration_error(labels, probabilities, bins: int = 15) -> float:
     return sys.modules[type(load_metric()).__module__].expected_calibration_error(labels, probabilities, bins)
 
 
-def classification_metrics(labels, probabilities, class_keys: list[str], normal_key: str = "normal") -> dict[str, float]:
+def classification_metrics(
+    labels, probabilities, class_keys: list[str], normal_key: str = "normal"
+) -> dict[str, float]:
     """All figures for one evaluation, through the `evaluate` metric. `class_keys[i]` names class id i (e.g. "viral_pneumonia")."""
     return load_metric().compute(
-        predictions=np.asarray(probabilities, dtype=np.float64), references=np.asarray(labels), class_names=list(class_keys), normal_class=normal_key
+        predictions=np.asarray(probabilities, dtype=np.float64),
+        references=np.asarray(labels),
+        class_names=list(class_keys),
+        normal_class=normal_key,
     )
 
 
@@ -83,8 +92,12 @@ def plot_training_curves(log_history: list[dict], path: Path) -> None:
         loss_axis.plot(*zip(*train), label="training loss", alpha=0.8)
     if evals:
         loss_axis.plot([e["epoch"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="validation loss")
-        f1_axis.plot([e["epoch"] for e in evals], [e.get("eval_macro_f1", np.nan) for e in evals], "o-", label="macro-F1")
-        f1_axis.plot([e["epoch"] for e in evals], [e.get("eval_accuracy", np.nan) for e in evals], "s--", label="accuracy")
+        f1_axis.plot(
+            [e["epoch"] for e in evals], [e.get("eval_macro_f1", np.nan) for e in evals], "o-", label="macro-F1"
+        )
+        f1_axis.plot(
+            [e["epoch"] for e in evals], [e.get("eval_accuracy", np.nan) for e in evals], "s--", label="accuracy"
+        )
     loss_axis.set(xlabel="epoch", ylabel="loss", title="Loss")
     f1_axis.set(xlabel="epoch", ylim=(0, 1), title="Validation")
     for axis in (loss_axis, f1_axis):

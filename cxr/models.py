@@ -39,26 +39,80 @@ DEFAULT_ENCODER_DIR = "outputs/mae-encoder"  # where pretrain_mae.py writes and 
 # accepts; `image_size` is the input side in pixels the image processor resizes to.
 PRESETS: dict[str, tuple[type[PretrainedConfig], dict]] = {
     # For tests and smoke runs only: trains in seconds, learns little.
-    "scratch-tiny": (ViTConfig, dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)),
+    "scratch-tiny": (
+        ViTConfig,
+        dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+        ),
+    ),
     # The offline workhorse: ViT-Tiny width, 6 layers, 128 px (64 patches); small enough that a CPU trains it on the Kaggle train split.
-    "scratch-small": (ViTConfig, dict(image_size=128, patch_size=16, hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768)),
+    "scratch-small": (
+        ViTConfig,
+        dict(
+            image_size=128,
+            patch_size=16,
+            hidden_size=192,
+            num_hidden_layers=6,
+            num_attention_heads=3,
+            intermediate_size=768,
+        ),
+    ),
     # Same width and depth with 8-pixel patches at 96 px (144 patches): smaller patches suit ViTs trained from scratch on few images.
-    "scratch-small-p8": (ViTConfig, dict(image_size=96, patch_size=8, hidden_size=192, num_hidden_layers=6, num_attention_heads=3, intermediate_size=768)),
+    "scratch-small-p8": (
+        ViTConfig,
+        dict(
+            image_size=96,
+            patch_size=8,
+            hidden_size=192,
+            num_hidden_layers=6,
+            num_attention_heads=3,
+            intermediate_size=768,
+        ),
+    ),
     # The ViT-B/16 architecture at 224 px (the default checkpoint's shape) with random weights: for benchmarks, or GPUs.
-    "scratch-base": (ViTConfig, dict(image_size=224, patch_size=16, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)),
+    "scratch-base": (
+        ViTConfig,
+        dict(
+            image_size=224,
+            patch_size=16,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+        ),
+    ),
     # The convolutional baseline for scratch-small: ResNet-18's layout (basic blocks, 2-2-2-2) at a quarter of its width,
     # 128 px (a 4 x 4 map after the last stage). About the same parameters (2.8 M) and training time per image on a CPU.
     # ResNetConfig has no image_size field; it is kept in config.json as a record of the input size, as a ViT's is.
-    "scratch-resnet": (ResNetConfig, dict(image_size=128, layer_type="basic", embedding_size=32, depths=[2, 2, 2, 2], hidden_sizes=[32, 64, 128, 256])),
+    "scratch-resnet": (
+        ResNetConfig,
+        dict(
+            image_size=128, layer_type="basic", embedding_size=32, depths=[2, 2, 2, 2], hidden_sizes=[32, 64, 128, 256]
+        ),
+    ),
     # For tests: two one-block stages, 32 px (a 4 x 4 map after the last stage).
-    "scratch-tiny-resnet": (ResNetConfig, dict(image_size=32, layer_type="basic", embedding_size=8, depths=[1, 1], hidden_sizes=[8, 16])),
+    "scratch-tiny-resnet": (
+        ResNetConfig,
+        dict(image_size=32, layer_type="basic", embedding_size=8, depths=[1, 1], hidden_sizes=[8, 16]),
+    ),
     # Transformers with the locality a plain ViT lacks, for the offline architecture comparison at about the ViT's cost
     # (docs/architectures.md: a measured pilot chose each one's size and resolution).
     # Swin (windowed attention, patch merging): Swin-T's layout at half width and three stages, 4-px patches at 128 px,
     # 8 x 8 windows on grids of 32, 16 and 8 tokens (the last stage's one window is global attention).
-    "scratch-swin": (SwinConfig, dict(image_size=128, patch_size=4, embed_dim=48, depths=[2, 2, 6], num_heads=[3, 6, 12], window_size=8)),
+    "scratch-swin": (
+        SwinConfig,
+        dict(image_size=128, patch_size=4, embed_dim=48, depths=[2, 2, 6], num_heads=[3, 6, 12], window_size=8),
+    ),
     # PVTv2 (overlapping convolutional patch embeddings, spatial-reduction attention): the B0 layout of Wang et al. 2022, at 128 px.
-    "scratch-pvt": (PvtV2Config, dict(image_size=128, hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2], num_attention_heads=[1, 2, 5, 8])),
+    "scratch-pvt": (
+        PvtV2Config,
+        dict(image_size=128, hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2], num_attention_heads=[1, 2, 5, 8]),
+    ),
     # MobileViT V2 (MobileNet convolutions interleaved with separable-attention transformer blocks): MobileViTV2-0.5, 128 px.
     "scratch-mobilevit": (MobileViTV2Config, dict(image_size=128, width_multiplier=0.5)),
     # CvT (convolutional token embeddings and projections): CvT-13's three stages at half width and 1-2-4 blocks, 128 px.
@@ -78,10 +132,14 @@ class ModelOrigin:
     pretrained: bool
     pretraining: str | None = None  # for a pretrain_mae.py folder: how its weights were made (in-domain, no downloads)
     teacher: str | None = None  # with --teacher: the trained model whose predictions it also learned from
-    base_model: str | None = None  # the Hub id it was fine-tuned from (None for presets and local folders): the card's `base_model`
+    base_model: str | None = (
+        None  # the Hub id it was fine-tuned from (None for presets and local folders): the card's `base_model`
+    )
 
     from_config: bool = False  # not pretrained: built from the config.json in the folder `name` rather than a preset
-    unrecorded: bool = False  # a local folder with weights but no record of how they were made (e.g. saved from a config)
+    unrecorded: bool = (
+        False  # a local folder with weights but no record of how they were made (e.g. saved from a config)
+    )
 
     def describe(self) -> str:
         if self.pretraining:
@@ -94,7 +152,11 @@ class ModelOrigin:
             start = f"trained from scratch (random initialisation, no pretrained weights) with the architecture in `{self.name}/config.json`"
         else:
             start = f"trained from scratch (random initialisation, no pretrained weights) with the `{self.name}` preset"
-        return start + (f", learning also from the predictions of the trained model `{self.teacher}` (distillation)" if self.teacher else "")
+        return start + (
+            f", learning also from the predictions of the trained model `{self.teacher}` (distillation)"
+            if self.teacher
+            else ""
+        )
 
 
 def build_model(name: str, id2label: dict[int, str]):
@@ -107,17 +169,31 @@ def build_model(name: str, id2label: dict[int, str]):
     if (folder / "config.json").is_file() and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         # A folder with a config and no weights (`SomeConfig(...).save_pretrained(folder)`): that architecture from scratch.
         config = AutoConfig.from_pretrained(folder, num_labels=len(id2label), id2label=id2label, label2id=label2id)
-        processor = AutoImageProcessor.from_pretrained(folder) if (folder / "preprocessor_config.json").is_file() else square_processor(config_image_size(config))
-        return AutoModelForImageClassification.from_config(config), processor, ModelOrigin(name, pretrained=False, from_config=True)
+        processor = (
+            AutoImageProcessor.from_pretrained(folder)
+            if (folder / "preprocessor_config.json").is_file()
+            else square_processor(config_image_size(config))
+        )
+        return (
+            AutoModelForImageClassification.from_config(config),
+            processor,
+            ModelOrigin(name, pretrained=False, from_config=True),
+        )
     try:
         processor = AutoImageProcessor.from_pretrained(name)
         # id2label sets the number of labels; a head of another size (e.g. ImageNet's) is replaced by a new one.
-        model = AutoModelForImageClassification.from_pretrained(name, id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True)
+        model = AutoModelForImageClassification.from_pretrained(
+            name, id2label=id2label, label2id=label2id, ignore_mismatched_sizes=True
+        )
     except OSError as error:
         missing_folder = is_local_path(name) and not Path(name).expanduser().exists()
         raise SystemExit(
             f"Could not load the checkpoint '{name}': {error}\n"
-            + (f"There is no folder '{name}' here (an encoder for --recipe vit-mae is written by `python pretrain_mae.py`).\n" if missing_folder else "")
+            + (
+                f"There is no folder '{name}' here (an encoder for --recipe vit-mae is written by `python pretrain_mae.py`).\n"
+                if missing_folder
+                else ""
+            )
             + "Without network access no pretrained weights can be downloaded. Train from scratch instead with "
             f"one of the presets: --model {' | '.join(PRESETS)} (see README)."
         ) from error
@@ -126,7 +202,17 @@ def build_model(name: str, id2label: dict[int, str]):
     # A local folder that is neither a trained model folder (metrics.json) nor an MAE encoder (pretraining.json) may hold
     # random weights saved from a config: say where the weights came from rather than calling them pretrained.
     unrecorded = folder.is_dir() and description is None and not (folder / "metrics.json").is_file()
-    return model, processor, ModelOrigin(name, pretrained=True, pretraining=description, base_model=None if is_local_path(name) else name, unrecorded=unrecorded)
+    return (
+        model,
+        processor,
+        ModelOrigin(
+            name,
+            pretrained=True,
+            pretraining=description,
+            base_model=None if is_local_path(name) else name,
+            unrecorded=unrecorded,
+        ),
+    )
 
 
 def load_teacher(folder: str, id2label: dict[int, str], split_sizes: dict[str, int]):
@@ -138,10 +224,14 @@ def load_teacher(folder: str, id2label: dict[int, str], split_sizes: dict[str, i
     """
     path = Path(folder).expanduser()
     if not (path / "config.json").is_file():
-        raise SystemExit(f"No trained model at '{folder}' to learn from (no config.json there): train the teacher first, e.g. with --model scratch-resnet.")
+        raise SystemExit(
+            f"No trained model at '{folder}' to learn from (no config.json there): train the teacher first, e.g. with --model scratch-resnet."
+        )
     model = AutoModelForImageClassification.from_pretrained(path, use_safetensors=True)
     if {int(index): label for index, label in model.config.id2label.items()} != id2label:
-        raise SystemExit(f"The teacher '{folder}' predicts {model.config.id2label}, not this data set's classes {id2label}.")
+        raise SystemExit(
+            f"The teacher '{folder}' predicts {model.config.id2label}, not this data set's classes {id2label}."
+        )
     teacher_sizes = trained_split_sizes(path)
     if teacher_sizes != split_sizes:
         raise SystemExit(
@@ -167,7 +257,12 @@ def build_preset(name: str, id2label: dict[int, str], **overrides):
     (e.g. image_size=160 for a pilot at another resolution)."""
     config_class, arguments = PRESETS[name]
     arguments = {**arguments, **overrides}
-    config = config_class(**arguments, num_labels=len(id2label), id2label=id2label, label2id={label: index for index, label in id2label.items()})
+    config = config_class(
+        **arguments,
+        num_labels=len(id2label),
+        id2label=id2label,
+        label2id={label: index for index, label in id2label.items()},
+    )
     return AutoModelForImageClassification.from_config(config), square_processor(arguments["image_size"])
 
 

@@ -42,7 +42,11 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from cxr.features import OnnxExportError, forward_features
 
-OUTPUTS = ("logits", "cls", "tokens")  # the keys of forward_features(model, pixels) that classify and the OOD check read
+OUTPUTS = (
+    "logits",
+    "cls",
+    "tokens",
+)  # the keys of forward_features(model, pixels) that classify and the OOD check read
 ONNX_FILES = {False: "model.onnx", True: "model.int8.onnx"}  # int8 -> file name in the model folder
 FINGERPRINT_KEY = "cxr_fingerprint"  # metadata entry of the exported graph
 OPSET = 17
@@ -97,7 +101,9 @@ def fingerprint(model, int8: bool) -> str:
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    digest.update(f"torch {torch.__version__}, onnxruntime {ort.__version__}, opset {OPSET}, int8 {int8}: {QUANTIZATION}".encode())
+    digest.update(
+        f"torch {torch.__version__}, onnxruntime {ort.__version__}, opset {OPSET}, int8 {int8}: {QUANTIZATION}".encode()
+    )
     return digest.hexdigest()
 
 
@@ -112,8 +118,13 @@ def export(model, image_size: int, int8: bool, key: str, path: Path) -> None:
             warnings.simplefilter("ignore")
             try:
                 torch.onnx.export(
-                    _Features(model), (example,), str(float32), dynamo=False, opset_version=OPSET,
-                    input_names=["pixel_values"], output_names=list(OUTPUTS),
+                    _Features(model),
+                    (example,),
+                    str(float32),
+                    dynamo=False,
+                    opset_version=OPSET,
+                    input_names=["pixel_values"],
+                    output_names=list(OUTPUTS),
                     dynamic_axes={name: {0: "batch"} for name in ("pixel_values", *OUTPUTS)},
                 )
             except torch.onnx.errors.UnsupportedOperatorError as error:  # e.g. MobileViT V2's fold (Col2Im)
@@ -125,7 +136,9 @@ def export(model, image_size: int, int8: bool, key: str, path: Path) -> None:
         if int8:
             source = Path(scratch) / "int8.onnx"
             previous = logging.root.manager.disable
-            logging.disable(logging.WARNING)  # its advice to pre-process the graph first: tried, it changed neither speed nor error
+            logging.disable(
+                logging.WARNING
+            )  # its advice to pre-process the graph first: tried, it changed neither speed nor error
             try:
                 quantize_dynamic(float32, source, **QUANTIZATION)
             finally:
@@ -134,7 +147,9 @@ def export(model, image_size: int, int8: bool, key: str, path: Path) -> None:
         onnx.helper.set_model_props(graph, {FINGERPRINT_KEY: key})
         finished = Path(scratch) / "finished.onnx"
         onnx.save(graph, str(finished))
-        os.replace(finished, path)  # atomic: another process loading the folder reads the old file or the new one, never half of one
+        os.replace(
+            finished, path
+        )  # atomic: another process loading the folder reads the old file or the new one, never half of one
 
 
 def new_session(path: Path) -> ort.InferenceSession:

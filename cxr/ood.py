@@ -28,8 +28,15 @@ from safetensors.numpy import save_file
 from cxr.metrics import softmax
 
 OOD_FILE = "ood.safetensors"
-ACCEPT_RATE = 0.97  # share of validation X-rays let through: full-resolution uploads score higher than the 224 px copies
-SCORES = ("mahalanobis", "mahalanobis_cls", "energy", "max_softmax")  # candidate out-of-distribution scores; higher = less like the training X-rays
+ACCEPT_RATE = (
+    0.97  # share of validation X-rays let through: full-resolution uploads score higher than the 224 px copies
+)
+SCORES = (
+    "mahalanobis",
+    "mahalanobis_cls",
+    "energy",
+    "max_softmax",
+)  # candidate out-of-distribution scores; higher = less like the training X-rays
 DEFAULT_SCORE = "mahalanobis"
 
 
@@ -81,7 +88,13 @@ class OodDetector:
     score_name: str = DEFAULT_SCORE
 
     @classmethod
-    def fit(cls, train: dict[str, np.ndarray], train_labels: np.ndarray, validation: dict[str, np.ndarray], score_name: str = DEFAULT_SCORE) -> "OodDetector":
+    def fit(
+        cls,
+        train: dict[str, np.ndarray],
+        train_labels: np.ndarray,
+        validation: dict[str, np.ndarray],
+        score_name: str = DEFAULT_SCORE,
+    ) -> OodDetector:
         """Class means and Ledoit-Wolf precision from `train`, thresholds from `validation` (both `forward_features` outputs)."""
         from sklearn.covariance import LedoitWolf
 
@@ -98,7 +111,10 @@ class OodDetector:
 
     def scores(self, outputs: dict) -> dict[str, np.ndarray]:
         """Every candidate score for a batch of `forward_features` outputs; higher means less like the training X-rays."""
-        scores = {name: mahalanobis_score(_numpy(outputs[kind]), self.class_means[kind], self.precision[kind]) for name, kind in MAHALANOBIS_FEATURES.items()}
+        scores = {
+            name: mahalanobis_score(_numpy(outputs[kind]), self.class_means[kind], self.precision[kind])
+            for name, kind in MAHALANOBIS_FEATURES.items()
+        }
         logits = _numpy(outputs["logits"])
         return scores | {"energy": energy_score(logits), "max_softmax": max_softmax_score(logits)}
 
@@ -115,12 +131,16 @@ class OodDetector:
         path = Path(model_dir) / OOD_FILE
         tensors = {f"{kind}.class_means": value.astype(np.float32) for kind, value in self.class_means.items()}
         tensors |= {f"{kind}.precision": value.astype(np.float32) for kind, value in self.precision.items()}
-        metadata = {"score": self.score_name, "thresholds": json.dumps(self.thresholds), "accept_rate": str(ACCEPT_RATE)}
+        metadata = {
+            "score": self.score_name,
+            "thresholds": json.dumps(self.thresholds),
+            "accept_rate": str(ACCEPT_RATE),
+        }
         save_file(tensors, str(path), metadata=metadata)
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "OodDetector":
+    def load(cls, path: str | Path) -> OodDetector:
         with safe_open(str(path), framework="numpy") as handle:
             metadata = handle.metadata()
             tensors = {key: handle.get_tensor(key).astype(np.float64) for key in handle.keys()}

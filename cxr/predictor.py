@@ -30,11 +30,11 @@ import torch
 from tqdm import tqdm
 from transformers import Pipeline, pipeline
 
-from cxr.folders import folder_identity, write_text_atomic
 from cxr.conformal import CONFORMAL_FILE, LEVELS, PredictionSets, describe_set, level_name
+from cxr.features import forward_features
+from cxr.folders import folder_identity, write_text_atomic
 from cxr.images import IMAGE_SUFFIXES, ImageLoadError, ImageSource, load_image
 from cxr.models import input_size, is_local_path
-from cxr.features import forward_features
 from cxr.ood import OOD_FILE, OodDetector
 from cxr.run_record import read_metrics
 from cxr.saliency import grad_cam
@@ -50,7 +50,9 @@ class ModelNotFoundError(RuntimeError):
     """No usable model at the given folder or Hub id; the message says how to make one."""
 
 
-def load_classifier(model: str | Path, device: str | int | None = None, int8: bool = False, onnx: bool = False) -> Pipeline:
+def load_classifier(
+    model: str | Path, device: str | int | None = None, int8: bool = False, onnx: bool = False
+) -> Pipeline:
     """`_load_classifier` (below), loaded again if a run swapped a new model folder in meanwhile (`cxr.folders.swap_in`):
     the weights, the processor and the chest X-ray statistics are read one file after another, and must all be one version's."""
     for _ in range(5):
@@ -58,10 +60,14 @@ def load_classifier(model: str | Path, device: str | int | None = None, int8: bo
         classifier = _load_classifier(model, device, int8, onnx)
         if folder_identity(model) == before:
             return classifier
-    raise ModelNotFoundError(f"The model folder '{model}' kept changing while it was loaded (a training run saving into it?); try again.")
+    raise ModelNotFoundError(
+        f"The model folder '{model}' kept changing while it was loaded (a training run saving into it?); try again."
+    )
 
 
-def _load_classifier(model: str | Path, device: str | int | None = None, int8: bool = False, onnx: bool = False) -> Pipeline:
+def _load_classifier(
+    model: str | Path, device: str | int | None = None, int8: bool = False, onnx: bool = False
+) -> Pipeline:
     """The image-classification pipeline for a model folder or Hub id: safetensors weights only, no remote code.
 
     Its `ood_detector` attribute holds the folder's out-of-distribution statistics (None for a folder without
@@ -89,21 +95,31 @@ def _load_classifier(model: str | Path, device: str | int | None = None, int8: b
         )
     except (OSError, ValueError) as error:
         raise ModelNotFoundError(f"Could not load the model '{model}': {error}\n{TRAIN_HINT}") from error
-    classifier.model.requires_grad_(False)  # inference only; Grad-CAM's gradients then reach no further back than they must
+    classifier.model.requires_grad_(
+        False
+    )  # inference only; Grad-CAM's gradients then reach no further back than they must
     classifier.onnx_features = None
     if onnx:
         from cxr.onnx_runtime import load_onnx_features  # imports onnxruntime only for those who ask for it
 
-        classifier.onnx_features = load_onnx_features(classifier.model, input_size(classifier.image_processor), int8, path if looks_local else None)
+        classifier.onnx_features = load_onnx_features(
+            classifier.model, input_size(classifier.image_processor), int8, path if looks_local else None
+        )
     elif int8:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # torch 2.13 flags its quantized tensors as deprecated; they still work
-            classifier.model = torch.ao.quantization.quantize_dynamic(classifier.model, {torch.nn.Linear}, dtype=torch.qint8)
+            warnings.simplefilter(
+                "ignore", UserWarning
+            )  # torch 2.13 flags its quantized tensors as deprecated; they still work
+            classifier.model = torch.ao.quantization.quantize_dynamic(
+                classifier.model, {torch.nn.Linear}, dtype=torch.qint8
+            )
     classifier.ood_detector = load_ood_detector(model, looks_local)
     classifier.prediction_sets = load_prediction_sets(model, looks_local)
     id_order = [classifier.model.config.id2label[index] for index in range(len(classifier.model.config.id2label))]
     if classifier.prediction_sets is not None and classifier.prediction_sets.labels != id_order:
-        warnings.warn(f"{CONFORMAL_FILE} was fitted for the labels {classifier.prediction_sets.labels}, not this model's {id_order}: prediction sets left out")
+        warnings.warn(
+            f"{CONFORMAL_FILE} was fitted for the labels {classifier.prediction_sets.labels}, not this model's {id_order}: prediction sets left out"
+        )
         classifier.prediction_sets = None
     return classifier
 
@@ -139,7 +155,9 @@ class Prediction:
     scores: dict[str, float] | None = None  # label -> probability, best first
     error: str | None = None
     ood_score: float | None = None  # out-of-distribution score: higher = less like the training X-rays
-    looks_like_chest_xray: bool | None = None  # False: the score is above the threshold; None: the model has no statistics
+    looks_like_chest_xray: bool | None = (
+        None  # False: the score is above the threshold; None: the model has no statistics
+    )
     saliency: np.ndarray | None = None  # Grad-CAM for the top label over the patch grid, 0..1 (only when asked for)
     # Coverage level ("90%", "95%") -> the labels in the conformal prediction set, most probable first (cxr.conformal):
     # at 95 %, a set that holds the true label for 95 % of X-rays of each class. None: the model folder has no conformal.json.
@@ -176,13 +194,17 @@ def classify(
     `draft=False` decodes every pixel, exactly as the plain pipeline does).
     """
     size = input_size(classifier.image_processor) if draft else None
-    names = names or [str(image) if isinstance(image, (str, Path)) else f"image {index}" for index, image in enumerate(images)]
+    names = names or [
+        str(image) if isinstance(image, (str, Path)) else f"image {index}" for index, image in enumerate(images)
+    ]
     predictions = [Prediction(source=name) for name in names]
     # Each image is resized by the processor right after decoding, so only one full-size image is in memory at a time.
     pixel_rows, decoded_index = [], []
     for index, image in enumerate(images):
         try:
-            pixel_rows.append(classifier.image_processor(load_image(image, draft_size=size), return_tensors="pt")["pixel_values"][0])
+            pixel_rows.append(
+                classifier.image_processor(load_image(image, draft_size=size), return_tensors="pt")["pixel_values"][0]
+            )
             decoded_index.append(index)
         except ImageLoadError as error:
             predictions[index].error = str(error)
@@ -194,7 +216,11 @@ def classify(
     id2label = classifier.model.config.id2label
     for start in range(0, len(pixel_rows), batch_size):
         pixel_values = torch.stack(pixel_rows[start : start + batch_size])
-        outputs = onnx_features(pixel_values) if onnx_features else forward_features(classifier.model, pixel_values, saliency=saliency)
+        outputs = (
+            onnx_features(pixel_values)
+            if onnx_features
+            else forward_features(classifier.model, pixel_values, saliency=saliency)
+        )
         probabilities = outputs["logits"].detach().float().softmax(dim=-1).cpu()
         heat = grad_cam(outputs, probabilities.argmax(dim=-1).tolist()) if saliency else None
         ood_scores, accepted = detector.check(outputs) if detector else (None, None)
@@ -204,7 +230,10 @@ def classify(
             top = row.topk(min(top_k, len(row)))
             prediction.scores = {id2label[int(label)]: float(score) for score, label in zip(top.values, top.indices)}
             if detector:
-                prediction.ood_score, prediction.looks_like_chest_xray = float(ood_scores[offset]), bool(accepted[offset])
+                prediction.ood_score, prediction.looks_like_chest_xray = (
+                    float(ood_scores[offset]),
+                    bool(accepted[offset]),
+                )
             if heat is not None:
                 prediction.saliency = heat[offset]
             if sets is not None:
@@ -222,18 +251,24 @@ def find_image_files(inputs: Iterable[str | Path]) -> list[Path]:
     found = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found.extend(sorted(path for path in item.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()))
+            found.extend(
+                sorted(path for path in item.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
+            )
         else:
             found.append(item)  # a named file is always tried, so a bad one is reported rather than ignored
     return found
 
 
-def predict_files(classifier: Pipeline, paths: list[Path], top_k: int = 3, batch_size: int = 16, progress: bool = True) -> Iterator[Prediction]:
+def predict_files(
+    classifier: Pipeline, paths: list[Path], top_k: int = 3, batch_size: int = 16, progress: bool = True
+) -> Iterator[Prediction]:
     """Predictions for many files, a batch at a time, in order, with a progress bar."""
     with tqdm(total=len(paths), unit="image", disable=not progress, desc="Predicting") as bar:
         for start in range(0, len(paths), batch_size):
             chunk = paths[start : start + batch_size]
-            yield from classify(classifier, chunk, top_k=top_k, batch_size=batch_size, names=[str(path) for path in chunk])
+            yield from classify(
+                classifier, chunk, top_k=top_k, batch_size=batch_size, names=[str(path) for path in chunk]
+            )
             bar.update(len(chunk))
 
 
@@ -262,8 +297,14 @@ def write_predictions(predictions: Iterable[Prediction], output: Path, top_k: in
             }
             for p in predictions
         ]
-        write_text_atomic(output, json.dumps(rows, indent=2))  # the CSV below streams instead: rows written survive an interruption
-        return len(rows), sum(row["error"] is not None for row in rows), sum(row["looks_like_chest_xray"] is False for row in rows)
+        write_text_atomic(
+            output, json.dumps(rows, indent=2)
+        )  # the CSV below streams instead: rows written survive an interruption
+        return (
+            len(rows),
+            sum(row["error"] is not None for row in rows),
+            sum(row["looks_like_chest_xray"] is False for row in rows),
+        )
     columns = ["file"] + [name for rank in range(1, top_k + 1) for name in (f"label_{rank}", f"score_{rank}")]
     columns += [*SET_COLUMNS.values(), "ood_score", "looks_like_chest_xray", "error"]
     count = failed = flagged = 0
@@ -278,7 +319,10 @@ def write_predictions(predictions: Iterable[Prediction], output: Path, top_k: in
                 if level in SET_COLUMNS:
                     row[SET_COLUMNS[level]] = "; ".join(labels) or EMPTY_SET
             if prediction.looks_like_chest_xray is not None:
-                row["ood_score"], row["looks_like_chest_xray"] = f"{prediction.ood_score:.6g}", str(prediction.looks_like_chest_xray).lower()
+                row["ood_score"], row["looks_like_chest_xray"] = (
+                    f"{prediction.ood_score:.6g}",
+                    str(prediction.looks_like_chest_xray).lower(),
+                )
             writer.writerow(row)
             handle.flush()  # rows already written survive an interruption
             count += 1

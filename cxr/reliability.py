@@ -10,17 +10,17 @@ them: the temperature folded into the head (`cxr.calibration`), the X-ray check'
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from cxr.calibration import current_temperature, fit_temperature, fold_temperature, nll
 from cxr.features import embed_split
-from cxr.folders import write_text_atomic
 from cxr.metrics import expected_calibration_error, softmax
 from cxr.ood import ACCEPT_RATE, DEFAULT_SCORE, OOD_FILE, OodDetector
 
 
-def fit_reliability(model, processor, dataset, groups: list[str], batch_size: int = 64, score_name: str = DEFAULT_SCORE) -> tuple[OodDetector, dict]:
+def fit_reliability(
+    model, processor, dataset, groups: list[str], batch_size: int = 64, score_name: str = DEFAULT_SCORE
+) -> tuple[OodDetector, dict]:
     """Fit the temperature (validation split) and the out-of-distribution statistics (training split) for `model`.
 
     Folds the temperature into `model`'s head in place (undoing any earlier one first) and returns the detector
@@ -30,11 +30,19 @@ def fit_reliability(model, processor, dataset, groups: list[str], batch_size: in
     (`hf_data.loading.validation_patient_ids`).
     """
     fold_temperature(model, 1.0 / current_temperature(model))  # back to the uncalibrated head
-    held_out = {split: embed_split(model, processor, dataset[split], batch_size, desc=f"Features: {split}") for split in dataset if split != "train"}
+    held_out = {
+        split: embed_split(model, processor, dataset[split], batch_size, desc=f"Features: {split}")
+        for split in dataset
+        if split != "train"
+    }
 
     temperature = fit_temperature(held_out["validation"][0]["logits"], held_out["validation"][1])
     fold_temperature(model, temperature)
-    calibration = {"temperature": temperature, "fitted_on": f"validation split ({len(held_out['validation'][1])} images)", "by_split": {}}
+    calibration = {
+        "temperature": temperature,
+        "fitted_on": f"validation split ({len(held_out['validation'][1])} images)",
+        "by_split": {},
+    }
     for split, (outputs, labels) in held_out.items():
         raw = outputs["logits"]
         outputs["logits"] = raw / temperature  # what the calibrated head now gives
@@ -80,8 +88,11 @@ def fit_prediction_sets(model, held_out: dict, groups: list[str]) -> dict:
         "fitted_on": f"validation split ({len(labels)} images)",
         "fitted_on_images_per_class": sets.fitted_on,
         "validation_held_out_children": held_out_check(probabilities, labels, groups, names),
-        "by_split": {split: sets.evaluate(softmax(split_outputs["logits"]), split_labels)
-                     for split, (split_outputs, split_labels) in held_out.items() if split != "validation"},
+        "by_split": {
+            split: sets.evaluate(softmax(split_outputs["logits"]), split_labels)
+            for split, (split_outputs, split_labels) in held_out.items()
+            if split != "validation"
+        },
         "file": "conformal.json",
     }
 
@@ -91,7 +102,9 @@ def save_prediction_sets(model_dir: str | Path, summary: dict) -> Path:
     from cxr.conformal import PredictionSets
 
     fitted = summary["prediction_sets"]
-    return PredictionSets(fitted["labels"], fitted["min_probability"], fitted["fitted_on_images_per_class"]).save(model_dir)
+    return PredictionSets(fitted["labels"], fitted["min_probability"], fitted["fitted_on_images_per_class"]).save(
+        model_dir
+    )
 
 
 def save_reliability(model_dir: str | Path, detector: OodDetector, summary: dict) -> None:
@@ -105,21 +118,31 @@ def save_reliability(model_dir: str | Path, detector: OodDetector, summary: dict
 def describe_reliability(summary: dict) -> str:
     """A few lines for the terminal."""
     calibration, ood = summary["calibration"], summary["ood"]
-    lines = [f"Temperature T = {calibration['temperature']:.3f}, fitted on the {calibration['fitted_on']} and folded into the classifier head."]
+    lines = [
+        f"Temperature T = {calibration['temperature']:.3f}, fitted on the {calibration['fitted_on']} and folded into the classifier head."
+    ]
     for split, figures in calibration["by_split"].items():
-        lines.append(f"  {split}: ECE {figures['ece_before']:.4f} -> {figures['ece_after']:.4f}, NLL {figures['nll_before']:.4f} -> {figures['nll_after']:.4f}")
-    lines.append(f"Out-of-distribution check: {ood['score']} score, threshold {ood['threshold']:.4g}; statistics from the {ood['fitted_on']}.")
+        lines.append(
+            f"  {split}: ECE {figures['ece_before']:.4f} -> {figures['ece_after']:.4f}, NLL {figures['nll_before']:.4f} -> {figures['nll_after']:.4f}"
+        )
+    lines.append(
+        f"Out-of-distribution check: {ood['score']} score, threshold {ood['threshold']:.4g}; statistics from the {ood['fitted_on']}."
+    )
     lines += [f"  {split}: {share:.1%} accepted" for split, share in ood["accepted"].items()]
     if "prediction_sets" in summary:
         sets = summary["prediction_sets"]
-        lines.append(f"Prediction sets (class-conditional conformal), fitted on the {sets['fitted_on']}: coverage / mean set size per class")
-        checks = {"validation children held out from a half-split fit": sets["validation_held_out_children"]} | sets["by_split"]
+        lines.append(
+            f"Prediction sets (class-conditional conformal), fitted on the {sets['fitted_on']}: coverage / mean set size per class"
+        )
+        checks = {"validation children held out from a half-split fit": sets["validation_held_out_children"]} | sets[
+            "by_split"
+        ]
         for where, report in checks.items():
             for level in sets["min_probability"]:
-                per_class = ", ".join(f"{label} {figures['coverage']:.3f} / {figures['mean_set_size']:.2f}"
-                                      for label, figures in report[level]["by_class"].items() if figures["coverage"] is not None)
+                per_class = ", ".join(
+                    f"{label} {figures['coverage']:.3f} / {figures['mean_set_size']:.2f}"
+                    for label, figures in report[level]["by_class"].items()
+                    if figures["coverage"] is not None
+                )
                 lines.append(f"  {where}, {level}: {per_class}")
     return "\n".join(lines)
-
-
-

@@ -36,7 +36,9 @@ def options_of(arguments) -> dict:
     """Every field of an arguments dataclass (`TrainingArguments` through its own `to_dict`, which hides tokens)."""
     if hasattr(arguments, "to_dict"):
         return json_safe(arguments.to_dict())
-    return json_safe({option.name: getattr(arguments, option.name) for option in dataclasses.fields(arguments) if option.init})
+    return json_safe(
+        {option.name: getattr(arguments, option.name) for option in dataclasses.fields(arguments) if option.init}
+    )
 
 
 def run_record(*, given: list[str], expanded: list[str], program: str = "train_vit.py", **sections) -> dict:

@@ -33,7 +33,9 @@ def saliency_overlay(image: Image.Image, heat: np.ndarray, opacity: float = 0.6)
     Done on 8-bit images in Pillow, several times faster than a float blend in numpy (docs/feature-path-and-prediction-sets.md).
     """
     scale = SIDE / max(image.size)
-    base = image.convert("RGB").resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR)
+    base = image.convert("RGB").resize(
+        (max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BILINEAR
+    )
     # Feature grid -> image size; bilinear, because a blocky grid looks more precise than it is.
     heat_image = Image.fromarray(np.round(heat * 255).astype(np.uint8), mode="L").resize(base.size, Image.BILINEAR)
     colour = Image.merge("RGB", [heat_image.point(JET[:, channel].tolist()) for channel in range(3)])
@@ -65,7 +67,9 @@ def grad_cam(outputs: dict[str, torch.Tensor], class_indices: list[int]) -> np.n
     else:
         raise ValueError("the logits depend on no hidden state's grid: nothing for Grad-CAM to show")
     activations = feature_grid(hidden_state.detach())[0].float()
-    weights = grid_gradient.float().mean(dim=(2, 3), keepdim=True)  # one weight per channel, the gradient's spatial mean
+    weights = grid_gradient.float().mean(
+        dim=(2, 3), keepdim=True
+    )  # one weight per channel, the gradient's spatial mean
     cam = torch.relu((activations * weights).sum(dim=1)).cpu().numpy()
     peak = cam.max(axis=(1, 2), keepdims=True)
     return np.divide(cam, peak, out=np.zeros_like(cam), where=peak > 0)

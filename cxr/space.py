@@ -84,7 +84,9 @@ def third_party_imports(files: list[Path], root: Path = REPO) -> set[str]:
     """Top-level names of the non-local, non-standard-library modules those files import when loaded."""
     local = {path.parts[0].removesuffix(".py") for path in files}
     names = {name.split(".")[0] for path in files for name in module_level_imports(root / path)}
-    return {name for name in names if name not in local and name not in sys.stdlib_module_names and name != "__future__"}
+    return {
+        name for name in names if name not in local and name not in sys.stdlib_module_names and name != "__future__"
+    }
 
 
 def requirements_text(template: Path = TEMPLATES / "requirements.txt", pinned: dict[str, str] | None = None) -> str:
@@ -109,7 +111,9 @@ def readme_text(model_id: str, template: Path = TEMPLATES / "README.md", pinned:
 def assemble(model_id: str, output_dir: Path, overwrite: bool = False) -> list[Path]:
     """Write the Space folder for `model_id` into `output_dir`; return its files (relative), sorted."""
     if not HUB_ID.match(model_id) or Path(model_id).expanduser().exists():
-        raise SystemExit(f"--model_id: '{model_id}' is not a Hub id (owner/name); push the model first (docs/deployment.md).")
+        raise SystemExit(
+            f"--model_id: '{model_id}' is not a Hub id (owner/name); push the model first (docs/deployment.md)."
+        )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     others = [entry for entry in output_dir.iterdir() if not entry.name.startswith(".git")]
@@ -133,14 +137,20 @@ def assemble(model_id: str, output_dir: Path, overwrite: bool = False) -> list[P
     pinned = pins()
     (output_dir / "README.md").write_text(readme_text(model_id, pinned=pinned), encoding="utf-8")
     (output_dir / "requirements.txt").write_text(requirements_text(pinned=pinned))
-    return sorted(path.relative_to(output_dir) for path in output_dir.rglob("*") if path.is_file() and ".git" not in path.parts)
+    return sorted(
+        path.relative_to(output_dir) for path in output_dir.rglob("*") if path.is_file() and ".git" not in path.parts
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_id", required=True, help="The Hub id of the model the Space serves (owner/name).")
-    parser.add_argument("--output_dir", type=Path, default=Path("build/space"), help="Where to write the Space. Default: build/space.")
-    parser.add_argument("--overwrite", action="store_true", help="Remove what the output folder holds (except .git*) first.")
+    parser.add_argument(
+        "--output_dir", type=Path, default=Path("build/space"), help="Where to write the Space. Default: build/space."
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Remove what the output folder holds (except .git*) first."
+    )
     args = parser.parse_args(argv)
     files = assemble(args.model_id, args.output_dir, args.overwrite)
     print(f"Space for {args.model_id} in {args.output_dir}/ ({len(files)} files):")

@@ -4,8 +4,8 @@ checks on the run itself (a writable output folder up front, peak memory at the 
 
 from __future__ import annotations
 
-import os
 import json
+import os
 import resource
 import shutil
 import sys
@@ -34,7 +34,9 @@ def weighted_loss(weights: torch.Tensor, label_smoothing: float = 0.0):
 
     def compute_loss(outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"]
-        total = F.cross_entropy(logits, labels, weight=weights.to(logits.device), label_smoothing=label_smoothing, reduction="sum")
+        total = F.cross_entropy(
+            logits, labels, weight=weights.to(logits.device), label_smoothing=label_smoothing, reduction="sum"
+        )
         # Given a compute_loss_func, Trainer leaves the division to it and passes the number of images in the whole
         # (gradient-accumulated) step: summing per micro-batch and dividing by that total makes 2 x 16 images with
         # --gradient_accumulation_steps 2 the same step as 32 at once. Evaluation passes no count: average the batch.
@@ -58,7 +60,9 @@ def check_writable(output_dir: Path) -> None:
             probe.flush()
             os.fsync(probe.fileno())
     except OSError as error:
-        raise SystemExit(f"Cannot write the model folder {output_dir}: {error.strerror or error}. Choose a writable --output_dir.") from None
+        raise SystemExit(
+            f"Cannot write the model folder {output_dir}: {error.strerror or error}. Choose a writable --output_dir."
+        ) from None
 
 
 def peak_memory_mib() -> float:

@@ -32,10 +32,19 @@ def pixel_transform(processor, augment: bool, teacher_processor=None):
         pixel_values = processor(images, return_tensors="pt")["pixel_values"]
         if teacher_processor is None:
             return {"pixel_values": pixel_values, "labels": batch["label"]}
-        return {"pixel_values": pixel_values, "teacher_pixel_values": teacher_processor(images, return_tensors="pt")["pixel_values"], "labels": batch["label"]}
+        return {
+            "pixel_values": pixel_values,
+            "teacher_pixel_values": teacher_processor(images, return_tensors="pt")["pixel_values"],
+            "labels": batch["label"],
+        }
 
     return transform
 
 
 def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
-    return {key: torch.tensor([example[key] for example in examples]) if key == "labels" else torch.stack([example[key] for example in examples]) for key in examples[0]}
+    return {
+        key: torch.tensor([example[key] for example in examples])
+        if key == "labels"
+        else torch.stack([example[key] for example in examples])
+        for key in examples[0]
+    }

@@ -14,4 +14,11 @@ from cxr.labels import CLASS_NAMES, DISPLAY_NAMES
 from hf_data.prepare import PrepareReport, load_prepared, prepare_dataset
 from hf_data.synthetic import make_synthetic_dataset
 
-__all__ = ["CLASS_NAMES", "DISPLAY_NAMES", "PrepareReport", "load_prepared", "make_synthetic_dataset", "prepare_dataset"]
+__all__ = [
+    "CLASS_NAMES",
+    "DISPLAY_NAMES",
+    "PrepareReport",
+    "load_prepared",
+    "make_synthetic_dataset",
+    "prepare_dataset",
+]

@@ -42,16 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prepare.add_argument("source", metavar="SOURCE", help="folder holding the X-rays (read only)")
     prepare.add_argument(
-        "output", metavar="OUTPUT",
+        "output",
+        metavar="OUTPUT",
         help="folder to write; must be new, empty, or written by an earlier prepare (which is then replaced)",
     )
     prepare.add_argument(
-        "--validation_fraction", type=float, default=0.1, metavar="F",
+        "--validation_fraction",
+        type=float,
+        default=0.1,
+        metavar="F",
         help="share of the training images to hold out for validation, taken as whole patients (default: 0.1)",
     )
     prepare.add_argument("--split_seed", type=int, default=42, help="random seed of the validation split (default: 42)")
     prepare.add_argument(
-        "--keep_kaggle_val", action="store_true",
+        "--keep_kaggle_val",
+        action="store_true",
         help="use SOURCE's val/ folder as the validation split instead of folding it into train "
         "(Kaggle's holds only 16 images, too few to judge a model)",
     )
@@ -59,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_old_spelling(prepare, "--seed", "split_seed", type=int)
     add_old_spelling(prepare, "--keep-kaggle-val", "keep_kaggle_val", action="store_true")
     prepare.add_argument(
-        "--copy", action="store_true",
+        "--copy",
+        action="store_true",
         help="copy the images instead of symlinking them (needs the disk space; survives moving SOURCE)",
     )
 
@@ -73,10 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     synthetic.add_argument("output", metavar="OUTPUT", help="folder to write (new, empty, or an earlier synthetic set)")
-    synthetic.add_argument("--images_per_class", type=int, default=40, metavar="N", help="images per class (default: 40)")
+    synthetic.add_argument(
+        "--images_per_class", type=int, default=40, metavar="N", help="images per class (default: 40)"
+    )
     add_old_spelling(synthetic, "--images-per-class", "images_per_class", type=int)
-    synthetic.add_argument("--size", type=int, default=64, metavar="PX", help="width and height in pixels (default: 64)")
-    synthetic.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same images (default: 0)")
+    synthetic.add_argument(
+        "--size", type=int, default=64, metavar="PX", help="width and height in pixels (default: 64)"
+    )
+    synthetic.add_argument(
+        "--seed", type=int, default=0, help="random seed; the same seed gives the same images (default: 0)"
+    )
     return parser
 
 
@@ -86,16 +98,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "prepare":
             report = prepare_dataset(
-                args.source, args.output,
-                validation_fraction=args.validation_fraction, seed=args.split_seed,
-                keep_kaggle_val=args.keep_kaggle_val, copy=args.copy,
+                args.source,
+                args.output,
+                validation_fraction=args.validation_fraction,
+                seed=args.split_seed,
+                keep_kaggle_val=args.keep_kaggle_val,
+                copy=args.copy,
             )
             print(report.summary())
         else:
-            output = make_synthetic_dataset(args.output, images_per_class=args.images_per_class, size=args.size, seed=args.seed)
+            output = make_synthetic_dataset(
+                args.output, images_per_class=args.images_per_class, size=args.size, seed=args.seed
+            )
             print(f"Wrote synthetic images (generated pictures, not X-rays) to {output}")
             for split in ("train", "test"):
-                counts = [f"{folder} {len(list((output / split / folder).glob('synthetic_*.png')))}" for folder in SYNTHETIC_FOLDERS.values()]
+                counts = [
+                    f"{folder} {len(list((output / split / folder).glob('synthetic_*.png')))}"
+                    for folder in SYNTHETIC_FOLDERS.values()
+                ]
                 print(f"  {split}: {', '.join(counts)}")
     except ValueError as error:
         parser.exit(2, f"error: {error}\n")

@@ -11,7 +11,14 @@ from pathlib import Path
 from filelock import FileLock
 from transformers import TrainingArguments
 
-from hf_data.prepare import MANIFEST_NAME, PrepareReport, load_prepared, prepare_dataset, prepared_settings, read_patient_id
+from hf_data.prepare import (
+    MANIFEST_NAME,
+    PrepareReport,
+    load_prepared,
+    prepare_dataset,
+    prepared_settings,
+    read_patient_id,
+)
 from hf_data.synthetic import make_synthetic_dataset
 
 try:
@@ -31,18 +38,36 @@ class DataArguments:
     )
     prepared_dir: str | None = field(
         default=None,
-        metadata={"help": "Where to write the imagefolder tree (links to your files, never moves them). Default: data/prepared/<name of data_dir>, "
-            "with the split settings in the name where they are not the defaults (e.g. chest_xray-split7), so runs with different splits keep apart."},
+        metadata={
+            "help": "Where to write the imagefolder tree (links to your files, never moves them). Default: data/prepared/<name of data_dir>, "
+            "with the split settings in the name where they are not the defaults (e.g. chest_xray-split7), so runs with different splits keep apart."
+        },
     )
-    validation_fraction: float = field(default=0.1, metadata={"help": "Share of the training patients held out for validation (grouped by patient, stratified by class)."})
+    validation_fraction: float = field(
+        default=0.1,
+        metadata={
+            "help": "Share of the training patients held out for validation (grouped by patient, stratified by class)."
+        },
+    )
     split_seed: int = field(
         default=42,
-        metadata={"help": "Random seed of the validation split. Kept apart from --seed, so runs with different seeds are scored on the same children."},
+        metadata={
+            "help": "Random seed of the validation split. Kept apart from --seed, so runs with different seeds are scored on the same children."
+        },
     )
-    synthetic_images_per_class: int = field(default=200, metadata={"help": "Images per class generated for --data_dir synthetic."})
-    keep_kaggle_val: bool = field(default=False, metadata={"help": "Use Kaggle's 16-image val/ as the validation split instead of folding it into train."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Train on at most this many images (quick experiments)."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many images (quick experiments)."})
+    synthetic_images_per_class: int = field(
+        default=200, metadata={"help": "Images per class generated for --data_dir synthetic."}
+    )
+    keep_kaggle_val: bool = field(
+        default=False,
+        metadata={"help": "Use Kaggle's 16-image val/ as the validation split instead of folding it into train."},
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Train on at most this many images (quick experiments)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on at most this many images (quick experiments)."}
+    )
 
     @property
     def synthetic(self) -> bool:
@@ -62,22 +87,37 @@ def prepare_and_load(data_args: DataArguments, training_args: TrainingArguments)
     runs started at once on one data folder (a sweep, a comparison) take turns, instead of one reading the tree
     while the other rewrites it.
     """
-    prepared_dir = Path(data_args.prepared_dir or default_prepared_dir(data_args.source, data_args.validation_fraction, data_args.split_seed, data_args.keep_kaggle_val))
+    prepared_dir = Path(
+        data_args.prepared_dir
+        or default_prepared_dir(
+            data_args.source, data_args.validation_fraction, data_args.split_seed, data_args.keep_kaggle_val
+        )
+    )
     report: PrepareReport | None = None
-    with training_args.main_process_first(local=training_args.save_on_each_node, desc="data preparation"), FileLock(f"{prepared_dir}.lock"):
+    with (
+        training_args.main_process_first(local=training_args.save_on_each_node, desc="data preparation"),
+        FileLock(f"{prepared_dir}.lock"),
+    ):
         in_use = None
         if training_args.should_save:
             if data_args.synthetic:
                 make_synthetic_dataset(data_args.source, images_per_class=data_args.synthetic_images_per_class)
             in_use = claim_tree(prepared_dir, data_args)
             report = prepare_dataset(
-                data_args.source, prepared_dir,
-                validation_fraction=data_args.validation_fraction, seed=data_args.split_seed, keep_kaggle_val=data_args.keep_kaggle_val,
+                data_args.source,
+                prepared_dir,
+                validation_fraction=data_args.validation_fraction,
+                seed=data_args.split_seed,
+                keep_kaggle_val=data_args.keep_kaggle_val,
             )
             print(report.summary())
-        dataset = load_prepared(prepared_dir)  # image paths, decoded by the project's one loader (cxr.images.load_image)
+        dataset = load_prepared(
+            prepared_dir
+        )  # image paths, decoded by the project's one loader (cxr.images.load_image)
         if in_use is not None:
-            fcntl.flock(in_use, fcntl.LOCK_SH)  # shared while this run reads the tree: released when the data set is dropped
+            fcntl.flock(
+                in_use, fcntl.LOCK_SH
+            )  # shared while this run reads the tree: released when the data set is dropped
             weakref.finalize(dataset, in_use.close)
     for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
         if limit is not None and limit < len(dataset[split]):
@@ -88,7 +128,11 @@ def prepare_and_load(data_args: DataArguments, training_args: TrainingArguments)
 def default_prepared_dir(source: Path, validation_fraction: float, split_seed: int, keep_kaggle_val: bool) -> Path:
     """data/prepared/<name of the source folder>, plus each split setting that is not the default (-split7, -val0.2,
     -kaggleval): runs that split one folder differently each get their own tree instead of rewriting a shared one."""
-    defaults = {option.name: option.default for option in fields(DataArguments) if option.name in ("validation_fraction", "split_seed")}
+    defaults = {
+        option.name: option.default
+        for option in fields(DataArguments)
+        if option.name in ("validation_fraction", "split_seed")
+    }
     key = f"-split{split_seed}" if split_seed != defaults["split_seed"] else ""
     key += f"-val{validation_fraction:g}" if validation_fraction != defaults["validation_fraction"] else ""
     key += "-kaggleval" if keep_kaggle_val else ""
@@ -105,8 +149,12 @@ def claim_tree(prepared_dir: Path, data_args: DataArguments):
         return None
     in_use = open(f"{prepared_dir}.in-use", "a")
     settings = prepared_settings(prepared_dir)
-    wanted = {"source": str(data_args.source.expanduser().resolve()), "validation_fraction": data_args.validation_fraction,
-              "seed": data_args.split_seed, "keep_kaggle_val": data_args.keep_kaggle_val}
+    wanted = {
+        "source": str(data_args.source.expanduser().resolve()),
+        "validation_fraction": data_args.validation_fraction,
+        "seed": data_args.split_seed,
+        "keep_kaggle_val": data_args.keep_kaggle_val,
+    }
     if settings is not None and {key: settings.get(key) for key in wanted} != wanted:
         try:
             fcntl.flock(in_use, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -120,14 +168,26 @@ def claim_tree(prepared_dir: Path, data_args: DataArguments):
     return in_use
 
 
-def load_model_data(data_dir: str, prepared_dir: str | None, validation_fraction: float, split_seed: int, synthetic_images_per_class: int):
+def load_model_data(
+    data_dir: str,
+    prepared_dir: str | None,
+    validation_fraction: float,
+    split_seed: int,
+    synthetic_images_per_class: int,
+):
     """A prepared imagefolder tree as is, or a raw source (Kaggle / class folders / 'synthetic') prepared the way train_vit.py does."""
     path = Path(data_dir).expanduser()
     if (path / MANIFEST_NAME).is_file():
         prepared = path
     else:
-        source = make_synthetic_dataset(Path("data/synthetic"), images_per_class=synthetic_images_per_class) if data_dir == "synthetic" else path
-        prepared = Path(prepared_dir or default_prepared_dir(source, validation_fraction, split_seed, keep_kaggle_val=False))
+        source = (
+            make_synthetic_dataset(Path("data/synthetic"), images_per_class=synthetic_images_per_class)
+            if data_dir == "synthetic"
+            else path
+        )
+        prepared = Path(
+            prepared_dir or default_prepared_dir(source, validation_fraction, split_seed, keep_kaggle_val=False)
+        )
         print(prepare_dataset(source, prepared, validation_fraction=validation_fraction, seed=split_seed).summary())
     return load_prepared(prepared)
 

@@ -96,20 +96,31 @@ class PrepareReport:
     def summary(self, max_skipped_listed: int = 20) -> str:
         """A table of the counts, then the skipped files, for printing."""
         header = ["split", *CLASS_NAMES, "total"]
-        rows = [[split, *(self.counts[split][name] for name in CLASS_NAMES), sum(self.counts[split].values())]
-                for split in self.counts]
-        rows.append(["total", *(sum(self.counts[split][name] for split in self.counts) for name in CLASS_NAMES),
-                     sum(sum(per_class.values()) for per_class in self.counts.values())])
+        rows = [
+            [split, *(self.counts[split][name] for name in CLASS_NAMES), sum(self.counts[split].values())]
+            for split in self.counts
+        ]
+        rows.append(
+            [
+                "total",
+                *(sum(self.counts[split][name] for split in self.counts) for name in CLASS_NAMES),
+                sum(sum(per_class.values()) for per_class in self.counts.values()),
+            ]
+        )
         widths = [max(len(str(row[column])) for row in [header, *rows]) for column in range(len(header))]
         lines = [f"Prepared data set in {self.output_dir}", ""]
         for row in [header, *rows]:
-            cells = [str(row[0]).ljust(widths[0])] + [str(cell).rjust(width) for cell, width in zip(row[1:], widths[1:])]
+            cells = [str(row[0]).ljust(widths[0])] + [
+                str(cell).rjust(width) for cell, width in zip(row[1:], widths[1:])
+            ]
             lines.append("  ".join(cells))
         lines.append("")
         if not self.skipped:
             lines.append("No files skipped.")
             return "\n".join(lines)
-        lines.append(f"Skipped {len(self.skipped)} file(s) or folder(s) (all listed in {self.output_dir / SKIPPED_NAME}):")
+        lines.append(
+            f"Skipped {len(self.skipped)} file(s) or folder(s) (all listed in {self.output_dir / SKIPPED_NAME}):"
+        )
         for path, reason in self.skipped[:max_skipped_listed]:
             lines.append(f"  {path}: {reason}")
         if len(self.skipped) > max_skipped_listed:
@@ -151,7 +162,9 @@ def prepare_dataset(
         raise ValueError(f"The output folder {output} must be outside the source folder {source} (and not contain it).")
     if not 0 < validation_fraction <= 0.5:
         raise ValueError(f"validation_fraction must be in (0, 0.5], got {validation_fraction}.")
-    previous_output_files = files_written_by_previous_prepare(output)  # refuses a folder we did not write, before any work
+    previous_output_files = files_written_by_previous_prepare(
+        output
+    )  # refuses a folder we did not write, before any work
 
     class_folders, skipped = find_class_folders(source)
     candidates = []
@@ -179,19 +192,32 @@ def prepare_dataset(
             continue
         images.append(SourceImage(path, source_split, class_name, read_patient_id(path.name)))
     if not images:
-        raise ValueError(f"No usable images found in {source}. {EXPECTED_LAYOUTS}"
-                         + (f" {len(skipped)} file(s) were skipped, e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else ""))
+        raise ValueError(
+            f"No usable images found in {source}. {EXPECTED_LAYOUTS}"
+            + (f" {len(skipped)} file(s) were skipped, e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else "")
+        )
 
     splits = assign_splits(images, validation_fraction, seed, keep_kaggle_val)
     rows = plan_output_files(images, splits)
-    planned = {output / row["file"] for row in rows} | {output / MANIFEST_NAME, output / SKIPPED_NAME, output / SETTINGS_NAME}  # replaced, not deleted first
+    planned = {output / row["file"] for row in rows} | {
+        output / MANIFEST_NAME,
+        output / SKIPPED_NAME,
+        output / SETTINGS_NAME,
+    }  # replaced, not deleted first
     for path in previous_output_files:
         if path not in planned:
             path.unlink(missing_ok=True)
     remove_empty_split_folders(output)
     write_csv(output / MANIFEST_NAME, MANIFEST_COLUMNS, rows)  # first, so even an interrupted run is recognised as ours
     write_csv(output / SKIPPED_NAME, SKIPPED_COLUMNS, [{"source": path, "reason": reason} for path, reason in skipped])
-    settings = {"source": str(source), "validation_fraction": validation_fraction, "seed": seed, "keep_kaggle_val": keep_kaggle_val, "copy": copy, "images": len(rows)}
+    settings = {
+        "source": str(source),
+        "validation_fraction": validation_fraction,
+        "seed": seed,
+        "keep_kaggle_val": keep_kaggle_val,
+        "copy": copy,
+        "images": len(rows),
+    }
     write_text_atomic(output / SETTINGS_NAME, json.dumps(settings, indent=2))
     for row in rows:
         destination = output / row["file"]
@@ -224,8 +250,12 @@ def load_prepared(output_dir: str | os.PathLike):
 
     output = Path(output_dir).expanduser().resolve()
     if read_manifest(output / MANIFEST_NAME) is None:
-        raise ValueError(f"{output} is not a prepared data set (no {MANIFEST_NAME}); run `python -m hf_data prepare` first.")
-    features = datasets.Features({"image": datasets.Image(decode=False), "label": datasets.ClassLabel(names=list(CLASS_NAMES))})
+        raise ValueError(
+            f"{output} is not a prepared data set (no {MANIFEST_NAME}); run `python -m hf_data prepare` first."
+        )
+    features = datasets.Features(
+        {"image": datasets.Image(decode=False), "label": datasets.ClassLabel(names=list(CLASS_NAMES))}
+    )
     return datasets.load_dataset("imagefolder", data_dir=str(output), features=features, drop_labels=False)
 
 
@@ -234,7 +264,9 @@ def find_class_folders(source: Path) -> tuple[list[tuple[Path, str, str]], list[
     root = source
     for _ in range(MAX_FOLDERS_TO_DESCEND):
         subfolders = visible_subfolders(root)
-        if any(folder_key(folder) in SOURCE_SPLIT_FOLDERS or folder_key(folder) in CLASS_FOLDERS for folder in subfolders):
+        if any(
+            folder_key(folder) in SOURCE_SPLIT_FOLDERS or folder_key(folder) in CLASS_FOLDERS for folder in subfolders
+        ):
             break
         chest_xray = [folder for folder in subfolders if folder_key(folder) == "chest_xray"]
         only_child = chest_xray or (subfolders if len(subfolders) == 1 else [])
@@ -271,8 +303,11 @@ def folder_key(folder: Path) -> str:
 
 def visible_subfolders(folder: Path) -> list[Path]:
     """Subfolders that are neither hidden nor symlinks (a symlinked folder could loop back on itself)."""
-    return sorted(entry for entry in folder.iterdir()
-                  if not entry.name.startswith(".") and entry.is_dir() and not entry.is_symlink())
+    return sorted(
+        entry
+        for entry in folder.iterdir()
+        if not entry.name.startswith(".") and entry.is_dir() and not entry.is_symlink()
+    )
 
 
 def skipped_entries_beside(folder: Path, expected: list[Path]) -> list[tuple[str, str]]:
@@ -374,8 +409,15 @@ def plan_output_files(images: list[SourceImage], splits: list[str]) -> list[dict
             relative = f"{split}/{image.class_name}/{image.path.stem}_{number}{image.path.suffix}"
             number += 1
         taken.add(relative)
-        rows.append({"file": relative, "source": str(image.path), "class": image.class_name,
-                     "patient_id": image.patient_id, "split": split})
+        rows.append(
+            {
+                "file": relative,
+                "source": str(image.path),
+                "class": image.class_name,
+                "patient_id": image.patient_id,
+                "split": split,
+            }
+        )
     return rows
 
 
@@ -411,7 +453,9 @@ def read_damaged_manifest(path: Path) -> list[dict[str, str]] | None:
         return [] if header.startswith(text.rstrip("\r\n")) else None  # empty, or cut inside the header
     rows = list(csv.DictReader(io.StringIO(text, newline="")))
     whole = [row for row in (rows if text.endswith("\n") else rows[:-1]) if None not in row.values()]
-    listed = (prepared_settings(path.parent) or {}).get("images", len(rows))  # a cut at a row's end shows only in the count
+    listed = (prepared_settings(path.parent) or {}).get(
+        "images", len(rows)
+    )  # a cut at a row's end shows only in the count
     return whole if len(whole) != len(rows) or listed != len(rows) else None
 
 
@@ -450,7 +494,9 @@ def files_written_by_previous_prepare(output: Path) -> list[Path]:
         path = output / row["file"]
         parts = Path(row["file"]).parts
         if len(parts) != 3 or parts[0] not in OUTPUT_SPLITS or parts[1] not in CLASS_NAMES:
-            raise ValueError(f"{output / MANIFEST_NAME} lists '{row['file']}', which prepare never writes; refusing to delete it.")
+            raise ValueError(
+                f"{output / MANIFEST_NAME} lists '{row['file']}', which prepare never writes; refusing to delete it."
+            )
         ours.add(path)
     foreign = []
     for folder, subfolders, file_names in os.walk(output, followlinks=False):
@@ -478,7 +524,9 @@ def files_written_by_previous_prepare(output: Path) -> list[Path]:
             f"The output folder {output} holds {len(foreign)} file(s) that `prepare` did not write ({listed}); "
             "refusing to replace it. Move them away or choose another folder."
         )
-    return sorted(ours - {output / MANIFEST_NAME}) + [output / MANIFEST_NAME]  # manifest last: an interrupted clean-up stays ours
+    return sorted(ours - {output / MANIFEST_NAME}) + [
+        output / MANIFEST_NAME
+    ]  # manifest last: an interrupted clean-up stays ours
 
 
 def is_tree_entry(output: Path, path: Path) -> bool:

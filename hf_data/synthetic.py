@@ -36,7 +36,9 @@ A model trained on them knows nothing about real X-rays. Never use them for anyt
 TEST_FRACTION = 0.2
 
 
-def make_synthetic_dataset(output_dir: str | os.PathLike, *, images_per_class: int = 40, size: int = 64, seed: int = 0) -> Path:
+def make_synthetic_dataset(
+    output_dir: str | os.PathLike, *, images_per_class: int = 40, size: int = 64, seed: int = 0
+) -> Path:
     """Draw `images_per_class` images of `size` x `size` px per class into `output_dir`; return its path.
 
     Re-running replaces the synthetic images an earlier run wrote there and touches nothing else.
@@ -44,11 +46,18 @@ def make_synthetic_dataset(output_dir: str | os.PathLike, *, images_per_class: i
     if images_per_class < 1:
         raise ValueError(f"images_per_class must be at least 1, got {images_per_class}.")
     if size < MIN_SIDE:
-        raise ValueError(f"size must be at least {MIN_SIDE} px (the smallest image cxr.images.load_image accepts), got {size}.")
+        raise ValueError(
+            f"size must be at least {MIN_SIDE} px (the smallest image cxr.images.load_image accepts), got {size}."
+        )
     output = Path(output_dir).expanduser().resolve()
     if output.exists() and any(output.iterdir()) and not (output / README_NAME).exists():
         raise ValueError(f"{output} is not empty and holds no synthetic data set; choose a new or empty folder.")
-    old_images = {path for split in ("train", "test") for folder_name in SYNTHETIC_FOLDERS.values() for path in (output / split / folder_name).glob("synthetic_*.png")}
+    old_images = {
+        path
+        for split in ("train", "test")
+        for folder_name in SYNTHETIC_FOLDERS.values()
+        for path in (output / split / folder_name).glob("synthetic_*.png")
+    }
 
     rng = np.random.default_rng(seed)
     output.mkdir(parents=True, exist_ok=True)
@@ -97,8 +106,14 @@ def draw_chest(rng: np.random.Generator, size: int, class_name: str, anatomy: di
 
     body = soft_ellipse(x, y, center_x, center_y + 0.05, anatomy["body_half_width"], 0.55)
     lungs = [
-        soft_ellipse(x, y, center_x + side * anatomy["lung_offset"], center_y - 0.02,
-                     anatomy["lung_half_width"], anatomy["lung_half_height"])
+        soft_ellipse(
+            x,
+            y,
+            center_x + side * anatomy["lung_offset"],
+            center_y - 0.02,
+            anatomy["lung_half_width"],
+            anatomy["lung_half_height"],
+        )
         for side in (-1, 1)
     ]
     lung_area = np.maximum(*lungs)
@@ -129,7 +144,9 @@ def draw_chest(rng: np.random.Generator, size: int, class_name: str, anatomy: di
     return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 
-def soft_ellipse(x: np.ndarray, y: np.ndarray, center_x: float, center_y: float, half_width: float, half_height: float) -> np.ndarray:
+def soft_ellipse(
+    x: np.ndarray, y: np.ndarray, center_x: float, center_y: float, half_width: float, half_height: float
+) -> np.ndarray:
     """1 inside the ellipse, 0 outside, with a blurred edge (anatomy has no sharp outlines)."""
     distance = np.sqrt(((x - center_x) / half_width) ** 2 + ((y - center_y) / half_height) ** 2)
     return np.clip((1.15 - distance) / 0.3, 0, 1)

@@ -11,8 +11,22 @@ from cxr.run_record import read_run
 # The `tiny_model_dir` fixture's train_vit.py options (less --output_dir): the tiny synthetic run, seconds long, that
 # most tests read and that tests/test_faults.py and tests/test_distributed.py repeat as their reference run.
 TINY_RUN = [
-    "--data_dir", "synthetic", "--synthetic_images_per_class", "40", "--model", "scratch-tiny", "--num_train_epochs", "2",
-    "--learning_rate", "3e-3", "--per_device_train_batch_size", "16", "--disable_tqdm", "true", "--report_to", "none",
+    "--data_dir",
+    "synthetic",
+    "--synthetic_images_per_class",
+    "40",
+    "--model",
+    "scratch-tiny",
+    "--num_train_epochs",
+    "2",
+    "--learning_rate",
+    "3e-3",
+    "--per_device_train_batch_size",
+    "16",
+    "--disable_tqdm",
+    "true",
+    "--report_to",
+    "none",
 ]
 
 
@@ -38,7 +52,11 @@ def folder_checksums(folder: Path, follow_links: bool = False) -> dict[str, str]
     """
     folder = Path(folder)
     if follow_links:
-        return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.rglob("*")) if path.is_file()}
+        return {
+            str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(folder.rglob("*"))
+            if path.is_file()
+        }
     found = {}
     for parent, subfolders, files in os.walk(folder):
         for name in subfolders + files:

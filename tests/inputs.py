@@ -65,7 +65,9 @@ def compressed_dicom(data: bytes, syntax) -> bytes:
     return save_dicom(dataset)
 
 
-def encapsulated_dicom(fragments: list[bytes], syntax, rows: int, columns: int, samples: int = 1, bits: int = 8) -> bytes:
+def encapsulated_dicom(
+    fragments: list[bytes], syntax, rows: int, columns: int, samples: int = 1, bits: int = 8
+) -> bytes:
     """A DICOM whose header says `rows` x `columns` and whose pixel data is `fragments`, as given: forged at will."""
     from pydicom.encaps import encapsulate
 
@@ -74,8 +76,14 @@ def encapsulated_dicom(fragments: list[bytes], syntax, rows: int, columns: int, 
     if samples == 3:
         dataset.PhotometricInterpretation, dataset.PlanarConfiguration = "RGB", 0
     dataset.file_meta.TransferSyntaxUID = syntax
-    dataset.PixelData = encapsulate(fragments) if len(fragments) == 1 else b"".join(
-        [struct.pack("<HHI", 0xFFFE, 0xE000, 0)] + [struct.pack("<HHI", 0xFFFE, 0xE000, len(f)) + f for f in fragments])
+    dataset.PixelData = (
+        encapsulate(fragments)
+        if len(fragments) == 1
+        else b"".join(
+            [struct.pack("<HHI", 0xFFFE, 0xE000, 0)]
+            + [struct.pack("<HHI", 0xFFFE, 0xE000, len(f)) + f for f in fragments]
+        )
+    )
     dataset["PixelData"].VR = "OB"
     dataset["PixelData"].is_undefined_length = True
     return save_dicom(dataset)

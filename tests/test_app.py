@@ -17,13 +17,12 @@ import torch
 from PIL import Image
 
 import app
+from benchmarks.common import free_port
 from cxr.images import MAX_FILE_BYTES
 from cxr.labels import DISPLAY_NAMES
 from cxr.predictor import classify, load_classifier
-from inputs import chest_like, dicom_bytes, encode, png_claiming_size
-from benchmarks.common import free_port
 from helpers import validation_images
-from inputs import MARKUP_DICOM, MARKUP_NAME
+from inputs import MARKUP_DICOM, MARKUP_NAME, chest_like, dicom_bytes, encode, png_claiming_size
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = set(DISPLAY_NAMES.values())
@@ -47,7 +46,10 @@ BAD = {  # file name -> (bytes, words the message must contain)
     "notes.txt": (lambda: b"this is a text file, not an X-ray\n" * 20, "not an image"),
     "disguised.png": (lambda: b"this is a text file, not an X-ray\n" * 20, "not an image"),
     "truncated.jpeg": (lambda: encode(Image.fromarray(chest_like(), "L"), "JPEG")[:600], "truncated"),
-    "bomb.png": (lambda: png_claiming_size(6325, 6325), "6325 x 6325 px; images over 40 megapixels"),  # under Pillow's own bomb limit
+    "bomb.png": (
+        lambda: png_claiming_size(6325, 6325),
+        "6325 x 6325 px; images over 40 megapixels",
+    ),  # under Pillow's own bomb limit
     "empty.png": (lambda: b"", "empty"),
     "broken.dcm": (lambda: b"\0" * 128 + b"DICM" + b"\x02\x00" * 40, "DICOM"),
 }
@@ -151,7 +153,9 @@ def test_grad_cam_from_the_prediction_pass_matches_a_full_backward_pass(classifi
         assert heat[index].min() >= 0 and heat[index].max() in (0.0, 1.0)
 
     [prediction] = classify(classifier, [image], saliency=True)
-    np.testing.assert_allclose(prediction.saliency, heat[classifier.model.config.label2id[prediction.top_label]], atol=1e-5)
+    np.testing.assert_allclose(
+        prediction.saliency, heat[classifier.model.config.label2id[prediction.top_label]], atol=1e-5
+    )
     overlay = saliency_overlay(image, prediction.saliency)
     assert overlay.size == (512, 410) and overlay.mode == "RGB"
 
@@ -253,11 +257,18 @@ def test_app_client_and_pipeline_agree(served, classifier, tiny_model_dir, tmp_p
     _, in_app, _, check_in_app = app.answer_upload(classifier, path)
     _, label, _, check = Client(served.local_url, verbose=False).predict(handle_file(path), api_name="/predict")
     via_client = {item["label"]: item["confidence"] for item in label["confidences"]}
-    via_pipeline = {item["label"]: item["score"] for item in pipeline("image-classification", model=str(tiny_model_dir))(path, top_k=3)}
+    via_pipeline = {
+        item["label"]: item["score"]
+        for item in pipeline("image-classification", model=str(tiny_model_dir))(path, top_k=3)
+    }
     for label_name in LABELS:
         assert via_client[label_name] == pytest.approx(in_app[label_name], abs=1e-5)
         assert via_pipeline[label_name] == pytest.approx(in_app[label_name], abs=1e-5)
-    assert check.pop("prediction_sets") == check_in_app.pop("prediction_sets") == classify(classifier, [path])[0].prediction_sets
+    assert (
+        check.pop("prediction_sets")
+        == check_in_app.pop("prediction_sets")
+        == classify(classifier, [path])[0].prediction_sets
+    )
     assert check == pytest.approx(check_in_app)
 
 
@@ -266,11 +277,17 @@ def test_app_client_and_pipeline_agree(served, classifier, tiny_model_dir, tmp_p
 
 @pytest.mark.slow  # starts a fresh `python app.py` process
 def test_no_model_exits_with_the_training_command_and_no_traceback(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(tmp_path / "gradio"))
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(tmp_path / "gradio")
+    )
     env.pop("XRAY_MODEL", None)
     result = subprocess.run(
         [sys.executable, str(REPO / "app.py"), "--model", str(tmp_path / "no-model-here")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode != 0
     assert "No trained model" in result.stderr and "python train_vit.py" in result.stderr
@@ -282,7 +299,19 @@ def test_help_explains_every_option(capsys):
         app.main(["--help"])
     assert exited.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for words in ("--model", "XRAY_MODEL", "Hub id", "--examples", "XRAY_EXAMPLES", "--host", "GRADIO_SERVER_NAME", "127.0.0.1", "--port", "GRADIO_SERVER_PORT", "--share"):
+    for words in (
+        "--model",
+        "XRAY_MODEL",
+        "Hub id",
+        "--examples",
+        "XRAY_EXAMPLES",
+        "--host",
+        "GRADIO_SERVER_NAME",
+        "127.0.0.1",
+        "--port",
+        "GRADIO_SERVER_PORT",
+        "--share",
+    ):
         assert words in text
 
 
@@ -293,7 +322,9 @@ def test_model_comes_from_the_environment_then_the_default(monkeypatch):
     assert app.parse_args([]).model == "someone/vit-xray"
     assert app.parse_args(["--model", "elsewhere"]).model == "elsewhere"
     options = app.launch_options(app.parse_args([]))
-    assert options["server_name"] is None and options["server_port"] is None and options["share"] is False  # gradio reads GRADIO_SERVER_*
+    assert (
+        options["server_name"] is None and options["server_port"] is None and options["share"] is False
+    )  # gradio reads GRADIO_SERVER_*
 
 
 def test_description_names_the_model_its_origin_and_held_out_metrics(tiny_model_dir):
@@ -313,7 +344,9 @@ def test_description_of_a_hub_model_and_of_a_bare_folder(tiny_model_dir, tmp_pat
     import huggingface_hub
 
     assert "unknown" in app.describe_model(str(tmp_path))  # no metrics.json
-    assert "No chest X-ray check" in app.describe_model(str(tmp_path)) and "python calibrate.py" in app.describe_model(str(tmp_path))
+    assert "No chest X-ray check" in app.describe_model(str(tmp_path)) and "python calibrate.py" in app.describe_model(
+        str(tmp_path)
+    )
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo_id, filename: str(tiny_model_dir / filename))
     assert "trained from scratch" in app.describe_model("someone/vit-xray")
 
@@ -338,9 +371,18 @@ def test_examples_come_from_a_folder_the_user_names(tiny_model_dir, tmp_path):
 
 def test_three_credited_example_xrays_ship_and_are_offered_by_default(monkeypatch):
     files = sorted(app.EXAMPLES_DIR.glob("*.jpeg"))
-    assert [path.name for path in sorted(app.EXAMPLES_DIR.iterdir())] == sorted([path.name for path in files] + ["README.md"])
+    assert [path.name for path in sorted(app.EXAMPLES_DIR.iterdir())] == sorted(
+        [path.name for path in files] + ["README.md"]
+    )
     assert len(files) == 3
-    classes = {"normal" if "NORMAL" in path.name or path.name.startswith("IM-") else "bacterial" if "bacteria" in path.name else "viral" for path in files}
+    classes = {
+        "normal"
+        if "NORMAL" in path.name or path.name.startswith("IM-")
+        else "bacterial"
+        if "bacteria" in path.name
+        else "viral"
+        for path in files
+    }
     assert classes == {"normal", "bacterial", "viral"}
     for path in files:
         assert path.stat().st_size <= 200 * 1024
@@ -358,7 +400,9 @@ def test_the_file_picker_offers_images_and_dicom_and_the_preview_takes_a_paste(t
     demo = app.build_demo(str(tiny_model_dir))
     upload, seen = demo.input_components
     assert isinstance(upload, gr.File) and {".dcm", ".png", ".jpeg", ".jpg"} <= set(upload.file_types)
-    assert isinstance(seen, gr.Image) and "clipboard" in seen.sources and seen.image_mode is None  # handed over unconverted
+    assert (
+        isinstance(seen, gr.Image) and "clipboard" in seen.sources and seen.image_mode is None
+    )  # handed over unconverted
     assert [type(component) for component in demo.output_components] == [gr.Markdown, gr.Label, gr.Image, gr.JSON]
 
 
@@ -423,7 +467,9 @@ def test_a_pasted_image_is_classified_and_a_file_wins_over_it(served, tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(photo)
     _, pasted, _, pasted_check = client.predict(None, handle_file(str(photo)), api_name="/predict")
     _, both, _, both_check = client.predict(handle_file(str(normal_like)), handle_file(str(photo)), api_name="/predict")
-    _, alone, _, alone_check = client.predict(handle_file(str(normal_like)), api_name="/predict")  # the one-input call still works
+    _, alone, _, alone_check = client.predict(
+        handle_file(str(normal_like)), api_name="/predict"
+    )  # the one-input call still works
     assert {item["label"] for item in pasted["confidences"]} == LABELS
     assert both == alone and both_check == alone_check and pasted_check != alone_check
     preview = client.predict(handle_file(str(write(tmp_path, "scan.dcm", GOOD))), api_name="/preview")
@@ -438,7 +484,9 @@ def test_a_full_queue_refuses_the_next_request_at_once(tiny_model_dir, monkeypat
 
     monkeypatch.setattr(app, "QUEUE_SIZE", 2)  # small, so the test needs few requests; build_demo reads it
     release = threading.Event()
-    monkeypatch.setattr(app, "answer_upload", lambda classifier, path: (release.wait(120), ("", {"Normal": 1.0}, None, {}))[1])
+    monkeypatch.setattr(
+        app, "answer_upload", lambda classifier, path: (release.wait(120), ("", {"Normal": 1.0}, None, {}))[1]
+    )
     demo = app.build_demo(str(tiny_model_dir), examples=None)
     demo.launch(server_port=free_port(), prevent_thread_lock=True, quiet=True)
 
@@ -454,13 +502,17 @@ def test_a_full_queue_refuses_the_next_request_at_once(tiny_model_dir, monkeypat
         xray = handle_file(str(app.EXAMPLES_DIR / "NORMAL2-IM-0772-0001.jpeg"))
         running = [submit_and_wait_for(Status.PROCESSING) for _ in range(app.CONCURRENCY_LIMIT)]
         waiting = [submit_and_wait_for(Status.IN_QUEUE) for _ in range(app.QUEUE_SIZE)]
-        assert [job.status().code for job in running + waiting] == [Status.PROCESSING] * len(running) + [Status.IN_QUEUE] * len(waiting)
+        assert [job.status().code for job in running + waiting] == [Status.PROCESSING] * len(running) + [
+            Status.IN_QUEUE
+        ] * len(waiting)
         one_more = submit_and_wait_for(Status.FINISHED)
         assert one_more.done(), f"the request past the queue's limit was not refused: {one_more.status().code}"
         with pytest.raises(Exception, match="(?i)queue is full"):
             one_more.result()
         release.set()
-        assert all(job.result(timeout=60)[1]["label"] == "Normal" for job in running + waiting)  # the accepted ones are answered
+        assert all(
+            job.result(timeout=60)[1]["label"] == "Normal" for job in running + waiting
+        )  # the accepted ones are answered
     finally:
         release.set()
         demo.close()

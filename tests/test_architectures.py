@@ -12,13 +12,13 @@ from PIL import Image
 from transformers import AutoModelForImageClassification, ConvNextConfig, CvtConfig, PvtV2Config, SwinConfig, pipeline
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
+from cxr.calibration import fold_temperature
+from cxr.features import classifier_head, feature_grid, forward_features
 from cxr.labels import ID2LABEL
 from cxr.models import PRESETS, build_model, config_image_size, input_size
 from cxr.onnx_runtime import OUTPUTS, load_onnx_features
-from cxr.predictor import classify, load_classifier
-from cxr.calibration import fold_temperature
-from cxr.features import classifier_head, feature_grid, forward_features
 from cxr.ood import OOD_FILE, OodDetector
+from cxr.predictor import classify, load_classifier
 from cxr.saliency import grad_cam, saliency_overlay
 from inputs import chest_like
 
@@ -29,27 +29,69 @@ SIZE = 32
 
 def tiny_swin_config():
     # 4 px patches at 32 px: an 8 x 8 token grid, windows of 4, one patch merging -> a 4 x 4 grid of 32 features.
-    return SwinConfig(image_size=SIZE, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=4,
-                      num_labels=3, id2label=LABELS, label2id=LABEL_IDS)
+    return SwinConfig(
+        image_size=SIZE,
+        patch_size=4,
+        embed_dim=16,
+        depths=[1, 1],
+        num_heads=[2, 2],
+        window_size=4,
+        num_labels=3,
+        id2label=LABELS,
+        label2id=LABEL_IDS,
+    )
 
 
 def tiny_pvt_config():
-    return PvtV2Config(image_size=SIZE, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1], hidden_sizes=[16, 32], patch_sizes=[7, 3],
-                       strides=[4, 2], num_attention_heads=[1, 2], mlp_ratios=[2, 2], num_labels=3, id2label=LABELS, label2id=LABEL_IDS)
+    return PvtV2Config(
+        image_size=SIZE,
+        num_encoder_blocks=2,
+        depths=[1, 1],
+        sr_ratios=[2, 1],
+        hidden_sizes=[16, 32],
+        patch_sizes=[7, 3],
+        strides=[4, 2],
+        num_attention_heads=[1, 2],
+        mlp_ratios=[2, 2],
+        num_labels=3,
+        id2label=LABELS,
+        label2id=LABEL_IDS,
+    )
 
 
 def tiny_cvt_config():
     # Stride 4, 2, 2 at 32 px: grids of 8, 4 and 2; the last stage carries the class token the head reads. Stage i needs
     # more than i blocks: transformers 5.23 indexes the per-stage drop-path list by the stage number.
-    return CvtConfig(embed_dim=[8, 16, 32], num_heads=[1, 2, 2], depth=[1, 2, 3], mlp_ratio=[2.0, 2.0, 2.0], num_labels=3, id2label=LABELS, label2id=LABEL_IDS)
+    return CvtConfig(
+        embed_dim=[8, 16, 32],
+        num_heads=[1, 2, 2],
+        depth=[1, 2, 3],
+        mlp_ratio=[2.0, 2.0, 2.0],
+        num_labels=3,
+        id2label=LABELS,
+        label2id=LABEL_IDS,
+    )
 
 
 def tiny_convnext_config():
     # Two stages at 32 px: stride 4, then 2 -> a 4 x 4 map of 16 channels.
-    return ConvNextConfig(image_size=SIZE, num_stages=2, depths=[1, 1], hidden_sizes=[8, 16], num_labels=3, id2label=LABELS, label2id=LABEL_IDS)
+    return ConvNextConfig(
+        image_size=SIZE,
+        num_stages=2,
+        depths=[1, 1],
+        hidden_sizes=[8, 16],
+        num_labels=3,
+        id2label=LABELS,
+        label2id=LABEL_IDS,
+    )
 
 
-TINY_CONFIGS = {"swin": tiny_swin_config, "convnext": tiny_convnext_config, "pvt_v2": tiny_pvt_config, "cvt": tiny_cvt_config}
+TINY_CONFIGS = {
+    "swin": tiny_swin_config,
+    "convnext": tiny_convnext_config,
+    "pvt_v2": tiny_pvt_config,
+    "cvt": tiny_cvt_config,
+}
 
 
 def build(family: str):
@@ -86,7 +128,9 @@ def test_features_are_the_models_own_logits_and_the_heads_input(family):
     with torch.no_grad():
         expected = model(pixel_values=pixel_values).logits
         head_input = []
-        hook = classifier_head(model).register_forward_pre_hook(lambda module, args: head_input.append(args[0]) and None)
+        hook = classifier_head(model).register_forward_pre_hook(
+            lambda module, args: head_input.append(args[0]) and None
+        )
         model(pixel_values=pixel_values)
         hook.remove()
     outputs = forward_features(model, pixel_values)
@@ -151,7 +195,9 @@ def swin_model_dir(tmp_path_factory, train_tiny_model):
     workdir = tmp_path_factory.mktemp("swin_run")
     start = workdir / "swin-start"
     AutoModelForImageClassification.from_config(tiny_swin_config()).save_pretrained(start)
-    ViTImageProcessorPil(size={"height": SIZE, "width": SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(start)
+    ViTImageProcessorPil(
+        size={"height": SIZE, "width": SIZE}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    ).save_pretrained(start)
     return train_tiny_model(workdir, str(start))
 
 
@@ -161,9 +207,13 @@ def test_train_vit_turns_a_swin_folder_into_a_complete_model_folder(swin_model_d
         assert (swin_model_dir / name).is_file(), name
     config = json.loads((swin_model_dir / "config.json").read_text())
     metrics = json.loads((swin_model_dir / "metrics.json").read_text())
-    assert config["model_type"] == "swin" and config["calibration_temperature"] == pytest.approx(metrics["calibration"]["temperature"])
+    assert config["model_type"] == "swin" and config["calibration_temperature"] == pytest.approx(
+        metrics["calibration"]["temperature"]
+    )
     assert 0.0 <= metrics["test"]["macro_f1"] <= 1.0
-    assert "A Swin Transformer (windowed attention)" in (swin_model_dir / "README.md").read_text()  # the card names the family
+    assert (
+        "A Swin Transformer (windowed attention)" in (swin_model_dir / "README.md").read_text()
+    )  # the card names the family
 
     image = Image.fromarray(chest_like(), "L").convert("RGB")
     result = pipeline("image-classification", model=str(swin_model_dir))(image, top_k=3)

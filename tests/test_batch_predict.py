@@ -21,7 +21,9 @@ def mixed_folder(tmp_path):
     (folder / "sub").mkdir(parents=True)
     rng = np.random.default_rng(1)
     for index in range(5):
-        Image.fromarray(rng.integers(0, 255, (120 + index * 30, 100), dtype=np.uint8)).save(folder / f"xray_{index}.png")
+        Image.fromarray(rng.integers(0, 255, (120 + index * 30, 100), dtype=np.uint8)).save(
+            folder / f"xray_{index}.png"
+        )
     Image.fromarray(rng.integers(0, 255, (400, 500), dtype=np.uint8)).save(folder / "sub" / "big.jpeg", quality=90)
     (folder / "notes.png").write_text("not an image")
     (folder / "cut.jpeg").write_bytes((folder / "sub" / "big.jpeg").read_bytes()[:2000])
@@ -31,7 +33,10 @@ def mixed_folder(tmp_path):
 
 def test_folder_to_csv_keeps_every_file_and_reports_bad_ones(tiny_model_dir, mixed_folder, tmp_path, capsys):
     output = tmp_path / "out" / "predictions.csv"
-    assert predict.main([str(mixed_folder), "--model", str(tiny_model_dir), "--output", str(output), "--batch_size", "4"]) == 0
+    assert (
+        predict.main([str(mixed_folder), "--model", str(tiny_model_dir), "--output", str(output), "--batch_size", "4"])
+        == 0
+    )
     assert "6 do not look like a pediatric chest X-ray" in capsys.readouterr().out
     rows = list(csv.DictReader(output.open()))
     assert list(rows[0])[-3:] == ["ood_score", "looks_like_chest_xray", "error"]
@@ -51,7 +56,16 @@ def test_folder_to_csv_keeps_every_file_and_reports_bad_ones(tiny_model_dir, mix
 
 def test_json_output_gives_each_file_its_predictions_or_its_error(tiny_model_dir, mixed_folder, tmp_path):
     output = tmp_path / "predictions.json"
-    predict.main([str(mixed_folder / "xray_0.png"), str(mixed_folder / "notes.png"), "--model", str(tiny_model_dir), "--output", str(output)])
+    predict.main(
+        [
+            str(mixed_folder / "xray_0.png"),
+            str(mixed_folder / "notes.png"),
+            "--model",
+            str(tiny_model_dir),
+            "--output",
+            str(output),
+        ]
+    )
     rows = json.loads(output.read_text())
     assert [row["error"] is None for row in rows] == [True, False]
     assert len(rows[0]["predictions"]) == 3
@@ -83,5 +97,7 @@ def test_batched_scores_equal_one_image_at_a_time_pipeline(tiny_model_dir, mixed
 
 
 def test_missing_model_is_a_clear_message(mixed_folder, tmp_path, capsys):
-    assert predict.main([str(mixed_folder), "--model", str(tmp_path / "none"), "--output", str(tmp_path / "p.csv")]) == 1
+    assert (
+        predict.main([str(mixed_folder), "--model", str(tmp_path / "none"), "--output", str(tmp_path / "p.csv")]) == 1
+    )
     assert "train_vit.py" in capsys.readouterr().err

@@ -14,10 +14,9 @@ import pytest
 from PIL import Image
 
 import app
-from inputs import dicom_bytes
 from benchmarks.common import free_port
 from hf_data import DISPLAY_NAMES
-from inputs import MARKUP_DICOM
+from inputs import MARKUP_DICOM, dicom_bytes
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]  # a real Chromium driving a served app
 
@@ -47,8 +46,13 @@ def browser(tmp_path_factory):
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
     for argument in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run", f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
         "--window-size=1280,1300",
     ):
         options.add_argument(argument)
@@ -62,7 +66,9 @@ def open_page(browser, url):
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(url)
-    WebDriverWait(browser, TIMEOUT).until(lambda driver: driver.find_elements(By.CSS_SELECTOR, "#xray-file input[type=file]"))
+    WebDriverWait(browser, TIMEOUT).until(
+        lambda driver: driver.find_elements(By.CSS_SELECTOR, "#xray-file input[type=file]")
+    )
 
 
 def upload_and_submit(browser, path: Path):
@@ -70,7 +76,9 @@ def upload_and_submit(browser, path: Path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.find_element(By.CSS_SELECTOR, "#xray-file input[type=file]").send_keys(str(path))
-    WebDriverWait(browser, TIMEOUT).until(lambda driver: path.stem in driver.find_element(By.ID, "xray-file").text)  # stem and suffix are shown apart
+    WebDriverWait(browser, TIMEOUT).until(
+        lambda driver: path.stem in driver.find_element(By.ID, "xray-file").text
+    )  # stem and suffix are shown apart
     click_button(browser, "Submit")
 
 
@@ -105,7 +113,9 @@ def overlay_loaded(browser) -> bool:
     from selenium.webdriver.common.by import By
 
     images = browser.find_elements(By.CSS_SELECTOR, "#saliency img")
-    return any(browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) for image in images)
+    return any(
+        browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) for image in images
+    )
 
 
 def clear(browser):
@@ -133,13 +143,21 @@ def test_upload_shows_three_labels_and_the_overlay(browser, page_url, tiny_model
     WebDriverWait(browser, TIMEOUT).until(overlay_loaded)
 
     # The page's bars carry the exact probabilities: the same as Python's pipeline() gives for the same file.
-    shown = {meter.get_attribute("aria-label"): float(meter.get_attribute("value")) for meter in browser.find_elements(By.CSS_SELECTOR, "#prediction meter")}
-    expected = {item["label"]: item["score"] for item in pipeline("image-classification", model=str(tiny_model_dir))(str(xray), top_k=3)}
+    shown = {
+        meter.get_attribute("aria-label"): float(meter.get_attribute("value"))
+        for meter in browser.find_elements(By.CSS_SELECTOR, "#prediction meter")
+    }
+    expected = {
+        item["label"]: item["score"]
+        for item in pipeline("image-classification", model=str(tiny_model_dir))(str(xray), top_k=3)
+    }
     assert shown == pytest.approx(expected, abs=1e-5)
     # The warning is there exactly when the project's predictor flags the file (this one is no real X-ray, the tiny model
     # has only seen synthetic ones, so either can happen).
     [prediction] = classify(load_classifier(tiny_model_dir), [xray])
-    assert ("does not look like a pediatric chest X-ray" in warning_text(browser)) == (prediction.looks_like_chest_xray is False)
+    assert ("does not look like a pediatric chest X-ray" in warning_text(browser)) == (
+        prediction.looks_like_chest_xray is False
+    )
     # The bars are headed by the model's 95% prediction set.
     assert prediction.prediction_set_line.startswith("95% set: ")
     assert prediction.prediction_set_line in browser.find_element(By.ID, "prediction").text
@@ -157,7 +175,9 @@ def test_a_bad_file_shows_our_message_and_the_next_upload_works(browser, page_ur
     bad.write_text("this is a text file, not an X-ray\n" * 20)
     open_page(browser, page_url)
     upload_and_submit(browser, bad)
-    WebDriverWait(browser, TIMEOUT).until(lambda driver: driver.find_elements(By.XPATH, "//*[contains(text(), 'is not an image')]"))
+    WebDriverWait(browser, TIMEOUT).until(
+        lambda driver: driver.find_elements(By.XPATH, "//*[contains(text(), 'is not an image')]")
+    )
     assert not label_names(browser)
 
     clear(browser)
@@ -177,7 +197,9 @@ def test_a_photo_gets_the_warning_above_the_labels_and_the_check_says_why(browse
     open_page(browser, page_url)
     upload_and_submit(browser, photo)
     assert wait_for_result(browser) == LABELS  # the bars stay, under the warning
-    WebDriverWait(browser, TIMEOUT).until(lambda driver: "does not look like a pediatric chest X-ray" in warning_text(driver))
+    WebDriverWait(browser, TIMEOUT).until(
+        lambda driver: "does not look like a pediatric chest X-ray" in warning_text(driver)
+    )
     warning, labels = browser.find_element(By.ID, "xray-warning"), browser.find_element(By.ID, "prediction")
     assert warning.location["y"] < labels.location["y"]
     check = browser.find_element(By.ID, "xray-check").text
@@ -189,7 +211,13 @@ def preview_width(browser) -> int:
     from selenium.webdriver.common.by import By
 
     images = browser.find_elements(By.CSS_SELECTOR, "#xray-preview img")
-    return max([browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) or 0 for image in images], default=0)
+    return max(
+        [
+            browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) or 0
+            for image in images
+        ],
+        default=0,
+    )
 
 
 def test_a_dicom_upload_shows_what_the_model_sees_before_submitting(browser, page_url, tmp_path):
@@ -198,11 +226,15 @@ def test_a_dicom_upload_shows_what_the_model_sees_before_submitting(browser, pag
 
     y, x = np.mgrid[0:160, 0:200]
     scan = tmp_path / "scan.dcm"
-    scan.write_bytes(dicom_bytes(((x * 13 + y * 7) % 4096).astype(np.uint16)))  # 12-bit values, no browser shows this file
+    scan.write_bytes(
+        dicom_bytes(((x * 13 + y * 7) % 4096).astype(np.uint16))
+    )  # 12-bit values, no browser shows this file
     open_page(browser, page_url)
     assert preview_width(browser) == 0
     browser.find_element(By.CSS_SELECTOR, "#xray-file input[type=file]").send_keys(str(scan))
-    WebDriverWait(browser, TIMEOUT).until(lambda driver: preview_width(driver) == 200)  # decoded by our loader, before any Submit
+    WebDriverWait(browser, TIMEOUT).until(
+        lambda driver: preview_width(driver) == 200
+    )  # decoded by our loader, before any Submit
     assert not label_names(browser)
     click_button(browser, "Submit")
     assert wait_for_result(browser) == LABELS
@@ -215,9 +247,13 @@ def test_a_shipped_example_is_a_thumbnail_that_runs_when_clicked(browser, page_u
     open_page(browser, page_url)
     thumbnails = browser.find_elements(By.CSS_SELECTOR, "button.gallery-item img")
     assert len(thumbnails) == 3
-    WebDriverWait(browser, TIMEOUT).until(lambda driver: all(driver.execute_script("return arguments[0].naturalWidth", t) for t in thumbnails))
+    WebDriverWait(browser, TIMEOUT).until(
+        lambda driver: all(driver.execute_script("return arguments[0].naturalWidth", t) for t in thumbnails)
+    )
     thumbnails[0].click()
-    WebDriverWait(browser, TIMEOUT).until(lambda driver: preview_width(driver) == 1024)  # the example, shown as the model gets it
+    WebDriverWait(browser, TIMEOUT).until(
+        lambda driver: preview_width(driver) == 1024
+    )  # the example, shown as the model gets it
     click_button(browser, "Submit")
     assert wait_for_result(browser) == LABELS
     WebDriverWait(browser, TIMEOUT).until(overlay_loaded)
@@ -239,7 +275,11 @@ def test_markup_in_a_decoder_message_is_shown_as_text_not_rendered(browser, page
     open_page(browser, page_url)
     browser.find_element(By.CSS_SELECTOR, "#xray-file input[type=file]").send_keys(str(bad))
     toast = '[data-testid="toast-text"]'
-    WebDriverWait(browser, TIMEOUT).until(lambda driver: any("scan.dcm" in e.text for e in driver.find_elements(By.CSS_SELECTOR, toast)))
+    WebDriverWait(browser, TIMEOUT).until(
+        lambda driver: any("scan.dcm" in e.text for e in driver.find_elements(By.CSS_SELECTOR, toast))
+    )
     texts = [e.text for e in browser.find_elements(By.CSS_SELECTOR, toast)]
-    assert any("MONO" in text and "<" not in text for text in texts), texts  # the loader turns markup characters into '?'
+    assert any("MONO" in text and "<" not in text for text in texts), (
+        texts
+    )  # the loader turns markup characters into '?'
     assert not browser.find_elements(By.CSS_SELECTOR, f"{toast} img, {toast} b")

@@ -12,20 +12,21 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageClassification, ConvNextConfig, TrainingArguments, pipeline
 
-from cxr.labels import ID2LABEL
-from cxr.models import PRESETS, build_model
-from cxr.predictor import classify, load_classifier
 from cxr.calibration import fold_temperature
 from cxr.features import classifier_head, forward_features
+from cxr.labels import ID2LABEL
+from cxr.models import PRESETS, build_model
 from cxr.ood import OOD_FILE, OodDetector
-from cxr.saliency import grad_cam
+from cxr.predictor import classify, load_classifier
 from inputs import chest_like
 
 LABELS = ID2LABEL
 
 
 def tiny_convnext():
-    config = ConvNextConfig(image_size=32, num_stages=2, depths=[1, 1], hidden_sizes=[8, 16], num_labels=3, id2label=LABELS)
+    config = ConvNextConfig(
+        image_size=32, num_stages=2, depths=[1, 1], hidden_sizes=[8, 16], num_labels=3, id2label=LABELS
+    )
     return AutoModelForImageClassification.from_config(config)
 
 
@@ -43,7 +44,14 @@ def test_cnn_presets_build_through_the_auto_class_with_the_vit_image_processor()
     assert processor.size["height"] == processor.size["width"] == model.config.image_size == 128
     assert type(processor).__name__ == type(build_model("scratch-small", LABELS)[1]).__name__
     assert origin.pretrained is False and "scratch-resnet" in origin.describe()
-    assert {"scratch-tiny", "scratch-small", "scratch-small-p8", "scratch-base", "scratch-resnet", "scratch-tiny-resnet"} <= set(PRESETS)
+    assert {
+        "scratch-tiny",
+        "scratch-small",
+        "scratch-small-p8",
+        "scratch-base",
+        "scratch-resnet",
+        "scratch-tiny-resnet",
+    } <= set(PRESETS)
 
 
 # ---- temperature on the network alone (features and Grad-CAM: tests/test_architectures.py) ------------------------
@@ -59,7 +67,9 @@ def test_folding_the_temperature_scales_the_logits_and_keeps_the_argmax(name):
     torch.testing.assert_close(after, before / 2.5)
     assert torch.equal(after.argmax(dim=-1), before.argmax(dim=-1))
     assert model.config.calibration_temperature == pytest.approx(2.5)
-    assert classifier_head(model) is (model.classifier[1] if name == "resnet" else model.classifier)  # ResNet's head: Flatten + Linear
+    assert classifier_head(model) is (
+        model.classifier[1] if name == "resnet" else model.classifier
+    )  # ResNet's head: Flatten + Linear
 
 
 # ---- train_vit.py end to end: what every model folder holds and does, for the ViT and the ResNet run ------
@@ -67,10 +77,17 @@ def test_folding_the_temperature_scales_the_logits_and_keeps_the_argmax(name):
 
 # family -> (the preset of its tiny run, the head's weights, words its card must have, words it must not have)
 FAMILIES = {
-    "vit": ("scratch-tiny", {"classifier.weight", "classifier.bias"}, ["A Vision Transformer that reads", "`ViTForImageClassification`", "- vit"], []),
+    "vit": (
+        "scratch-tiny",
+        {"classifier.weight", "classifier.bias"},
+        ["A Vision Transformer that reads", "`ViTForImageClassification`", "- vit"],
+        [],
+    ),
     "resnet": (
-        "scratch-tiny-resnet", {"classifier.1.weight", "classifier.1.bias"},  # ResNet's head: Flatten + Linear
-        ["A convolutional network (ResNet) that reads", "`ResNetForImageClassification`", "- resnet"], ["Vision Transformer"],
+        "scratch-tiny-resnet",
+        {"classifier.1.weight", "classifier.1.bias"},  # ResNet's head: Flatten + Linear
+        ["A convolutional network (ResNet) that reads", "`ResNetForImageClassification`", "- resnet"],
+        ["Vision Transformer"],
     ),
 }
 
@@ -84,13 +101,23 @@ def trained_folder(request):
 def test_train_vit_writes_a_complete_calibrated_model_folder(trained_folder):
     family, folder = trained_folder
     preset, _, card_has, card_lacks = FAMILIES[family]
-    for name in ["model.safetensors", "config.json", "preprocessor_config.json", "metrics.json", "README.md", OOD_FILE,
-                 "training_curves.png", "confusion_matrix_validation.png"]:
+    for name in [
+        "model.safetensors",
+        "config.json",
+        "preprocessor_config.json",
+        "metrics.json",
+        "README.md",
+        OOD_FILE,
+        "training_curves.png",
+        "confusion_matrix_validation.png",
+    ]:
         assert (folder / name).is_file(), name
     assert not list(folder.glob("*.bin")), "weights must be safetensors only"
     config = json.loads((folder / "config.json").read_text())
     metrics = json.loads((folder / "metrics.json").read_text())
-    assert config["model_type"] == family and config["calibration_temperature"] == pytest.approx(metrics["calibration"]["temperature"])
+    assert config["model_type"] == family and config["calibration_temperature"] == pytest.approx(
+        metrics["calibration"]["temperature"]
+    )
     assert preset in metrics["model_origin"]["description"] and 0.0 <= metrics["test"]["macro_f1"] <= 1.0
 
     card = (folder / "README.md").read_text()
@@ -104,7 +131,10 @@ def test_the_saved_head_is_the_best_checkpoints_divided_by_the_temperature(train
 
     family, folder = trained_folder
     metrics = json.loads((folder / "metrics.json").read_text())
-    final, chosen = load_file(folder / "model.safetensors"), load_file(os.path.join(metrics["best_checkpoint"], "model.safetensors"))
+    final, chosen = (
+        load_file(folder / "model.safetensors"),
+        load_file(os.path.join(metrics["best_checkpoint"], "model.safetensors")),
+    )
     head = FAMILIES[family][1]  # the calibration temperature is folded into the head
     assert head <= final.keys() and final.keys() == chosen.keys()
     assert all(torch.equal(final[key], chosen[key]) for key in final.keys() - head)  # BatchNorm statistics included
@@ -146,5 +176,9 @@ def test_pipeline_and_the_predictor_load_the_folder_and_agree(trained_folder):
     assert xray.scores == pytest.approx({item["label"]: item["score"] for item in result}, abs=1e-5)
     for prediction in (xray, not_xray):
         assert isinstance(prediction.looks_like_chest_xray, bool) and isinstance(prediction.ood_score, float)
-        assert prediction.saliency.shape == (4, 4) and 0.0 <= prediction.saliency.min() and prediction.saliency.max() <= 1.0
+        assert (
+            prediction.saliency.shape == (4, 4)
+            and 0.0 <= prediction.saliency.min()
+            and prediction.saliency.max() <= 1.0
+        )
     assert not_xray.looks_like_chest_xray is False

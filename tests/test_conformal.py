@@ -8,12 +8,12 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import validation_images
 import predict
 from cxr.conformal import CONFORMAL_FILE, PredictionSets, class_threshold, describe_set, held_out_check
 from cxr.labels import ID2LABEL
 from cxr.metrics import softmax
 from cxr.predictor import classify, load_classifier
+from helpers import validation_images
 
 NAMES = list(ID2LABEL.values())
 
@@ -49,7 +49,9 @@ def test_threshold_is_the_finite_sample_quantile():
     # 90 % of n = 9: rank ceil(10 * 0.9) = 9, the largest score 0.9 -> minimum probability 0.1 (not the 8th, as n * 0.9 would give).
     assert class_threshold(probabilities, 0.90) == pytest.approx(0.1)
     assert class_threshold(probabilities, 0.80) == pytest.approx(0.2)  # rank ceil(10 * 0.8) = 8
-    assert class_threshold(probabilities[:5], 0.95) == 0.0  # rank 6 of 5: too few images, the class is always in the set
+    assert (
+        class_threshold(probabilities[:5], 0.95) == 0.0
+    )  # rank 6 of 5: too few images, the class is always in the set
 
 
 def test_the_line_beside_the_bars():
@@ -62,8 +64,12 @@ def test_the_line_beside_the_bars():
 
 def test_train_vit_stores_the_thresholds_and_their_coverage(tiny_model_dir):
     stored = json.loads((tiny_model_dir / CONFORMAL_FILE).read_text())
-    assert stored["labels"] == [json.loads((tiny_model_dir / "config.json").read_text())["id2label"][str(index)] for index in range(3)]
-    assert set(stored["min_probability"]) == {"90%", "95%"} and all(len(values) == 3 for values in stored["min_probability"].values())
+    assert stored["labels"] == [
+        json.loads((tiny_model_dir / "config.json").read_text())["id2label"][str(index)] for index in range(3)
+    ]
+    assert set(stored["min_probability"]) == {"90%", "95%"} and all(
+        len(values) == 3 for values in stored["min_probability"].values()
+    )
     metrics = json.loads((tiny_model_dir / "metrics.json").read_text())["prediction_sets"]
     assert metrics["min_probability"] == stored["min_probability"]
     for report in (metrics["validation_held_out_children"], metrics["by_split"]["test"]):
@@ -73,7 +79,10 @@ def test_train_vit_stores_the_thresholds_and_their_coverage(tiny_model_dir):
     assert load_classifier(tiny_model_dir).prediction_sets.thresholds == stored["min_probability"]
     card = (tiny_model_dir / "README.md").read_text()
     held_out = metrics["by_split"]["test"]["95%"]
-    assert "**Prediction sets.**" in card and f"| test | 95% | {held_out['coverage']:.3f} | {held_out['mean_set_size']:.2f} |" in card
+    assert (
+        "**Prediction sets.**" in card
+        and f"| test | 95% | {held_out['coverage']:.3f} | {held_out['mean_set_size']:.2f} |" in card
+    )
 
 
 @pytest.fixture
@@ -96,7 +105,9 @@ def test_classify_gives_the_sets_from_the_folders_thresholds(model_with_sets, ti
     sizes = set()
     for prediction in predictions:
         for level, labels in prediction.prediction_sets.items():
-            expected = [label for label, score in prediction.scores.items() if score >= minimum[level][label]]  # scores: best first
+            expected = [
+                label for label, score in prediction.scores.items() if score >= minimum[level][label]
+            ]  # scores: best first
             assert labels == expected
             sizes.add(len(labels))
         assert prediction.prediction_set == prediction.prediction_sets["95%"]
@@ -121,8 +132,14 @@ def test_a_folder_without_thresholds_leaves_the_sets_empty_and_says_why(tiny_mod
     folder = tmp_path / "old-model"
     shutil.copytree(tiny_model_dir, folder, ignore=shutil.ignore_patterns("checkpoint-*", CONFORMAL_FILE))
     [prediction] = classify(load_classifier(folder), xrays(tiny_model_dir)[:1])
-    assert prediction.prediction_sets is None and prediction.prediction_set is None and prediction.prediction_set_line == ""
-    assert predict.main([str(xrays(tiny_model_dir)[0]), "--model", str(folder), "--output", str(tmp_path / "p.csv")]) == 0
+    assert (
+        prediction.prediction_sets is None
+        and prediction.prediction_set is None
+        and prediction.prediction_set_line == ""
+    )
+    assert (
+        predict.main([str(xrays(tiny_model_dir)[0]), "--model", str(folder), "--output", str(tmp_path / "p.csv")]) == 0
+    )
     assert "conformal.json" in capsys.readouterr().err
     [row] = list(csv.DictReader((tmp_path / "p.csv").open()))
     assert row["label_1"] and row["set_90"] == row["set_95"] == ""

@@ -16,11 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import folder_checksums
 from cxr.images import load_image
 from cxr.labels import CLASS_NAMES, DISPLAY_NAMES
+from helpers import folder_checksums
 from hf_data import load_prepared, make_synthetic_dataset, prepare_dataset
 from hf_data.__main__ import main
+
 
 def write_image(path: Path, shade: int = 120, size: int = 48) -> Path:
     """A small grayscale picture in the format its suffix names."""
@@ -132,7 +133,10 @@ def test_class_folder_layout_with_common_spellings(tmp_path):
     assert by_name["scan_b03.png"]["class"] == "bacterial_pneumonia"
     assert by_name["scan_b03.png"]["patient_id"] == "scan_b03"  # no Kaggle name: each image its own patient
     assert by_name["scan_n03.jpg"]["class"] == "normal"
-    assert (by_name["person53_virus_3.jpeg"]["class"], by_name["person53_virus_3.jpeg"]["patient_id"]) == ("viral_pneumonia", "53")
+    assert (by_name["person53_virus_3.jpeg"]["class"], by_name["person53_virus_3.jpeg"]["patient_id"]) == (
+        "viral_pneumonia",
+        "53",
+    )
     assert report.counts["test"] == dict.fromkeys(CLASS_NAMES, 1)
     assert sum(report.counts["train"].values()) + sum(report.counts["validation"].values()) == 36
 
@@ -143,7 +147,9 @@ def test_class_folders_at_the_top_are_all_training_images(tmp_path):
             write_image(tmp_path / "mine" / folder / f"{folder}_{i}.png")
     report = prepare_dataset(tmp_path / "mine", tmp_path / "prepared")
     assert list(report.counts) == ["train", "validation"]
-    assert {name: report.counts["train"][name] + report.counts["validation"][name] for name in CLASS_NAMES} == dict.fromkeys(CLASS_NAMES, 10)
+    assert {
+        name: report.counts["train"][name] + report.counts["validation"][name] for name in CLASS_NAMES
+    } == dict.fromkeys(CLASS_NAMES, 10)
 
 
 def test_validation_is_whole_patients_and_about_the_fraction(tmp_path):
@@ -200,7 +206,9 @@ def test_bad_files_are_reported_never_mislabeled(kaggle, tmp_path):
     (normal / ".DS_Store").write_bytes(b"\0\0")  # hidden: ignored without a word
     os.symlink("self_loop.jpeg", normal / "self_loop.jpeg")
     os.symlink("..", pneumonia / "loop_folder")  # walking into it would never end
-    os.symlink(source / "train" / "NORMAL" / "IM-0101-0001.jpeg", pneumonia / "person906_virus_1.jpeg")  # a good symlinked file
+    os.symlink(
+        source / "train" / "NORMAL" / "IM-0101-0001.jpeg", pneumonia / "person906_virus_1.jpeg"
+    )  # a good symlinked file
 
     report = prepare_dataset(source, tmp_path / "prepared")
     skipped = dict(report.skipped)
@@ -212,7 +220,9 @@ def test_bad_files_are_reported_never_mislabeled(kaggle, tmp_path):
     assert "bacteria or virus" in skipped[str(pneumonia / "person904_unknown_1.jpeg")]
     assert "empty" in skipped[str(normal / "IM-0901-0001.jpeg")]
     assert not any(".DS_Store" in path for path in skipped)
-    assert {str(Path(row["source"]).relative_to(source)) for row in rows} == set(expected) | {"train/PNEUMONIA/person906_virus_1.jpeg"}
+    assert {str(Path(row["source"]).relative_to(source)) for row in rows} == set(expected) | {
+        "train/PNEUMONIA/person906_virus_1.jpeg"
+    }
     assert read_csv(tmp_path / "prepared" / "skipped.csv") == [{"source": p, "reason": r} for p, r in report.skipped]
     assert "Skipped 8 file(s) or folder(s)" in report.summary()
 
@@ -316,7 +326,10 @@ def test_load_prepared_gives_splits_and_class_label(kaggle, tmp_path):
 
 def test_cli_prepare_prints_the_summary(kaggle, tmp_path, capsys):
     source, _ = kaggle
-    assert main(["prepare", str(source), str(tmp_path / "prepared"), "--validation_fraction", "0.25", "--split_seed", "1"]) == 0
+    assert (
+        main(["prepare", str(source), str(tmp_path / "prepared"), "--validation_fraction", "0.25", "--split_seed", "1"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "bacterial_pneumonia" in printed and "validation" in printed and "No files skipped" in printed
 
@@ -356,7 +369,9 @@ def test_a_manifest_cut_short_is_rebuilt_not_refused(kaggle, tmp_path):
         assert folder_checksums(output) == before
 
     (output / "manifest.csv").write_text(whole[: len(whole) // 2], encoding="utf-8")
-    write_image(output / "train" / "normal" / "by_hand.png")  # a real file where links go: prepare cannot tell it is its own
+    write_image(
+        output / "train" / "normal" / "by_hand.png"
+    )  # a real file where links go: prepare cannot tell it is its own
     with pytest.raises(ValueError, match=r"manifest.csv was cut short.*by_hand.png.*delete it and run again"):
         prepare_dataset(source, output)
     assert (output / "train" / "normal" / "by_hand.png").is_file()
@@ -394,14 +409,18 @@ def test_runs_with_different_split_settings_each_get_their_own_tree(kaggle, tmp_
     settings = [{}, {"split_seed": 7}, {"validation_fraction": 0.25}, {"keep_kaggle_val": True}]
     loaded, trees = [], []
     for options in settings:
-        dataset, report = prepare_and_load(DataArguments(data_dir=str(source), **options), TrainingArguments(output_dir="out", report_to="none"))
+        dataset, report = prepare_and_load(
+            DataArguments(data_dir=str(source), **options), TrainingArguments(output_dir="out", report_to="none")
+        )
         loaded.append((dataset, folder_checksums(report.output_dir)))
         trees.append(report.output_dir)
     assert len(set(trees)) == len(settings) and trees[0] == (tmp_path / "data" / "prepared" / "chest_xray").resolve()
     for (dataset, sums), tree in zip(loaded, trees):
         assert folder_checksums(tree) == sums  # untouched by the runs after it
         assert all(Path(item["path"]).is_file() for split in dataset.values() for item in split["image"])
-    prepare_and_load(DataArguments(data_dir=str(source)), TrainingArguments(output_dir="out", report_to="none"))  # the first settings again
+    prepare_and_load(
+        DataArguments(data_dir=str(source)), TrainingArguments(output_dir="out", report_to="none")
+    )  # the first settings again
     assert [folder_checksums(tree) for tree in trees] == [sums for _, sums in loaded]
 
 
@@ -417,15 +436,27 @@ def test_a_shared_prepared_folder_in_use_is_not_rewritten_with_other_settings(ka
     source, _ = kaggle
     monkeypatch.chdir(tmp_path)
     shared = str(tmp_path / "shared-tree")
-    first, _ = prepare_and_load(DataArguments(data_dir=str(source), prepared_dir=shared), TrainingArguments(output_dir="out", report_to="none"))
+    first, _ = prepare_and_load(
+        DataArguments(data_dir=str(source), prepared_dir=shared), TrainingArguments(output_dir="out", report_to="none")
+    )
     before = folder_checksums(Path(shared))
-    with pytest.raises(SystemExit, match=r"in use by another run that split the data differently \(seed 42\).*own --prepared_dir"):
-        prepare_and_load(DataArguments(data_dir=str(source), prepared_dir=shared, split_seed=7), TrainingArguments(output_dir="out", report_to="none"))
+    with pytest.raises(
+        SystemExit, match=r"in use by another run that split the data differently \(seed 42\).*own --prepared_dir"
+    ):
+        prepare_and_load(
+            DataArguments(data_dir=str(source), prepared_dir=shared, split_seed=7),
+            TrainingArguments(output_dir="out", report_to="none"),
+        )
     assert folder_checksums(Path(shared)) == before
-    same, _ = prepare_and_load(DataArguments(data_dir=str(source), prepared_dir=shared), TrainingArguments(output_dir="out", report_to="none"))
+    same, _ = prepare_and_load(
+        DataArguments(data_dir=str(source), prepared_dir=shared), TrainingArguments(output_dir="out", report_to="none")
+    )
     assert folder_checksums(Path(shared)) == before  # the same settings may share it
 
     del first, same
     gc.collect()
-    second, _ = prepare_and_load(DataArguments(data_dir=str(source), prepared_dir=shared, split_seed=7), TrainingArguments(output_dir="out", report_to="none"))
+    second, _ = prepare_and_load(
+        DataArguments(data_dir=str(source), prepared_dir=shared, split_seed=7),
+        TrainingArguments(output_dir="out", report_to="none"),
+    )
     assert folder_checksums(Path(shared)) != before

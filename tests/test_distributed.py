@@ -20,18 +20,34 @@ REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with the gloo backend is not available"),
+    pytest.mark.skipif(
+        not (dist.is_available() and dist.is_gloo_available()),
+        reason="torch.distributed with the gloo backend is not available",
+    ),
 ]
 
 
 def test_two_processes_train_one_model_that_one_process_writes(tiny_model_dir, tmp_path):
     """The recipe of the `tiny_model_dir` fixture (batch 16, one process), run as 2 processes x 8 images per step."""
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(REPO / "train_vit.py"), *tiny_run(per_device_train_batch_size="8"), "--output_dir", "model",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "train_vit.py"),
+        *tiny_run(per_device_train_batch_size="8"),
+        "--output_dir",
+        "model",
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    result = subprocess.run(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300
+    )
     log = result.stdout
     assert result.returncode == 0, log[-4000:]
 
@@ -41,10 +57,18 @@ def test_two_processes_train_one_model_that_one_process_writes(tiny_model_dir, t
     assert log.count("Prepared data set in") == 1
     assert log.count("Model folder:") == 1
     output = tmp_path / "model"
-    state = json.loads((max(output.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) / "trainer_state.json").read_text())
-    reference_state = json.loads((max(tiny_model_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) / "trainer_state.json").read_text())
+    state = json.loads(
+        (max(output.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) / "trainer_state.json").read_text()
+    )
+    reference_state = json.loads(
+        (
+            max(tiny_model_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])) / "trainer_state.json"
+        ).read_text()
+    )
     assert state["train_batch_size"] == 8
-    assert state["global_step"] == reference_state["global_step"]  # 2 x 8 per step: as many steps as one process with 16
+    assert (
+        state["global_step"] == reference_state["global_step"]
+    )  # 2 x 8 per step: as many steps as one process with 16
     assert not list(output.glob("*.bin"))
 
     from transformers import pipeline

@@ -21,11 +21,11 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.common import free_port
-from helpers import TINY_RUN, folder_checksums
 import app
 import train_vit
+from benchmarks.common import free_port
 from cxr.run_record import read_metrics, read_run
+from helpers import TINY_RUN, folder_checksums
 from hf_data import prepare_dataset
 from inputs import encode, png_claiming_size
 
@@ -81,7 +81,9 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint_to_the_same_resu
     try:
         deadline = time.monotonic() + 120
         while not complete_checkpoints(output):
-            assert run.poll() is None, f"the run ended before its first checkpoint:\n{(tmp_path / 'killed.log').read_text()[-3000:]}"
+            assert run.poll() is None, (
+                f"the run ended before its first checkpoint:\n{(tmp_path / 'killed.log').read_text()[-3000:]}"
+            )
             assert time.monotonic() < deadline, "no checkpoint after 120 s"
             time.sleep(0.05)
         run.send_signal(signal.SIGKILL)
@@ -107,17 +109,25 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint_to_the_same_resu
     assert f"Removing {torn}: an interrupted save left it incomplete" in resumed.stdout
 
     final_state = json.loads((complete_checkpoints(output)[-1] / "trainer_state.json").read_text())
-    reference_state = json.loads((max(tiny_model_dir.glob("checkpoint-*"), key=steps_of) / "trainer_state.json").read_text())
+    reference_state = json.loads(
+        (max(tiny_model_dir.glob("checkpoint-*"), key=steps_of) / "trainer_state.json").read_text()
+    )
     assert final_state["global_step"] == reference_state["global_step"]
     evaluations = [entry for entry in final_state["log_history"] if "eval_loss" in entry]
     reference_evaluations = [entry for entry in reference_state["log_history"] if "eval_loss" in entry]
     assert [entry["epoch"] for entry in evaluations] == [1.0, 2.0]  # continued, not restarted
-    figures = lambda entry: {key: value for key, value in entry.items() if not key.endswith(("runtime", "per_second"))}  # all but timings
+    figures = lambda entry: {
+        key: value for key, value in entry.items() if not key.endswith(("runtime", "per_second"))
+    }  # all but timings
     assert figures(evaluations[0]) == figures(reference_evaluations[0])  # the epoch before the kill, exactly
 
-    assert [figures(entry) for entry in evaluations] == [figures(entry) for entry in reference_evaluations]  # the resumed epoch too
+    assert [figures(entry) for entry in evaluations] == [
+        figures(entry) for entry in reference_evaluations
+    ]  # the resumed epoch too
     final, reference = weights(output / "model.safetensors"), weights(tiny_model_dir / "model.safetensors")
-    assert all(torch.equal(final[key], reference[key]) for key in reference), "resumed: the same final weights, bit for bit"
+    assert all(torch.equal(final[key], reference[key]) for key in reference), (
+        "resumed: the same final weights, bit for bit"
+    )
     summary, reference_summary = (read_metrics(folder) for folder in (output, tiny_model_dir))
     for split in ("validation", "test"):
         assert figures(summary[split]) == figures(reference_summary[split]), split
@@ -127,9 +137,27 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint_to_the_same_resu
 def test_two_runs_started_at_once_on_one_data_folder_both_finish(tmp_path):
     """A sweep or a comparison launched in parallel: both prepare the same data folder; they take turns (a file lock)
     instead of one reading the imagefolder tree while the other rewrites it."""
-    command = [sys.executable, str(REPO / "train_vit.py"), *RUN, "--num_train_epochs", "1", "--synthetic_images_per_class", "120"]
+    command = [
+        sys.executable,
+        str(REPO / "train_vit.py"),
+        *RUN,
+        "--num_train_epochs",
+        "1",
+        "--synthetic_images_per_class",
+        "120",
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    runs = [subprocess.Popen([*command, "--output_dir", f"run{index}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for index in range(2)]
+    runs = [
+        subprocess.Popen(
+            [*command, "--output_dir", f"run{index}"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for index in range(2)
+    ]
     for run in runs:
         output, _ = run.communicate(timeout=300)
         assert run.returncode == 0, output[-3000:]
@@ -179,14 +207,18 @@ class Crash(Exception):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("step", ["plot_confusion_matrix", "save_reliability", "render_model_card", "swap"])
-def test_a_run_stopped_between_its_save_steps_leaves_the_old_model_folder_intact(tiny_model_dir, tmp_path, monkeypatch, step):
+def test_a_run_stopped_between_its_save_steps_leaves_the_old_model_folder_intact(
+    tiny_model_dir, tmp_path, monkeypatch, step
+):
     """`--resume` on a finished run redoes only the end (calibration, evaluation, saving): a crash at any step of the
     save leaves the old folder byte for byte as it was; without a crash, the new folder is complete and consistent."""
     import cxr.folders
 
     folder = make_distinct(shutil.copytree(tiny_model_dir, tmp_path / "model"))
     before, old_version = folder_bytes(folder), version_of(folder)
-    monkeypatch.chdir(tiny_model_dir.parent)  # its synthetic data and prepared tree, unchanged by a run with the same settings
+    monkeypatch.chdir(
+        tiny_model_dir.parent
+    )  # its synthetic data and prepared tree, unchanged by a run with the same settings
 
     def crash(*args, **kwargs):
         raise Crash(step)
@@ -204,7 +236,9 @@ def test_a_run_stopped_between_its_save_steps_leaves_the_old_model_folder_intact
     train_vit.main([*RUN, "--output_dir", str(folder), "--resume"])
     after = folder_bytes(folder)
     assert version_of(folder) != old_version and version_of(folder) == version_of(tiny_model_dir)
-    assert set(after) == set(before) and all(after[name] == before[name] for name in after if name.startswith("checkpoint-"))
+    assert set(after) == set(before) and all(
+        after[name] == before[name] for name in after if name.startswith("checkpoint-")
+    )
     assert not list(tmp_path.glob(".model.*")), "no staging folder left behind"
 
 
@@ -222,7 +256,9 @@ def test_a_refit_stopped_midway_leaves_the_model_folder_intact(tiny_model_dir, t
     assert folder_bytes(folder) == before
     monkeypatch.undo()
     assert calibrate.main([str(folder), "--data_dir", str(prepared)]) == 0
-    assert version_of(folder)[1] == pytest.approx(version_of(tiny_model_dir)[1], rel=1e-4)  # refitted: statistics and metrics agree again
+    assert version_of(folder)[1] == pytest.approx(
+        version_of(tiny_model_dir)[1], rel=1e-4
+    )  # refitted: statistics and metrics agree again
 
 
 @pytest.mark.slow
@@ -262,9 +298,15 @@ def test_a_swap_never_leaves_the_model_folder_missing(tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     reader = subprocess.Popen(
-        [sys.executable, "-c", "import os, sys\nmissing = 0\nwhile not os.path.exists(sys.argv[2]):\n    missing += not os.path.isfile(sys.argv[1])\nprint(missing)",
-         str(folder / "config.json"), str(tmp_path / "done")],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import os, sys\nmissing = 0\nwhile not os.path.exists(sys.argv[2]):\n    missing += not os.path.isfile(sys.argv[1])\nprint(missing)",
+            str(folder / "config.json"),
+            str(tmp_path / "done"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         time.sleep(0.5)  # the reader is running
@@ -293,7 +335,9 @@ def test_a_crash_while_writing_a_json_file_leaves_the_old_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_rerun_into_a_folder_with_checkpoints_stops_unless_told_to_resume_or_overwrite(tiny_model_dir, tmp_path, monkeypatch):
+def test_a_rerun_into_a_folder_with_checkpoints_stops_unless_told_to_resume_or_overwrite(
+    tiny_model_dir, tmp_path, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
     folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
     before = folder_bytes(folder)
@@ -404,7 +448,9 @@ def test_a_full_disk_stops_the_run_before_training(tmp_path, monkeypatch):
         return usage._replace(free=5 * 2**20) if Path(path).resolve() == output.resolve() else usage
 
     monkeypatch.setattr(shutil, "disk_usage", nearly_full)
-    with pytest.raises(SystemExit, match=r"Not enough free disk space for .*model: 5 MiB free, this run needs about \d+ MiB"):
+    with pytest.raises(
+        SystemExit, match=r"Not enough free disk space for .*model: 5 MiB free, this run needs about \d+ MiB"
+    ):
         train_vit.main([*RUN, "--output_dir", str(output)])
     assert not list(output.glob("checkpoint-*"))  # training never started
 
@@ -424,10 +470,14 @@ def test_uploads_are_deleted_and_the_queue_cannot_be_skipped(tiny_model_dir, tmp
     assert demo._queue.max_size == app.QUEUE_SIZE and demo._queue.default_concurrency_limit == app.CONCURRENCY_LIMIT
     [predict] = [fn for fn in demo.fns.values() if fn.api_name == "predict"]
     assert predict.queue and predict.concurrency_limit == "default" and demo.api_open is False
-    demo.launch(**app.launch_options(app.parse_args(["--port", str(free_port())])), prevent_thread_lock=True, quiet=True)
+    demo.launch(
+        **app.launch_options(app.parse_args(["--port", str(free_port())])), prevent_thread_lock=True, quiet=True
+    )
     try:
         upload = tmp_path / "private-scan.png"
-        upload.write_bytes(encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 90), dtype=np.uint8)), "PNG"))
+        upload.write_bytes(
+            encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 90), dtype=np.uint8)), "PNG")
+        )
         client = Client(demo.local_url, verbose=False, download_files=False)
         client.predict(handle_file(str(upload)), api_name="/predict")
         assert list(cache.rglob("private-scan.png")), "gradio stores the upload in its cache"

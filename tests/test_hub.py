@@ -12,17 +12,25 @@ from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects
 from transformers import Trainer
 
-from helpers import tiny_run
 import train_vit
-
 from cxr.hub import model_folder_files, publish_model_folder
-from cxr.run_record import read_metrics
 from cxr.labels import ID2LABEL
+from cxr.run_record import read_metrics
+from helpers import tiny_run
 
 TINY = tiny_run(drop=("data_dir", "model", "num_train_epochs"))  # each test names its data and model
 MODEL_FOLDER = [
-    "README.md", "config.json", "conformal.json", "confusion_matrix_test.png", "confusion_matrix_validation.png", "metrics.json",
-    "model.safetensors", "ood.safetensors", "preprocessor_config.json", "run.json", "training_curves.png",
+    "README.md",
+    "config.json",
+    "conformal.json",
+    "confusion_matrix_test.png",
+    "confusion_matrix_validation.png",
+    "metrics.json",
+    "model.safetensors",
+    "ood.safetensors",
+    "preprocessor_config.json",
+    "run.json",
+    "training_curves.png",
 ]
 
 
@@ -35,17 +43,35 @@ def hub_calls(monkeypatch):
         calls.append(("create_repo", repo_id, kwargs))
         return RepoUrl(f"https://huggingface.co/{repo_id}")
 
-    def upload_folder(self, *, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, delete_patterns=None, **kwargs):
+    def upload_folder(
+        self, *, repo_id, folder_path, allow_patterns=None, ignore_patterns=None, delete_patterns=None, **kwargs
+    ):
         # The files upload_folder would send: the same filter over the same walk as huggingface_hub's own.
         folder = Path(folder_path)
         ignore = [ignore_patterns] if isinstance(ignore_patterns, str) else list(ignore_patterns or [])
         every_file = sorted(path.relative_to(folder).as_posix() for path in folder.glob("**/*") if path.is_file())
-        sent = list(filter_repo_objects(every_file, allow_patterns=allow_patterns, ignore_patterns=ignore + DEFAULT_IGNORE_PATTERNS))
-        calls.append(("upload_folder", repo_id, {"files": sent, "card": (folder / "README.md").read_text(), "delete_patterns": delete_patterns, **kwargs}))
+        sent = list(
+            filter_repo_objects(
+                every_file, allow_patterns=allow_patterns, ignore_patterns=ignore + DEFAULT_IGNORE_PATTERNS
+            )
+        )
+        calls.append(
+            (
+                "upload_folder",
+                repo_id,
+                {
+                    "files": sent,
+                    "card": (folder / "README.md").read_text(),
+                    "delete_patterns": delete_patterns,
+                    **kwargs,
+                },
+            )
+        )
 
     def refuse(name):
         def call(*args, **kwargs):
             raise AssertionError(f"{name} was called: nothing but the finished folder may be published")
+
         return call
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
@@ -61,10 +87,29 @@ def hub_calls(monkeypatch):
 def test_push_to_hub_publishes_exactly_the_finished_model_folder(tmp_path, monkeypatch, hub_calls):
     monkeypatch.chdir(tmp_path)
     output = tmp_path / "model"
-    train_vit.main(["--data_dir", "synthetic", "--model", "scratch-tiny", "--output_dir", str(output), "--num_train_epochs", "2",
-                    "--push_to_hub", "--hub_model_id", "test-org/x", "--hub_private_repo", "true", *TINY])
+    train_vit.main(
+        [
+            "--data_dir",
+            "synthetic",
+            "--model",
+            "scratch-tiny",
+            "--output_dir",
+            str(output),
+            "--num_train_epochs",
+            "2",
+            "--push_to_hub",
+            "--hub_model_id",
+            "test-org/x",
+            "--hub_private_repo",
+            "true",
+            *TINY,
+        ]
+    )
 
-    assert [call[0] for call in hub_calls] == ["create_repo", "upload_folder"]  # once, at the end; nothing during training
+    assert [call[0] for call in hub_calls] == [
+        "create_repo",
+        "upload_folder",
+    ]  # once, at the end; nothing during training
     assert hub_calls[0][1] == "test-org/x" and hub_calls[0][2]["private"] is True
     upload = hub_calls[1][2]
     assert hub_calls[1][1] == "test-org/x"
@@ -110,8 +155,16 @@ def hub_checkpoint(tmp_path, monkeypatch):
     from benchmarks.common import fill_hub_cache
 
     labels = {index: f"imagenet_class_{index}" for index in range(10)}
-    config = ViTConfig(image_size=SIZE, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                       id2label=labels, label2id={label: index for index, label in labels.items()})
+    config = ViTConfig(
+        image_size=SIZE,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        id2label=labels,
+        label2id={label: index for index, label in labels.items()},
+    )
     folder = tmp_path / "pretrained"
     ViTForImageClassification(config).save_pretrained(folder)
     ViTImageProcessorPil(size={"height": SIZE, "width": SIZE}, image_mean=MEAN, image_std=STD).save_pretrained(folder)
@@ -126,20 +179,28 @@ def hub_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_hub_checkpoint_is_fine_tuned_offline_with_a_new_head_and_its_own_processor(hub_checkpoint, tmp_path, monkeypatch):
+def test_a_hub_checkpoint_is_fine_tuned_offline_with_a_new_head_and_its_own_processor(
+    hub_checkpoint, tmp_path, monkeypatch
+):
     from huggingface_hub import ModelCard
     from safetensors import safe_open
 
     monkeypatch.chdir(tmp_path)
     output = tmp_path / "model"
-    train_vit.main(["--data_dir", "synthetic", "--model", HUB_ID, "--output_dir", str(output), "--num_train_epochs", "1", *TINY])
+    train_vit.main(
+        ["--data_dir", "synthetic", "--model", HUB_ID, "--output_dir", str(output), "--num_train_epochs", "1", *TINY]
+    )
 
     config = json.loads((output / "config.json").read_text())
     assert config["id2label"] == {"0": "Bacterial pneumonia", "1": "Normal", "2": "Viral pneumonia"}
     with safe_open(output / "model.safetensors", "pt") as weights:
         assert weights.get_slice("classifier.weight").get_shape() == [3, 32]  # the 10-class head replaced
     processor = json.loads((output / "preprocessor_config.json").read_text())
-    assert (processor["image_mean"], processor["image_std"], processor["size"]) == (MEAN, STD, {"height": SIZE, "width": SIZE})
+    assert (processor["image_mean"], processor["image_std"], processor["size"]) == (
+        MEAN,
+        STD,
+        {"height": SIZE, "width": SIZE},
+    )
 
     origin = read_metrics(output)["model_origin"]
     assert origin["pretrained"] is True and origin["base_model"] == HUB_ID
@@ -155,7 +216,11 @@ def test_the_card_follows_the_hubs_conventions_and_its_model_index_reads_back(ti
 
     card = ModelCard.load(tiny_model_dir / "README.md")
     data = card.data
-    assert (data.license, data.library_name, data.pipeline_tag) == ("apache-2.0", "transformers", "image-classification")
+    assert (data.license, data.library_name, data.pipeline_tag) == (
+        "apache-2.0",
+        "transformers",
+        "image-classification",
+    )
     assert data.base_model is None  # trained from a preset: no base model
     assert set(data.metrics) == {"accuracy", "f1", "roc_auc", "precision", "recall"}
     assert {"medical-imaging", "chest-x-ray"} <= set(data.tags)
@@ -164,13 +229,28 @@ def test_the_card_follows_the_hubs_conventions_and_its_model_index_reads_back(ti
     by_name = {r.metric_name: r for r in results}
     summary = read_metrics(tiny_model_dir)["test"]
     macro_f1 = by_name["Macro-F1 (3 classes)"]
-    assert (macro_f1.metric_type, macro_f1.metric_args, macro_f1.metric_value) == ("f1", {"average": "macro"}, round(summary["macro_f1"], 4))
+    assert (macro_f1.metric_type, macro_f1.metric_args, macro_f1.metric_value) == (
+        "f1",
+        {"average": "macro"},
+        round(summary["macro_f1"], 4),
+    )
     assert by_name["ROC-AUC (one-vs-rest, macro)"].metric_type == "roc_auc"
-    assert (by_name["Pneumonia sensitivity"].metric_type, by_name["Pneumonia sensitivity"].metric_config) == ("sensitivity", "pneumonia_vs_normal")
+    assert (by_name["Pneumonia sensitivity"].metric_type, by_name["Pneumonia sensitivity"].metric_config) == (
+        "sensitivity",
+        "pneumonia_vs_normal",
+    )
     recall = by_name["Recall (Viral pneumonia)"]
-    assert (recall.metric_type, recall.metric_args, recall.metric_value) == ("recall", {"average": "binary", "pos_label": "viral_pneumonia"}, round(summary["recall_viral_pneumonia"], 4))
+    assert (recall.metric_type, recall.metric_args, recall.metric_value) == (
+        "recall",
+        {"average": "binary", "pos_label": "viral_pneumonia"},
+        round(summary["recall_viral_pneumonia"], 4),
+    )
     hub_ids = {"accuracy", "f1", "roc_auc", "precision", "recall"}
-    assert {r.metric_type for r in results} - hub_ids == {"sensitivity", "specificity", "expected_calibration_error"}  # the named custom ones
+    assert {r.metric_type for r in results} - hub_ids == {
+        "sensitivity",
+        "specificity",
+        "expected_calibration_error",
+    }  # the named custom ones
     assert all(r.dataset_split == "test" and r.task_type == "image-classification" for r in results)
 
 
@@ -188,20 +268,40 @@ def test_base_model_names_only_hub_ids(tiny_model_dir, tmp_path):
 
     def card(origin: ModelOrigin, synthetic_data: bool) -> ModelCard:
         run = record | {"data": record["data"] | {"synthetic": synthetic_data}}
-        return ModelCard(str(render_model_card(run, summary | {"model_origin": dataclasses.asdict(origin) | {"description": origin.describe()}})))
+        return ModelCard(
+            str(
+                render_model_card(
+                    run, summary | {"model_origin": dataclasses.asdict(origin) | {"description": origin.describe()}}
+                )
+            )
+        )
 
     local = card(origin, synthetic_data=True)
     assert local.data.base_model is None and local.data.datasets is None
-    hub = card(ModelOrigin("google/vit-base-patch16-224-in21k", True, base_model="google/vit-base-patch16-224-in21k"), synthetic_data=False)
+    hub = card(
+        ModelOrigin("google/vit-base-patch16-224-in21k", True, base_model="google/vit-base-patch16-224-in21k"),
+        synthetic_data=False,
+    )
     assert hub.data.base_model == "google/vit-base-patch16-224-in21k"
-    assert hub.data.datasets == ["hf-vision/chest-xray-pneumonia"] and hub.data.eval_results[0].dataset_type == "hf-vision/chest-xray-pneumonia"
+    assert (
+        hub.data.datasets == ["hf-vision/chest-xray-pneumonia"]
+        and hub.data.eval_results[0].dataset_type == "hf-vision/chest-xray-pneumonia"
+    )
 
 
 def test_the_pretrained_recipe_sets_the_fine_tuning_hyperparameters():
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser((train_vit.DataArguments, train_vit.ModelArguments, train_vit.SearchArguments, train_vit.XrayTrainingArguments))
-    _, model_args, _, training_args = parser.parse_args_into_dataclasses(args=train_vit.with_recipe(["--data_dir", "synthetic", "--recipe", "vit-pretrained", "--report_to", "none"]))
+    parser = HfArgumentParser(
+        (train_vit.DataArguments, train_vit.ModelArguments, train_vit.SearchArguments, train_vit.XrayTrainingArguments)
+    )
+    _, model_args, _, training_args = parser.parse_args_into_dataclasses(
+        args=train_vit.with_recipe(["--data_dir", "synthetic", "--recipe", "vit-pretrained", "--report_to", "none"])
+    )
     assert model_args.model == "google/vit-base-patch16-224-in21k" == train_vit.DEFAULT_CHECKPOINT
-    assert (training_args.learning_rate, training_args.num_train_epochs, training_args.per_device_train_batch_size) == (2e-5, 5, 8)
+    assert (training_args.learning_rate, training_args.num_train_epochs, training_args.per_device_train_batch_size) == (
+        2e-5,
+        5,
+        8,
+    )
     assert (training_args.weight_decay, training_args.warmup_steps) == (0.0, 0.1)

@@ -1,6 +1,5 @@
 """The one image loader: every kind of upload gives an RGB image or a clear ImageLoadError."""
 
-
 import struct
 
 import numpy as np
@@ -8,7 +7,17 @@ import pytest
 from PIL import Image
 
 from cxr.images import MAX_DICOM_READS, MAX_FILE_BYTES, MAX_FRAGMENTS, MAX_PIXELS, ImageLoadError, load_image
-from inputs import chest_like, compressed_dicom, dicom_bytes, encapsulated_dicom, encode, padded_dicom, png_claiming_size, read_dicom, save_dicom
+from inputs import (
+    chest_like,
+    compressed_dicom,
+    dicom_bytes,
+    encapsulated_dicom,
+    encode,
+    padded_dicom,
+    png_claiming_size,
+    read_dicom,
+    save_dicom,
+)
 
 
 @pytest.mark.parametrize(
@@ -30,7 +39,7 @@ def test_common_formats_become_rgb_of_the_same_size(make):
 
 def test_sixteen_bit_png_uses_its_own_range():
     # A 12-bit detector image stored in 16 bits: values 0..4095 must span the full 8-bit range, not look black.
-    pixels = (chest_like().astype(np.uint16) * 16)
+    pixels = chest_like().astype(np.uint16) * 16
     image = load_image(encode(Image.fromarray(pixels), "PNG"))
     gray = np.asarray(image)[..., 0]
     assert gray.min() == 0 and gray.max() == 255
@@ -100,7 +109,9 @@ def test_pixel_limit_is_the_projects_below_pillows_own():
 
 
 def test_a_file_over_the_byte_limit_is_refused_as_bytes_and_as_a_path(tmp_path):
-    too_big = encode(Image.fromarray(chest_like(), "L"), "PNG") + b"\0" * MAX_FILE_BYTES  # a valid PNG, padded past the cap
+    too_big = (
+        encode(Image.fromarray(chest_like(), "L"), "PNG") + b"\0" * MAX_FILE_BYTES
+    )  # a valid PNG, padded past the cap
     with pytest.raises(ImageLoadError, match="the limit is 64 MiB"):
         load_image(too_big)
     path = tmp_path / "big.png"
@@ -158,9 +169,13 @@ def test_rle_rgb_at_the_pixel_limit_is_over_the_decode_budget():
     # 6300 x 6300 is under 40 megapixels, but 3 samples of 16 bits decode to 227 MiB, over the 153 MiB budget.
     from pydicom.uid import RLELossless
 
-    header = struct.pack("<16I", 6, *[64] * 6, *[0] * 9)  # six segments, as RGB 16-bit needs; their bytes are never read
+    header = struct.pack(
+        "<16I", 6, *[64] * 6, *[0] * 9
+    )  # six segments, as RGB 16-bit needs; their bytes are never read
     with pytest.raises(ImageLoadError, match="would take 227 MiB to decode"):
-        load_image(encapsulated_dicom([header + b"\x81\x00" * 64], RLELossless, rows=6300, columns=6300, samples=3, bits=16))
+        load_image(
+            encapsulated_dicom([header + b"\x81\x00" * 64], RLELossless, rows=6300, columns=6300, samples=3, bits=16)
+        )
 
 
 def test_encapsulated_fragments_are_bounded():
@@ -197,7 +212,11 @@ def test_error_messages_carry_no_markup_from_the_file(tmp_path):
 # ---- DICOM as hospitals send it ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("syntax", ["1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5"], ids=["jpeg-ls", "jpeg-2000", "rle"])
+@pytest.mark.parametrize(
+    "syntax",
+    ["1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.5"],
+    ids=["jpeg-ls", "jpeg-2000", "rle"],
+)
 def test_compressed_dicom_decodes_like_the_uncompressed_file(syntax):
     plain = dicom_bytes(chest_like().astype(np.uint16) * 16)
     assert np.array_equal(np.asarray(load_image(compressed_dicom(plain, syntax))), np.asarray(load_image(plain)))
@@ -207,12 +226,13 @@ def test_jpeg_baseline_and_12_bit_dicom_decode():
     import os
 
     import pydicom
-
     from pydicom.uid import JPEGBaseline8Bit
 
     jpeg = encode(Image.fromarray(chest_like(), "L"), "JPEG", quality=95)
     assert load_image(encapsulated_dicom([jpeg], JPEGBaseline8Bit, rows=240, columns=300)).size == (300, 240)
-    extended = os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files", "JPGExtended.dcm")  # shipped with pydicom
+    extended = os.path.join(
+        os.path.dirname(pydicom.__file__), "data", "test_files", "JPGExtended.dcm"
+    )  # shipped with pydicom
     assert load_image(extended).size == (256, 1024)
 
 
@@ -265,7 +285,9 @@ def test_isolated_decode_is_stopped_at_the_time_cap(monkeypatch):
     import cxr.images
 
     monkeypatch.setattr(cxr.images, "DECODE_SECONDS", 0.5)
-    monkeypatch.setattr(cxr.images, "_decode_file", lambda *args: time.sleep(20) or Image.new("L", (64, 64)))  # a decoder stuck
+    monkeypatch.setattr(
+        cxr.images, "_decode_file", lambda *args: time.sleep(20) or Image.new("L", (64, 64))
+    )  # a decoder stuck
     started = time.monotonic()
     with pytest.raises(ImageLoadError, match="took longer than 0.5 s"):
         load_image(encode(Image.fromarray(chest_like(), "L"), "PNG"), isolate=True)
@@ -276,7 +298,9 @@ def test_isolated_decode_is_refused_over_the_memory_cap(monkeypatch):
     import cxr.images
 
     monkeypatch.setattr(cxr.images, "DECODE_MEMORY", 64 * 2**20)
-    monkeypatch.setattr(cxr.images, "_decode_file", lambda *args: Image.fromarray(np.ones((16384, 16384), np.uint8)))  # 256 MiB
+    monkeypatch.setattr(
+        cxr.images, "_decode_file", lambda *args: Image.fromarray(np.ones((16384, 16384), np.uint8))
+    )  # 256 MiB
     with pytest.raises(ImageLoadError, match="needs more than 64 MiB"):
         load_image(encode(Image.fromarray(chest_like(), "L"), "PNG"), isolate=True)
 
@@ -287,6 +311,8 @@ def test_isolated_decoder_crash_is_a_clear_error(monkeypatch):
 
     import cxr.images
 
-    monkeypatch.setattr(cxr.images, "_decode_file", lambda *args: os.kill(os.getpid(), signal.SIGKILL))  # as the kernel kills for memory
+    monkeypatch.setattr(
+        cxr.images, "_decode_file", lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+    )  # as the kernel kills for memory
     with pytest.raises(ImageLoadError, match="stopped its decoder"):
         load_image(encode(Image.fromarray(chest_like(), "L"), "PNG"), isolate=True)

@@ -4,8 +4,6 @@ inside a function counts as much as one at the top of a file."""
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = ("app", "calibrate", "predict", "pretrain_mae", "train_vit")
 PACKAGES = ("cxr", "hf_data", "benchmarks")
@@ -35,8 +33,10 @@ def project_modules(root: Path) -> dict[str, Path]:
 def import_graph(root: Path) -> dict[str, set[str]]:
     """Module -> the project modules it imports (a package import counts as its `__init__`)."""
     modules = project_modules(root)
-    return {name: {imported for imported in imported_names(path.read_text()) if imported in modules and imported != name}
-            for name, path in modules.items()}
+    return {
+        name: {imported for imported in imported_names(path.read_text()) if imported in modules and imported != name}
+        for name, path in modules.items()
+    }
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -49,7 +49,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for neighbour in sorted(graph.get(node, ())):
             if state.get(neighbour) == "open":
-                return path[path.index(neighbour):] + [neighbour]
+                return path[path.index(neighbour) :] + [neighbour]
             if neighbour not in state and (cycle := visit(neighbour)):
                 return cycle
         path.pop()
@@ -63,8 +63,11 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def hf_data_imports(root: Path) -> dict[str, set[str]]:
-    return {path.name: found for path in sorted((root / "cxr").glob("*.py"))
-            if (found := {name for name in imported_names(path.read_text()) if name.split(".")[0] == "hf_data"})}
+    return {
+        path.name: found
+        for path in sorted((root / "cxr").glob("*.py"))
+        if (found := {name for name in imported_names(path.read_text()) if name.split(".")[0] == "hf_data"})
+    }
 
 
 def test_the_shared_package_never_imports_the_data_layer():
@@ -74,13 +77,20 @@ def test_the_shared_package_never_imports_the_data_layer():
 def test_the_guards_see_an_import_inside_a_function():
     lazy = "def fit():\n    from hf_data.prepare import read_patient_id\n    import hf_data\n"
     assert imported_names(lazy) == {"hf_data", "hf_data.prepare", "hf_data.prepare.read_patient_id"}
-    assert find_cycle({"cxr.a": {"cxr.b"}, "cxr.b": {"hf_data.c"}, "hf_data.c": {"cxr.a"}}) == ["cxr.a", "cxr.b", "hf_data.c", "cxr.a"]
+    assert find_cycle({"cxr.a": {"cxr.b"}, "cxr.b": {"hf_data.c"}, "hf_data.c": {"cxr.a"}}) == [
+        "cxr.a",
+        "cxr.b",
+        "hf_data.c",
+        "cxr.a",
+    ]
     assert find_cycle({"cxr.a": {"cxr.b"}, "cxr.b": set(), "hf_data.c": {"cxr.a"}}) is None
 
 
 def test_no_import_cycle_between_modules_or_packages():
     graph = import_graph(ROOT)
-    assert {"cxr.features", "cxr.reliability", "hf_data.loading", "train_vit", "calibrate"} <= set(graph)  # the walk found the tree
+    assert {"cxr.features", "cxr.reliability", "hf_data.loading", "train_vit", "calibrate"} <= set(
+        graph
+    )  # the walk found the tree
     assert find_cycle(graph) is None
     packages = {}
     for module, imported in graph.items():
@@ -91,6 +101,13 @@ def test_no_import_cycle_between_modules_or_packages():
 def test_no_test_file_imports_another_test_file():
     tests = ROOT / "tests"
     test_modules = {path.stem for path in tests.glob("test_*.py")} | {"conftest"}
-    offenders = {path.name: found for path in sorted(tests.glob("test_*.py"))
-                 if (found := {name for name in imported_names(path.read_text()) if name.split(".")[0] in test_modules - {path.stem}})}
+    offenders = {
+        path.name: found
+        for path in sorted(tests.glob("test_*.py"))
+        if (
+            found := {
+                name for name in imported_names(path.read_text()) if name.split(".")[0] in test_modules - {path.stem}
+            }
+        )
+    }
     assert offenders == {}

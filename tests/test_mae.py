@@ -7,13 +7,15 @@ import pytest
 import torch
 from transformers import TrainingArguments, ViTModel
 
-from helpers import prepared_data, tiny_run
 import pretrain_mae
 import train_vit
 from cxr.models import build_model
+from helpers import prepared_data, tiny_run
 from hf_data.loading import DataArguments, prepare_and_load
 
-TINY_DATA = tiny_run(drop=("model", "num_train_epochs", "learning_rate", "per_device_train_batch_size", "report_to"))  # the data and quiet progress
+TINY_DATA = tiny_run(
+    drop=("model", "num_train_epochs", "learning_rate", "per_device_train_batch_size", "report_to")
+)  # the data and quiet progress
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +24,23 @@ def encoder_dir(tmp_path_factory):
     previous = pytest.MonkeyPatch()
     previous.chdir(workdir)
     try:
-        pretrain_mae.main([*TINY_DATA, "--model", "scratch-tiny", "--output_dir", "encoder", "--num_train_epochs", "8",
-                           "--per_device_train_batch_size", "16", "--learning_rate", "3e-3", "--logging_steps", "1"])
+        pretrain_mae.main(
+            [
+                *TINY_DATA,
+                "--model",
+                "scratch-tiny",
+                "--output_dir",
+                "encoder",
+                "--num_train_epochs",
+                "8",
+                "--per_device_train_batch_size",
+                "16",
+                "--learning_rate",
+                "3e-3",
+                "--logging_steps",
+                "1",
+            ]
+        )
     finally:
         previous.undo()
     return workdir / "encoder"
@@ -45,9 +62,27 @@ def test_pretraining_on_real_xrays_learns_to_paint_back_hidden_patches(shared_da
         for path in sorted((shared_data / "chest_xray" / "train" / folder).glob("*.jpeg"))[:60]:
             (tmp_path / "xrays" / "train" / folder / path.name).symlink_to(path)
     monkeypatch.chdir(tmp_path)
-    pretrain_mae.main(["--data_dir", str(tmp_path / "xrays"), "--output_dir", "encoder", "--num_train_epochs", "4",
-                       "--per_device_train_batch_size", "16", "--logging_steps", "4", "--disable_tqdm", "true", "--save_strategy", "no"])
-    losses = [entry["loss"] for entry in json.loads((tmp_path / "encoder" / "pretraining.json").read_text())["loss_history"]]
+    pretrain_mae.main(
+        [
+            "--data_dir",
+            str(tmp_path / "xrays"),
+            "--output_dir",
+            "encoder",
+            "--num_train_epochs",
+            "4",
+            "--per_device_train_batch_size",
+            "16",
+            "--logging_steps",
+            "4",
+            "--disable_tqdm",
+            "true",
+            "--save_strategy",
+            "no",
+        ]
+    )
+    losses = [
+        entry["loss"] for entry in json.loads((tmp_path / "encoder" / "pretraining.json").read_text())["loss_history"]
+    ]
     # Painting every hidden patch the image's mean grey scores about 0.75 of the first loss here; a model that does
     # that (as one without position tables must) has learned nothing an X-ray classifier could use.
     assert losses[-1] < 0.6 * losses[0]
@@ -81,19 +116,36 @@ def test_the_encoder_is_a_plain_vit_that_fine_tuning_starts_from(encoder_dir):
     encoder = ViTModel.from_pretrained(encoder_dir, add_pooling_layer=False).state_dict()
     started = model.vit.state_dict()
     assert set(started) == set(encoder)
-    assert all(torch.equal(started[name], encoder[name]) for name in encoder)  # every encoder weight, only the head is new
+    assert all(
+        torch.equal(started[name], encoder[name]) for name in encoder
+    )  # every encoder weight, only the head is new
     assert origin.pretraining and "masked autoencoding" in origin.describe()
 
 
 @pytest.mark.slow
 def test_the_fine_tuned_model_says_how_its_encoder_was_pretrained(encoder_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    train_vit.main([*TINY_DATA, "--recipe", "vit-mae", "--model", str(encoder_dir), "--output_dir", "fine-tuned",
-                    "--num_train_epochs", "1", "--per_device_train_batch_size", "16"])
+    train_vit.main(
+        [
+            *TINY_DATA,
+            "--recipe",
+            "vit-mae",
+            "--model",
+            str(encoder_dir),
+            "--output_dir",
+            "fine-tuned",
+            "--num_train_epochs",
+            "1",
+            "--per_device_train_batch_size",
+            "16",
+        ]
+    )
     summary = json.loads((tmp_path / "fine-tuned" / "metrics.json").read_text())
     assert "pretrained by masked autoencoding" in summary["model_origin"]["description"]
     card = (tmp_path / "fine-tuned" / "README.md").read_text()
-    assert "pretrained by masked autoencoding" in card and "pretrained without labels on the same training X-rays" in card
+    assert (
+        "pretrained by masked autoencoding" in card and "pretrained without labels on the same training X-rays" in card
+    )
     assert "base_model:" not in card  # a local folder made here, not a model on the Hub
 
 
@@ -114,8 +166,14 @@ def test_the_validation_split_does_not_depend_on_the_training_seed(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     validation = []
     for seed in (1, 2):
-        dataset, _ = prepare_and_load(DataArguments(data_dir="synthetic", synthetic_images_per_class=40), TrainingArguments(output_dir="out", seed=seed))
+        dataset, _ = prepare_and_load(
+            DataArguments(data_dir="synthetic", synthetic_images_per_class=40),
+            TrainingArguments(output_dir="out", seed=seed),
+        )
         validation.append(sorted(item["path"] for item in dataset["validation"]["image"]))
     assert validation[0] == validation[1]
-    dataset, _ = prepare_and_load(DataArguments(data_dir="synthetic", synthetic_images_per_class=40, split_seed=7), TrainingArguments(output_dir="out"))
+    dataset, _ = prepare_and_load(
+        DataArguments(data_dir="synthetic", synthetic_images_per_class=40, split_seed=7),
+        TrainingArguments(output_dir="out"),
+    )
     assert sorted(item["path"] for item in dataset["validation"]["image"]) != validation[0]

@@ -65,7 +65,10 @@ def _sklearn_figures(labels, probabilities, class_keys, normal_key="normal"):
     predictions = probabilities.argmax(axis=1)
     ids = list(range(len(class_keys)))
     precision, recall, f1, support = precision_recall_fscore_support(labels, predictions, labels=ids, zero_division=0)
-    figures = {"accuracy": accuracy_score(labels, predictions), "macro_f1": f1_score(labels, predictions, labels=ids, average="macro", zero_division=0)}
+    figures = {
+        "accuracy": accuracy_score(labels, predictions),
+        "macro_f1": f1_score(labels, predictions, labels=ids, average="macro", zero_division=0),
+    }
     for key, p, r, f, n in zip(class_keys, precision, recall, f1, support):
         figures.update({f"precision_{key}": p, f"recall_{key}": r, f"f1_{key}": f, f"support_{key}": int(n)})
     if len(np.unique(labels)) == len(class_keys):
@@ -80,7 +83,11 @@ def _sklearn_figures(labels, probabilities, class_keys, normal_key="normal"):
     confidence, correct = probabilities.max(axis=1), predictions == labels
     edges = np.linspace(0, 1, 16)
     figures["expected_calibration_error"] = sum(
-        ((confidence > low) & (confidence <= high)).mean() * abs(correct[(confidence > low) & (confidence <= high)].mean() - confidence[(confidence > low) & (confidence <= high)].mean())
+        ((confidence > low) & (confidence <= high)).mean()
+        * abs(
+            correct[(confidence > low) & (confidence <= high)].mean()
+            - confidence[(confidence > low) & (confidence <= high)].mean()
+        )
         for low, high in zip(edges[:-1], edges[1:])
         if ((confidence > low) & (confidence <= high)).any()
     )

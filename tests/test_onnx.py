@@ -9,14 +9,14 @@ import pytest
 import torch
 from transformers import AutoModelForImageClassification
 
-from helpers import validation_images
 import predict
 from cxr import onnx_runtime
+from cxr.calibration import fold_temperature
+from cxr.features import forward_features
 from cxr.labels import ID2LABEL
 from cxr.onnx_runtime import FINGERPRINT_KEY, ONNX_FILES, load_onnx_features
 from cxr.predictor import classify, load_classifier
-from cxr.calibration import fold_temperature
-from cxr.features import forward_features
+from helpers import validation_images
 
 
 @pytest.fixture
@@ -49,7 +49,10 @@ def test_int8_keeps_the_top_label_and_the_xray_check(model_dir, xrays):
     reference = classify(load_classifier(model_dir), xrays)
     quantized = classify(load_classifier(model_dir, onnx=True, int8=True), xrays)
     operators = {node.op_type for node in onnx.load(str(model_dir / ONNX_FILES[True])).graph.node}
-    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= operators  # really int8, not the float32 graph under another name
+    assert {
+        "DynamicQuantizeLinear",
+        "MatMulInteger",
+    } <= operators  # really int8, not the float32 graph under another name
     decided = 0
     for int8, float32 in zip(quantized, reference):
         assert int8.scores.keys() == float32.scores.keys()
@@ -79,12 +82,16 @@ def test_cached_graph_is_reused_until_the_weights_change(model_dir, monkeypatch)
     assert len(exports) == 2
     size = model.config.image_size
     pixels = torch.randn(3, 3, size, size)
-    torch.testing.assert_close(classifier.onnx_features(pixels)["logits"], forward_features(model, pixels)["logits"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        classifier.onnx_features(pixels)["logits"], forward_features(model, pixels)["logits"], rtol=1e-4, atol=1e-5
+    )
 
 
 def test_without_a_writable_folder_nothing_is_cached(model_dir):
     classifier = load_classifier(model_dir)
-    features = load_onnx_features(classifier.model, classifier.model.config.image_size, int8=False, folder=None)  # as for a Hub id
+    features = load_onnx_features(
+        classifier.model, classifier.model.config.image_size, int8=False, folder=None
+    )  # as for a Hub id
     assert FINGERPRINT_KEY in features.session.get_modelmeta().custom_metadata_map
     assert not any(model_dir.glob("*.onnx"))
 
@@ -96,7 +103,10 @@ def test_grad_cam_asks_for_the_torch_model(model_dir, xrays):
 
 def test_the_batch_predictor_runs_through_onnx_int8(model_dir, xrays, tmp_path):
     output = tmp_path / "predictions.csv"
-    assert predict.main([*map(str, xrays[:4]), "--model", str(model_dir), "--output", str(output), "--onnx", "--int8"]) == 0
+    assert (
+        predict.main([*map(str, xrays[:4]), "--model", str(model_dir), "--output", str(output), "--onnx", "--int8"])
+        == 0
+    )
     rows = list(csv.DictReader(output.open()))
     assert len(rows) == 4 and all(row["label_1"] and row["looks_like_chest_xray"] in ("true", "false") for row in rows)
 
@@ -107,12 +117,17 @@ def test_an_architecture_the_exporter_cannot_write_is_a_clear_error(xrays, tmp_p
     from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
     folder = tmp_path / "mobilevit"
-    config = MobileViTV2Config(image_size=64, width_multiplier=0.25, n_attn_blocks=[1, 1, 1], num_labels=3,
-                               id2label=ID2LABEL)
+    config = MobileViTV2Config(
+        image_size=64, width_multiplier=0.25, n_attn_blocks=[1, 1, 1], num_labels=3, id2label=ID2LABEL
+    )
     AutoModelForImageClassification.from_config(config).save_pretrained(folder)
     ViTImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(folder)
     output = tmp_path / "predictions.csv"
     assert predict.main([str(xrays[0]), "--model", str(folder), "--output", str(output), "--onnx"]) == 1
     assert "cannot be exported to ONNX" in capsys.readouterr().err and not output.exists()
-    assert not list(folder.glob("*.onnx")) and not list(folder.glob(".onnx-export-*"))  # nothing half-written left behind
-    assert predict.main([str(xrays[0]), "--model", str(folder), "--output", str(output)]) == 0  # PyTorch still serves it
+    assert not list(folder.glob("*.onnx")) and not list(
+        folder.glob(".onnx-export-*")
+    )  # nothing half-written left behind
+    assert (
+        predict.main([str(xrays[0]), "--model", str(folder), "--output", str(output)]) == 0
+    )  # PyTorch still serves it

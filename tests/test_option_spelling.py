@@ -10,16 +10,23 @@ from hf_data.__main__ import build_parser as hf_data_parser
 # (parser, the command's fixed words, {option as spelled now: (its earlier spelling, a value, the parsed value)})
 COMMANDS = {
     "hf_data prepare": (
-        hf_data_parser, ["prepare", "SOURCE", "OUTPUT"],
+        hf_data_parser,
+        ["prepare", "SOURCE", "OUTPUT"],
         {
             "--validation_fraction": ("--validation-fraction", "0.25", 0.25),
             "--split_seed": ("--seed", "7", 7),
             "--keep_kaggle_val": ("--keep-kaggle-val", None, True),
         },
     ),
-    "hf_data synthetic": (hf_data_parser, ["synthetic", "OUTPUT"], {"--images_per_class": ("--images-per-class", "6", 6)}),
+    "hf_data synthetic": (
+        hf_data_parser,
+        ["synthetic", "OUTPUT"],
+        {"--images_per_class": ("--images-per-class", "6", 6)},
+    ),
     "benchmarks.fuzz_images": (
-        fuzz_parser, [], {"--time_limit": ("--time-limit", "60", 60.0), "--memory_limit": ("--memory-limit", "512", 512.0)}
+        fuzz_parser,
+        [],
+        {"--time_limit": ("--time-limit", "60", 60.0), "--memory_limit": ("--memory-limit", "512", 512.0)},
     ),
     "benchmarks.load": (load_parser, [], {"--max_seconds": ("--max-seconds", "30", 30.0)}),
 }
@@ -37,7 +44,9 @@ def test_each_option_is_spelled_with_underscores_and_the_dashed_spelling_still_w
         dest = option.removeprefix("--")
         assert defaults[dest] != parsed, "pick a test value other than the default"
         assert parse(parser, words, option, value)[dest] == parsed
-        assert parse(parser, words, old, value) == parse(parser, words, option, value)  # the same namespace, nothing more
+        assert parse(parser, words, old, value) == parse(
+            parser, words, option, value
+        )  # the same namespace, nothing more
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -9,14 +9,14 @@ import pytest
 from PIL import Image, ImageDraw
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
-from helpers import prepared_data
 import app
 import calibrate
-from cxr.metrics import expected_calibration_error, softmax
-from cxr.predictor import classify, load_classifier
 from cxr.calibration import fit_temperature, fold_temperature
 from cxr.features import forward_features
+from cxr.metrics import expected_calibration_error, softmax
 from cxr.ood import ACCEPT_RATE, OOD_FILE, SCORES, OodDetector, accept_threshold
+from cxr.predictor import classify, load_classifier
+from helpers import prepared_data
 
 
 def copy_model(tiny_model_dir, destination, without=()):
@@ -43,7 +43,9 @@ NOT_XRAYS = {
     "grey noise": Image.fromarray(rng.integers(0, 256, (256, 256), dtype=np.uint8)),
     "flat grey": Image.new("L", (256, 256), 128),
     "flat white": Image.new("RGB", (256, 256), (255, 255, 255)),
-    "colour gradient": Image.fromarray(np.stack([*np.meshgrid(np.arange(256), np.arange(256)), np.full((256, 256), 90)], -1).astype(np.uint8)),
+    "colour gradient": Image.fromarray(
+        np.stack([*np.meshgrid(np.arange(256), np.arange(256)), np.full((256, 256), 90)], -1).astype(np.uint8)
+    ),
     "document page": document_page(),
 }
 
@@ -54,7 +56,9 @@ NOT_XRAYS = {
 def test_fit_temperature_recovers_a_known_temperature_and_lowers_the_calibration_error():
     generator = np.random.default_rng(0)
     true_logits = generator.normal(0.0, 1.5, (4000, 3))
-    labels = (generator.random(4000)[:, None] > np.cumsum(softmax(true_logits), axis=1)).sum(axis=1)  # drawn from the true probabilities
+    labels = (generator.random(4000)[:, None] > np.cumsum(softmax(true_logits), axis=1)).sum(
+        axis=1
+    )  # drawn from the true probabilities
     overconfident = true_logits * 2.5  # a model whose logits are 2.5 times too large
     temperature = fit_temperature(overconfident, labels)
     assert temperature == pytest.approx(2.5, rel=0.08)
@@ -87,7 +91,9 @@ def test_a_fresh_model_folder_is_calibrated_and_says_so(tiny_model_dir):
     assert config["calibration_temperature"] == pytest.approx(calibration["temperature"])
     for split in ("validation", "test"):
         assert {"ece_before", "ece_after", "nll_before", "nll_after"} <= set(calibration["by_split"][split])
-        assert metrics[split]["expected_calibration_error"] == pytest.approx(calibration["by_split"][split]["ece_after"], abs=1e-6)
+        assert metrics[split]["expected_calibration_error"] == pytest.approx(
+            calibration["by_split"][split]["ece_after"], abs=1e-6
+        )
     validation = calibration["by_split"]["validation"]
     assert validation["nll_after"] <= validation["nll_before"] + 1e-9  # T minimises it there
     card = (tiny_model_dir / "README.md").read_text()
@@ -132,13 +138,17 @@ def test_ood_statistics_are_saved_beside_the_weights_and_reloaded(tiny_model_dir
     precision = detector.precision["tokens"]
     assert precision == pytest.approx(precision.T, abs=1e-5) and np.linalg.eigvalsh(precision).min() > 0
     assert set(detector.thresholds) == set(SCORES) and detector.score_name == "mahalanobis"
-    assert detector.threshold == pytest.approx(json.loads((tiny_model_dir / "metrics.json").read_text())["ood"]["threshold"])
+    assert detector.threshold == pytest.approx(
+        json.loads((tiny_model_dir / "metrics.json").read_text())["ood"]["threshold"]
+    )
 
     detector.save(tmp_path)
     again = OodDetector.load(tmp_path / OOD_FILE)
     assert again.thresholds == detector.thresholds and again.score_name == detector.score_name
     assert again.precision["cls"] == pytest.approx(detector.precision["cls"])
-    assert load_classifier(tiny_model_dir).ood_detector.thresholds == detector.thresholds  # what the app and predict.py get
+    assert (
+        load_classifier(tiny_model_dir).ood_detector.thresholds == detector.thresholds
+    )  # what the app and predict.py get
 
 
 def test_non_xrays_are_flagged_and_validation_images_accepted(tiny_model_dir):
@@ -163,8 +173,12 @@ def test_refit_in_place_from_the_command_line_does_not_stack_temperatures(tiny_m
     assert refitted.config.calibration_temperature == pytest.approx(temperature, rel=1e-3)
     assert refitted.classifier.weight.detach().numpy() == pytest.approx(head.numpy(), rel=1e-3, abs=1e-6)
     assert (folder / OOD_FILE).is_file()
-    assert json.loads((folder / "metrics.json").read_text())["calibration"]["temperature"] == pytest.approx(temperature, rel=1e-3)
-    assert (folder / "README.md").read_text().count("<!-- reliability -->") == 1  # the card's section replaced, not repeated
+    assert json.loads((folder / "metrics.json").read_text())["calibration"]["temperature"] == pytest.approx(
+        temperature, rel=1e-3
+    )
+    assert (folder / "README.md").read_text().count(
+        "<!-- reliability -->"
+    ) == 1  # the card's section replaced, not repeated
 
 
 def test_help_explains_the_command(capsys):
@@ -172,7 +186,17 @@ def test_help_explains_the_command(capsys):
         calibrate.main(["--help"])
     assert exited.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for words in ("model_dir", "--data_dir", "in place", "without retraining", "temperature", OOD_FILE, "metrics.json", "--score", "synthetic"):
+    for words in (
+        "model_dir",
+        "--data_dir",
+        "in place",
+        "without retraining",
+        "temperature",
+        OOD_FILE,
+        "metrics.json",
+        "--score",
+        "synthetic",
+    ):
         assert words in text
 
 

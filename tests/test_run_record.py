@@ -15,38 +15,71 @@ def test_run_json_holds_the_command_and_every_resolved_option(tiny_model_dir):
     record = read_run(tiny_model_dir)
     assert record["command"].startswith("python ") and "--output_dir" in record["argv"]
     assert record["argv"] == record["expanded_argv"]  # no --recipe given
-    for section, arguments in (("model", train_vit.ModelArguments), ("data", train_vit.DataArguments),
-                               ("search", train_vit.SearchArguments), ("training", train_vit.XrayTrainingArguments)):
+    for section, arguments in (
+        ("model", train_vit.ModelArguments),
+        ("data", train_vit.DataArguments),
+        ("search", train_vit.SearchArguments),
+        ("training", train_vit.XrayTrainingArguments),
+    ):
         missing = {option.name for option in dataclasses.fields(arguments) if option.init} - set(record[section])
         assert not missing, (section, missing)
-    assert (record["model"]["model"], record["training"]["learning_rate"], record["training"]["num_train_epochs"]) == ("scratch-tiny", 3e-3, 2)
-    assert record["training"]["eval_strategy"] == "epoch" and record["training"]["hub_token"] == "<HUB_TOKEN>"  # enums as values, no secret
-    assert (record["data"]["split_seed"], record["data"]["validation_fraction"], record["data"]["synthetic"]) == (42, 0.1, True)
+    assert (record["model"]["model"], record["training"]["learning_rate"], record["training"]["num_train_epochs"]) == (
+        "scratch-tiny",
+        3e-3,
+        2,
+    )
+    assert (
+        record["training"]["eval_strategy"] == "epoch" and record["training"]["hub_token"] == "<HUB_TOKEN>"
+    )  # enums as values, no secret
+    assert (record["data"]["split_seed"], record["data"]["validation_fraction"], record["data"]["synthetic"]) == (
+        42,
+        0.1,
+        True,
+    )
     prepared = tiny_model_dir.parent / "data" / "prepared" / "synthetic"
     assert record["data"]["prepared_dir"] == str(prepared.resolve()) and (prepared / "manifest.csv").is_file()
 
 
 def test_the_card_is_rendered_from_the_saved_records_alone(tiny_model_dir):
-    assert str(render_model_card(read_run(tiny_model_dir), read_metrics(tiny_model_dir))) == (tiny_model_dir / "README.md").read_text()
+    assert (
+        str(render_model_card(read_run(tiny_model_dir), read_metrics(tiny_model_dir)))
+        == (tiny_model_dir / "README.md").read_text()
+    )
 
 
 def test_metrics_json_is_complete_and_its_figures_describe_the_calibrated_model(tiny_model_dir):
     summary = read_metrics(tiny_model_dir)
-    assert {"model_origin", "model", "data", "train", "validation", "test", "calibration", "ood", "prediction_sets"} <= set(summary)
+    assert {
+        "model_origin",
+        "model",
+        "data",
+        "train",
+        "validation",
+        "test",
+        "calibration",
+        "ood",
+        "prediction_sets",
+    } <= set(summary)
     for split, figures in summary["calibration"]["by_split"].items():
         assert summary[split]["expected_calibration_error"] == figures["ece_after"], split
-    assert trained_split_sizes(tiny_model_dir) == {split: sum(counts.values()) for split, counts in summary["data"]["counts"].items()}
+    assert trained_split_sizes(tiny_model_dir) == {
+        split: sum(counts.values()) for split, counts in summary["data"]["counts"].items()
+    }
 
 
 def test_update_metrics_replaces_the_parts_given_and_keeps_the_rest(tmp_path):
-    (tmp_path / "metrics.json").write_text(json.dumps({"train": {"epoch": 2.0}, "ood": {"threshold": 1.0, "old": True}}))
+    (tmp_path / "metrics.json").write_text(
+        json.dumps({"train": {"epoch": 2.0}, "ood": {"threshold": 1.0, "old": True}})
+    )
     update_metrics(tmp_path, ood={"threshold": 2.0})
     assert read_metrics(tmp_path) == {"train": {"epoch": 2.0}, "ood": {"threshold": 2.0}}
     assert [path.name for path in tmp_path.iterdir()] == ["metrics.json"]  # written through a renamed temporary file
     assert read_run(tmp_path) == {} and read_metrics(tmp_path / "nowhere") == {}
 
 
-@pytest.mark.parametrize("sizes, warned", [({"train": 7, "validation": 3}, False), ({"train": 8, "validation": 2}, True)])
+@pytest.mark.parametrize(
+    "sizes, warned", [({"train": 7, "validation": 3}, False), ({"train": 8, "validation": 2}, True)]
+)
 def test_a_refit_on_other_splits_is_warned_about(tmp_path, capsys, sizes, warned):
     counts = {"train": {"normal": 4, "viral_pneumonia": 3}, "validation": {"normal": 3}}
     (tmp_path / "metrics.json").write_text(json.dumps({"data": {"counts": counts}}))

@@ -31,15 +31,33 @@ def space(tmp_path_factory) -> Path:
 
 
 def requirement_lines(folder: Path) -> list[str]:
-    return [line.strip() for line in (folder / "requirements.txt").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    return [
+        line.strip()
+        for line in (folder / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
 
 
 def test_the_space_folder_holds_the_app_its_modules_the_examples_and_the_templates(space):
     files = {str(path.relative_to(space)) for path in space.rglob("*") if path.is_file()}
-    for name in ("app.py", "README.md", "requirements.txt", "cxr/__init__.py", "cxr/images.py", "cxr/predictor.py", "cxr/models.py", "cxr/saliency.py", "examples/README.md"):
+    for name in (
+        "app.py",
+        "README.md",
+        "requirements.txt",
+        "cxr/__init__.py",
+        "cxr/images.py",
+        "cxr/predictor.py",
+        "cxr/models.py",
+        "cxr/saliency.py",
+        "examples/README.md",
+    ):
         assert name in files
     assert len([name for name in files if name.startswith("examples/") and name.endswith(".jpeg")]) == 3
-    assert not any(name.startswith(("tests/", "benchmarks/", "hf_data/", "recipes/")) or name in ("train_vit.py", "cxr/training.py") for name in files)
+    assert not any(
+        name.startswith(("tests/", "benchmarks/", "hf_data/", "recipes/"))
+        or name in ("train_vit.py", "cxr/training.py")
+        for name in files
+    )
     assert ("LICENSE" in files) == (REPO / "LICENSE").is_file()
     for path in local_modules():  # every local module app.py imports is there, byte for byte
         assert (space / path).read_bytes() == (REPO / path).read_bytes()
@@ -67,7 +85,17 @@ def test_requirements_are_slim_pinned_as_the_repository_and_take_pytorchs_cpu_wh
     pinned = dict(line.split("==") for line in lines[1:])
     assert pinned["torch"] == pins()["torch"] and pinned["gradio"] == pins()["gradio"]
     assert all(pins()[name.lower().replace("_", "-")] == version for name, version in pinned.items())
-    assert not {"pytest", "selenium", "hypothesis", "optuna", "onnx", "onnxruntime", "scikit-image", "datasets", "accelerate"} & set(pinned)
+    assert not {
+        "pytest",
+        "selenium",
+        "hypothesis",
+        "optuna",
+        "onnx",
+        "onnxruntime",
+        "scikit-image",
+        "datasets",
+        "accelerate",
+    } & set(pinned)
     # pydicom finds its decoders at run time, not by import: compressed DICOM uploads need them listed
     assert {"pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pyjpegls"} <= set(pinned)
 
@@ -77,7 +105,11 @@ def test_requirements_cover_every_package_the_app_imports_at_start(space):
     listed = {line.split("==")[0].lower().replace("_", "-") for line in requirement_lines(space)[1:]}
     brought = set(listed)
     for name in listed:
-        brought |= {re.split(r"[ ;<>=!\[~]", requirement)[0].lower().replace("_", "-") for requirement in importlib.metadata.requires(name) or [] if "extra ==" not in requirement}
+        brought |= {
+            re.split(r"[ ;<>=!\[~]", requirement)[0].lower().replace("_", "-")
+            for requirement in importlib.metadata.requires(name) or []
+            if "extra ==" not in requirement
+        }
     distributions = importlib.metadata.packages_distributions()
     for module in third_party_imports(local_modules()):
         assert {dist.lower().replace("_", "-") for dist in distributions[module]} & brought, module
@@ -115,7 +147,10 @@ def test_the_space_starts_as_spaces_starts_it_and_answers_from_the_hub_cache(spa
         example = sorted((space / "examples").glob("*.jpeg"))[0]
         warning, label, _, check = client.predict(handle_file(str(example)), api_name="/predict")
         assert {item["label"] for item in label["confidences"]} == LABELS
-        assert set(check) == {"looks_like_chest_xray", "ood_score", "threshold", "score", "prediction_sets"} and check["score"] == "mahalanobis"
+        assert (
+            set(check) == {"looks_like_chest_xray", "ood_score", "threshold", "score", "prediction_sets"}
+            and check["score"] == "mahalanobis"
+        )
         assert bool(warning) == (not check["looks_like_chest_xray"])
         page = client.config
         assert MODEL_ID in str(page)  # the description names the model it serves

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from sklearn.linear_model import LogisticRegression
 
-from helpers import folder_checksums
 from cxr.images import load_image
 from cxr.labels import CLASS_NAMES
+from helpers import folder_checksums
 from hf_data import load_prepared, make_synthetic_dataset, prepare_dataset
 from hf_data.__main__ import main
 
@@ -36,7 +36,9 @@ def test_the_set_has_class_folders_named_files_and_a_readme_saying_they_are_not_
     readme = (output / "SYNTHETIC_README.txt").read_text()
     assert "NOT CHEST X-RAYS" in readme and "pipeline" in readme
     images = images_under(output)
-    assert {path.parent.relative_to(output).as_posix() for path in images} == {f"{s}/{c}" for s in ("train", "test") for c in FOLDERS}
+    assert {path.parent.relative_to(output).as_posix() for path in images} == {
+        f"{s}/{c}" for s in ("train", "test") for c in FOLDERS
+    }
     assert all(FILE_NAME.fullmatch(path.name) for path in images)
 
     per_class = Counter(path.parent.name for path in images)
@@ -86,7 +88,9 @@ def test_prepare_reads_synthetic_patients_and_loads(tmp_path):
 
     assert report.skipped == []  # the README beside the split folders is not an image
     assert list(report.counts) == ["train", "validation", "test"]
-    assert {name: sum(report.counts[split][name] for split in report.counts) for name in CLASS_NAMES} == dict.fromkeys(CLASS_NAMES, 30)
+    assert {name: sum(report.counts[split][name] for split in report.counts) for name in CLASS_NAMES} == dict.fromkeys(
+        CLASS_NAMES, 30
+    )
     manifest = (tmp_path / "prepared" / "manifest.csv").read_text().splitlines()[1:]
     assert all(re.fullmatch(r"\d{4}", row.split(",")[3]) for row in manifest)  # patient id from person0007 -> 0007
 
@@ -111,6 +115,8 @@ def test_rerun_replaces_its_own_images_only(tmp_path):
 
 
 def test_the_command_line_draws_the_set_and_says_it_is_not_xrays(tmp_path, capsys):
-    assert main(["synthetic", str(tmp_path / "synthetic"), "--images_per_class", "6", "--size", "48", "--seed", "3"]) == 0
+    assert (
+        main(["synthetic", str(tmp_path / "synthetic"), "--images_per_class", "6", "--size", "48", "--seed", "3"]) == 0
+    )
     assert "not X-rays" in capsys.readouterr().out
     assert len(images_under(tmp_path / "synthetic")) == 18

@@ -2,19 +2,21 @@
 (What every model folder it writes must hold and do, for a ViT and a ResNet alike: tests/test_cnn.py.)"""
 
 import json
-import re
 import os
+import re
 
 import pytest
 from transformers import pipeline
 
-from helpers import tiny_run
 import train_vit
 from cxr.labels import ID2LABEL
 from cxr.models import ModelOrigin, build_model
 from cxr.run_record import read_run
+from helpers import tiny_run
 
-TINY = tiny_run(drop=("data_dir", "num_train_epochs", "report_to"))  # each test names its data, and epochs where it needs other than the default
+TINY = tiny_run(
+    drop=("data_dir", "num_train_epochs", "report_to")
+)  # each test names its data, and epochs where it needs other than the default
 
 
 def test_outputs_say_honestly_that_the_model_was_trained_from_scratch(tiny_model_dir):
@@ -22,7 +24,14 @@ def test_outputs_say_honestly_that_the_model_was_trained_from_scratch(tiny_model
     assert summary["model_origin"]["pretrained"] is False
     assert summary["data"]["synthetic"] is True
     for split in ("validation", "test"):
-        for key in ("accuracy", "macro_f1", "roc_auc_ovr", "pneumonia_sensitivity", "pneumonia_specificity", "f1_viral_pneumonia"):
+        for key in (
+            "accuracy",
+            "macro_f1",
+            "roc_auc_ovr",
+            "pneumonia_sensitivity",
+            "pneumonia_specificity",
+            "f1_viral_pneumonia",
+        ):
             assert 0.0 <= summary[split][key] <= 1.0, (split, key)
     card = (tiny_model_dir / "README.md").read_text()
     assert "trained from scratch" in card and "SYNTHETIC" in card
@@ -41,7 +50,11 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, monkeypatch):
     steps_per_epoch = int(first[-1].name.split("-")[1])
 
     train_vit.main([*args, "--num_train_epochs", "2", "--resume"])
-    state = json.loads((sorted(output.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1] / "trainer_state.json").read_text())
+    state = json.loads(
+        (
+            sorted(output.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[-1] / "trainer_state.json"
+        ).read_text()
+    )
     assert state["global_step"] == 2 * steps_per_epoch
     # The first run's evaluation is still in the history: the run was continued, not restarted.
     assert [entry["epoch"] for entry in state["log_history"] if "eval_loss" in entry] == [1.0, 2.0]
@@ -84,18 +97,32 @@ def test_weight_averaging_is_what_is_evaluated_saved_and_resumed(tmp_path, monke
     from cxr.training import TRAINING_WEIGHTS
 
     monkeypatch.chdir(tmp_path)
-    args = ["--data_dir", "synthetic", *TINY, "--weight_average_decay", "0.9", "--num_train_epochs", "2", "--early_stopping_patience", "0"]
+    args = [
+        "--data_dir",
+        "synthetic",
+        *TINY,
+        "--weight_average_decay",
+        "0.9",
+        "--num_train_epochs",
+        "2",
+        "--early_stopping_patience",
+        "0",
+    ]
     train_vit.main([*args, "--output_dir", "straight"])
     checkpoints = sorted((tmp_path / "straight").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     assert len(checkpoints) == 2
-    for checkpoint in checkpoints:  # the checkpoint's model is the average; the weights being trained are kept beside it
+    for (
+        checkpoint
+    ) in checkpoints:  # the checkpoint's model is the average; the weights being trained are kept beside it
         averaged, trained = load_file(checkpoint / "model.safetensors"), load_file(checkpoint / TRAINING_WEIGHTS)
         assert not torch.equal(averaged["classifier.weight"], trained["classifier.weight"])
 
     # Resuming after the first epoch ends where the uninterrupted run ended: the average and the trained weights both come back.
     shutil.copytree(checkpoints[0], tmp_path / "resumed" / checkpoints[0].name)
     train_vit.main([*args, "--output_dir", "resumed", "--resume"])
-    final, expected = (load_file(tmp_path / run / checkpoints[1].name / TRAINING_WEIGHTS) for run in ("resumed", "straight"))
+    final, expected = (
+        load_file(tmp_path / run / checkpoints[1].name / TRAINING_WEIGHTS) for run in ("resumed", "straight")
+    )
     assert all(torch.allclose(final[key], expected[key], atol=1e-6) for key in expected)
     final, expected = (load_file(tmp_path / run / "model.safetensors") for run in ("resumed", "straight"))
     assert all(torch.allclose(final[key], expected[key], atol=1e-6) for key in expected)
@@ -104,36 +131,74 @@ def test_weight_averaging_is_what_is_evaluated_saved_and_resumed(tmp_path, monke
 @pytest.mark.slow
 def test_hyperparameter_search_tries_settings_and_trains_with_the_best(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    train_vit.main(["--data_dir", "synthetic", *TINY, "--output_dir", "searched", "--num_train_epochs", "1", "--search_trials", "2", "--search_epochs", "1"])
+    train_vit.main(
+        [
+            "--data_dir",
+            "synthetic",
+            *TINY,
+            "--output_dir",
+            "searched",
+            "--num_train_epochs",
+            "1",
+            "--search_trials",
+            "2",
+            "--search_epochs",
+            "1",
+        ]
+    )
     summary = json.loads((tmp_path / "searched" / "metrics.json").read_text())
     trials = summary["search"]["trials"]
     assert len(trials) == 2 and len({trial["learning_rate"] for trial in trials}) == 2
     assert all(0.0 <= trial["validation_macro_f1"] <= 1.0 for trial in trials if trial["state"] == "COMPLETE")
     best = summary["search"]["best"]
     assert best["validation_macro_f1"] == max(trial["validation_macro_f1"] or 0 for trial in trials)
-    assert f"learning rate {best['hyperparameters']['learning_rate']:g}" in (tmp_path / "searched" / "README.md").read_text()
+    assert (
+        f"learning rate {best['hyperparameters']['learning_rate']:g}"
+        in (tmp_path / "searched" / "README.md").read_text()
+    )
     assert not (tmp_path / "searched" / "search").exists()
 
 
 @pytest.mark.slow
 def test_a_recipe_supplies_options_and_the_command_line_overrides_them(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    train_vit.main(["--data_dir", "synthetic", "--recipe", "vit-offline", *TINY, "--output_dir", "recipe", "--num_train_epochs", "1"])
+    train_vit.main(
+        [
+            "--data_dir",
+            "synthetic",
+            "--recipe",
+            "vit-offline",
+            *TINY,
+            "--output_dir",
+            "recipe",
+            "--num_train_epochs",
+            "1",
+        ]
+    )
     command = re.search(r"\*\*Command:\*\* `(.*)`", (tmp_path / "recipe" / "README.md").read_text())[1]
     assert "--lr_scheduler_type cosine" in command and "--label_smoothing_factor 0.1" in command  # from the recipe
     summary = json.loads((tmp_path / "recipe" / "metrics.json").read_text())
     assert summary["model_origin"]["name"] == "scratch-tiny"  # the command line's --model wins over the recipe's
     assert summary["train"]["epoch"] == 1.0
     record = read_run(tmp_path / "recipe")  # as typed, expanded, and resolved (enums as their values)
-    assert record["argv"][:4] == ["--data_dir", "synthetic", "--recipe", "vit-offline"] and "--lr_scheduler_type" in record["expanded_argv"]
-    assert (record["training"]["lr_scheduler_type"], record["training"]["label_smoothing_factor"], record["model"]["model"]) == ("cosine", 0.1, "scratch-tiny")
+    assert (
+        record["argv"][:4] == ["--data_dir", "synthetic", "--recipe", "vit-offline"]
+        and "--lr_scheduler_type" in record["expanded_argv"]
+    )
+    assert (
+        record["training"]["lr_scheduler_type"],
+        record["training"]["label_smoothing_factor"],
+        record["model"]["model"],
+    ) == ("cosine", 0.1, "scratch-tiny")
     with pytest.raises(SystemExit, match="No recipe 'no-such'.*vit-offline"):
         train_vit.main(["--data_dir", "synthetic", "--recipe", "no-such"])
 
 
 def test_a_recipe_can_build_on_another_and_never_on_itself(tmp_path, monkeypatch):
     options = train_vit.with_recipe(["--recipe", "vit-distil", "--seed", "7"])
-    assert options.index("--weight_average_decay") < options.index("--teacher") < options.index("--seed")  # vit-offline's, then its own, then the command line's
+    assert (
+        options.index("--weight_average_decay") < options.index("--teacher") < options.index("--seed")
+    )  # vit-offline's, then its own, then the command line's
     monkeypatch.setattr(train_vit, "RECIPES", tmp_path)
     (tmp_path / "a.args").write_text("--recipe b\n")
     (tmp_path / "b.args").write_text("--seed 1\n--recipe a\n")
@@ -148,13 +213,49 @@ def test_gradient_accumulation_takes_the_same_step_as_one_big_batch(tmp_path, mo
     from safetensors.torch import load_file
 
     monkeypatch.chdir(tmp_path)
-    common = ["--data_dir", "synthetic", *TINY, "--max_steps", "1", "--max_train_samples", "16", "--eval_strategy", "no",
-              "--save_strategy", "no", "--load_best_model_at_end", "false", "--early_stopping_patience", "0",
-              "--warmup_steps", "0", "--max_grad_norm", "0", "--optim", "sgd"]  # SGD: the update is the gradient itself
+    common = [
+        "--data_dir",
+        "synthetic",
+        *TINY,
+        "--max_steps",
+        "1",
+        "--max_train_samples",
+        "16",
+        "--eval_strategy",
+        "no",
+        "--save_strategy",
+        "no",
+        "--load_best_model_at_end",
+        "false",
+        "--early_stopping_patience",
+        "0",
+        "--warmup_steps",
+        "0",
+        "--max_grad_norm",
+        "0",
+        "--optim",
+        "sgd",
+    ]  # SGD: the update is the gradient itself
     train_vit.main([*common, "--output_dir", "big", "--per_device_train_batch_size", "16"])
-    train_vit.main([*common, "--output_dir", "accumulated", "--per_device_train_batch_size", "8", "--gradient_accumulation_steps", "2"])
-    head = {"classifier.weight", "classifier.bias"}  # calibration rescales the head differently per run; compare the body
-    big, accumulated = load_file(tmp_path / "big" / "model.safetensors"), load_file(tmp_path / "accumulated" / "model.safetensors")
+    train_vit.main(
+        [
+            *common,
+            "--output_dir",
+            "accumulated",
+            "--per_device_train_batch_size",
+            "8",
+            "--gradient_accumulation_steps",
+            "2",
+        ]
+    )
+    head = {
+        "classifier.weight",
+        "classifier.bias",
+    }  # calibration rescales the head differently per run; compare the body
+    big, accumulated = (
+        load_file(tmp_path / "big" / "model.safetensors"),
+        load_file(tmp_path / "accumulated" / "model.safetensors"),
+    )
     assert all(torch.allclose(big[key], accumulated[key], atol=1e-6) for key in big.keys() - head)
 
 
@@ -173,11 +274,21 @@ def test_with_a_teacher_the_loss_also_counts_the_teachers_label_for_the_same_vie
     with torch.no_grad():
         teacher.classifier[-1].bias.copy_(torch.tensor([0.0, 0.0, 1e4]))  # whatever it sees, the teacher says viral
     weights = torch.tensor([1.0, 2.0, 3.0])
-    inputs = {"pixel_values": torch.randn(4, 3, 32, 32), "teacher_pixel_values": torch.randn(4, 3, 32, 32), "labels": torch.zeros(4, dtype=torch.long)}
+    inputs = {
+        "pixel_values": torch.randn(4, 3, 32, 32),
+        "teacher_pixel_values": torch.randn(4, 3, 32, 32),
+        "labels": torch.zeros(4, dtype=torch.long),
+    }
     args = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
 
     def loss_with(distillation_weight):
-        trainer = XrayTrainer(model=student, args=args, compute_loss_func=weighted_loss(weights), teacher=teacher, distillation_weight=distillation_weight)
+        trainer = XrayTrainer(
+            model=student,
+            args=args,
+            compute_loss_func=weighted_loss(weights),
+            teacher=teacher,
+            distillation_weight=distillation_weight,
+        )
         return trainer.compute_loss(student, dict(inputs)).item()
 
     student.eval()  # no dropout: the same logits each call
@@ -187,8 +298,13 @@ def test_with_a_teacher_the_loss_also_counts_the_teachers_label_for_the_same_vie
     assert loss_with(0.0) == pytest.approx(true_loss, rel=1e-5)
     assert loss_with(1.0) == pytest.approx(teacher_loss, rel=1e-5)
     assert loss_with(0.3) == pytest.approx(0.7 * true_loss + 0.3 * teacher_loss, rel=1e-5)
-    evaluation_batch = {"pixel_values": inputs["pixel_values"], "labels": inputs["labels"]}  # no teacher view: the true labels alone
-    assert XrayTrainer(model=student, args=args, compute_loss_func=weighted_loss(weights), teacher=teacher).compute_loss(student, evaluation_batch).item() == pytest.approx(true_loss, rel=1e-5)
+    evaluation_batch = {
+        "pixel_values": inputs["pixel_values"],
+        "labels": inputs["labels"],
+    }  # no teacher view: the true labels alone
+    assert XrayTrainer(
+        model=student, args=args, compute_loss_func=weighted_loss(weights), teacher=teacher
+    ).compute_loss(student, evaluation_batch).item() == pytest.approx(true_loss, rel=1e-5)
 
 
 @pytest.mark.slow
@@ -196,14 +312,45 @@ def test_a_student_learns_from_a_teacher_trained_on_the_same_split_and_no_other(
     import shutil
 
     monkeypatch.chdir(tmp_path)
-    train_vit.main(["--data_dir", "synthetic", *TINY, "--num_train_epochs", "1", "--teacher", str(cnn_model_dir), "--output_dir", "student"])
+    train_vit.main(
+        [
+            "--data_dir",
+            "synthetic",
+            *TINY,
+            "--num_train_epochs",
+            "1",
+            "--teacher",
+            str(cnn_model_dir),
+            "--output_dir",
+            "student",
+        ]
+    )
     summary = json.loads((tmp_path / "student" / "metrics.json").read_text())
     assert summary["model_origin"]["teacher"] == str(cnn_model_dir)
-    assert f"predictions of the trained model `{cnn_model_dir}` (distillation)" in (tmp_path / "student" / "README.md").read_text()
-    assert pipeline("image-classification", model=str(tmp_path / "student")).model.config.model_type == "vit"  # the student alone is saved
+    assert (
+        f"predictions of the trained model `{cnn_model_dir}` (distillation)"
+        in (tmp_path / "student" / "README.md").read_text()
+    )
+    assert (
+        pipeline("image-classification", model=str(tmp_path / "student")).model.config.model_type == "vit"
+    )  # the student alone is saved
 
-    with pytest.raises(SystemExit, match="trained on other splits"):  # it may have trained on this run's validation images
-        train_vit.main(["--data_dir", "synthetic", *TINY, "--synthetic_images_per_class", "30", "--teacher", str(cnn_model_dir), "--output_dir", "other"])
+    with pytest.raises(
+        SystemExit, match="trained on other splits"
+    ):  # it may have trained on this run's validation images
+        train_vit.main(
+            [
+                "--data_dir",
+                "synthetic",
+                *TINY,
+                "--synthetic_images_per_class",
+                "30",
+                "--teacher",
+                str(cnn_model_dir),
+                "--output_dir",
+                "other",
+            ]
+        )
     renamed = shutil.copytree(cnn_model_dir, tmp_path / "renamed")
     config = json.loads((renamed / "config.json").read_text())
     config["id2label"] = {"0": "Normal", "1": "Bacterial pneumonia", "2": "Viral pneumonia"}

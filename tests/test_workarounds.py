@@ -46,7 +46,8 @@ def test_canary_stock_trainer_reload_still_skips_the_vit_encoder_weights(saved_v
     getattr(trainer, reload)(*([str(checkpoint)] if reload == "_load_from_checkpoint" else []))
     skipped = differing(fresh, expected)
     assert any(".layer" in name or "layers." in name for name in skipped), (
-        f"Trainer.{reload} now restores every weight: delete CheckpointReloadFix from cxr/workarounds.py")
+        f"Trainer.{reload} now restores every weight: delete CheckpointReloadFix from cxr/workarounds.py"
+    )
 
 
 @pytest.mark.parametrize("reload", ["_load_from_checkpoint", "_load_best_model"])
@@ -117,12 +118,23 @@ def test_canary_stock_vitmae_still_leaves_its_position_tables_at_zero():
     model = ViTMAEForPreTraining(ViTMAEConfig(**PRESETS["scratch-tiny"][1]))
     tables = (model.vit.embeddings.position_embeddings, model.decoder.decoder_pos_embed)
     assert not any(table.any() for table in tables), (
-        "ViTMAEForPreTraining now fills its position tables: delete add_mae_position_tables from cxr/workarounds.py")
+        "ViTMAEForPreTraining now fills its position tables: delete add_mae_position_tables from cxr/workarounds.py"
+    )
 
 
 # The private Trainer methods cxr/averaging.py overrides or calls, with the parameters it relies on.
 PINNED = {
-    "_maybe_log_save_evaluate": ["self", "tr_loss", "grad_norm", "model", "trial", "epoch", "ignore_keys_for_eval", "start_time", "learning_rate"],
+    "_maybe_log_save_evaluate": [
+        "self",
+        "tr_loss",
+        "grad_norm",
+        "model",
+        "trial",
+        "epoch",
+        "ignore_keys_for_eval",
+        "start_time",
+        "learning_rate",
+    ],
     "_save_checkpoint": ["self", "model", "trial"],
     "_get_output_dir": ["self", "trial"],
     "_load_from_checkpoint": ["self", "resume_from_checkpoint", "model"],
@@ -134,4 +146,5 @@ PINNED = {
 @pytest.mark.parametrize("method", PINNED)
 def test_pin_the_trainer_methods_the_mixins_override(method):
     assert list(inspect.signature(getattr(Trainer, method)).parameters) == PINNED[method], (
-        f"Trainer.{method} changed: check cxr/averaging.py, cxr/distillation.py and cxr/workarounds.py against it")
+        f"Trainer.{method} changed: check cxr/averaging.py, cxr/distillation.py and cxr/workarounds.py against it"
+    )

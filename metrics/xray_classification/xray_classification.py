@@ -67,7 +67,9 @@ class XrayClassification(evaluate.Metric):
             description=_DESCRIPTION,
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features({"predictions": datasets.Sequence(datasets.Value("float64")), "references": datasets.Value("int64")}),
+            features=datasets.Features(
+                {"predictions": datasets.Sequence(datasets.Value("float64")), "references": datasets.Value("int64")}
+            ),
             reference_urls=["https://doi.org/10.17632/rscbjbr9sj.2"],
         )
 
@@ -76,7 +78,9 @@ class XrayClassification(evaluate.Metric):
         probabilities = np.asarray(predictions, dtype=np.float64)
         predicted = probabilities.argmax(axis=1)
         class_ids = list(range(len(class_names)))
-        precision, recall, f1, support = precision_recall_fscore_support(labels, predicted, labels=class_ids, zero_division=0)
+        precision, recall, f1, support = precision_recall_fscore_support(
+            labels, predicted, labels=class_ids, zero_division=0
+        )
         metrics = {
             "accuracy": accuracy_score(labels, predicted),
             "macro_f1": f1_score(labels, predicted, labels=class_ids, average="macro", zero_division=0),
