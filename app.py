@@ -49,10 +49,10 @@ DELETE_CACHE = (60, 120)  # every minute, delete uploads and overlays older than
 PREVIEW_SIDE = (
     768  # the preview of what the model sees is shown at most this large (the model itself reads far fewer pixels)
 )
-EXAMPLES_DIR = (
-    Path(__file__).resolve().parent / "examples"
-)  # the X-rays that ship with the demo (examples/README.md credits them)
-# What Gradio itself leaves in its temporary folder: hash-named folders of cached files, upload staging files, one folder.
+APP_DIR = Path(__file__).resolve().parent  # where app.py (and a Space's README.md) lie
+EXAMPLES_DIR = APP_DIR / "examples"  # the X-rays that ship with the demo (examples/README.md credits them)
+# What Gradio itself leaves in its temporary folder: hash-named folders of cached files, upload staging files,
+# one folder.
 GRADIO_OWN_ENTRY = re.compile(r"[0-9a-f]{64}|tmp[a-z0-9_]{8}|vibe_edit_history")
 
 DICOM_SUFFIXES = {".dcm", ".dicom"}
@@ -72,7 +72,8 @@ So every upload is also checked against the training X-rays (the distance of the
 them): an upload that does not look like a pediatric chest X-ray gets a warning above the bars, and its bars
 mean nothing. The check lets through 97 % of the validation X-rays, so a few real ones are flagged too.
 The overlay is Grad-CAM: a coarse map (one value per image patch) of where the evidence for the top class came
-from. It is not an outline of a lesion; a model that learned a shortcut (a text marker, the image border) shows that shortcut.
+from. It is not an outline of a lesion; a model that learned a shortcut (a text marker, the image border) shows that \
+shortcut.
 """
 
 NOT_AN_XRAY = (
@@ -91,7 +92,8 @@ def plain_error(message: str) -> gr.Error:
 
 
 def decode(classifier: Pipeline, path: str) -> Image.Image:
-    """The upload as the model will see it (the project's one loader, at the model's draft size), or a plain gr.Error."""
+    """The upload as the model will see it (the project's one loader, at the model's draft size), or a plain
+    gr.Error."""
     try:
         # In a worker capped in memory and time: a stranger's file may cost more than its header admits.
         return load_image(path, draft_size=input_size(classifier.image_processor), isolate=True)
@@ -138,7 +140,8 @@ def answer_upload(classifier: Pipeline, path: str | None) -> tuple[str, dict[str
 
 
 def prediction_set_heading(check: dict) -> str:
-    """The heading of the bars: the widest stored prediction set ("95% set: bacterial or viral pneumonia"), else "Prediction"."""
+    """The heading of the bars: the widest stored prediction set ("95% set: bacterial or viral pneumonia"), else
+    "Prediction"."""
     sets = check.get("prediction_sets") or {}
     return describe_set(sets.get(level_name(LEVELS[-1]))) or "Prediction"
 
@@ -163,7 +166,8 @@ def describe_model(model: str, has_xray_check: bool | None = None) -> str:
         lines.append("**Held-out metrics:** none found with this model, so its accuracy is unknown.")
     if not (has_xray_check if has_xray_check is not None else summary.get("ood")):
         lines.append(
-            "**No chest X-ray check with this model** (its folder has no out-of-distribution statistics): any image gets "
+            "**No chest X-ray check with this model** (its folder has no out-of-distribution statistics): "
+            "any image gets "
             "three probabilities. Add the check with `python calibrate.py MODEL_DIR --data_dir DATA`."
         )
     if summary.get("data", {}).get("synthetic"):
@@ -251,10 +255,12 @@ def build_demo(model: str = DEFAULT_MODEL_DIR, examples: str | Path | None = EXA
         flagging_mode="never",
         api_name="predict",
         delete_cache=DELETE_CACHE,
-        analytics_enabled=False,  # no usage telemetry or version check sent to gradio's servers: nothing leaves this machine
+        # No usage telemetry or version check sent to gradio's servers: nothing leaves this machine.
+        analytics_enabled=False,
     )
     with demo:
-        # A file shows as decoded as soon as it arrives; a pasted image replaces the file, so what is shown is what runs.
+        # A file shows as decoded as soon as it arrives; a pasted image replaces the file, so what is shown is what
+        # runs.
         upload.change(lambda path: preview(classifier, path) if path else gr.skip(), upload, seen, api_name="preview")
         upload.clear(lambda: None, None, seen, api_visibility="private")
         seen.input(lambda _: None, seen, upload, api_visibility="private")
@@ -294,7 +300,7 @@ def is_gradio_own(entry: Path) -> bool:
     return entry.is_dir() and all(child.is_file() and not child.is_symlink() for child in entry.iterdir())
 
 
-def space_model(folder: Path = Path(__file__).resolve().parent) -> str | None:
+def space_model(folder: Path = APP_DIR) -> str | None:
     """The model a Space serves: the first id under `models` in the front matter of the README.md beside app.py
     (what `python -m cxr.space` writes), or None where there is no such README (a clone of the repo)."""
     readme = folder / "README.md"
@@ -312,14 +318,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model",
         default=os.environ.get("XRAY_MODEL") or space_model() or DEFAULT_MODEL_DIR,
         help="Model folder written by train_vit.py, or a Hugging Face Hub id (owner/name). Default: the XRAY_MODEL "
-        f"environment variable, else the first of `models` in a Space's README.md beside app.py, else {DEFAULT_MODEL_DIR}.",
+        "environment variable, else the first of `models` in a Space's README.md beside app.py, "
+        f"else {DEFAULT_MODEL_DIR}.",
     )
     parser.add_argument(
         "--examples",
         default=os.environ.get("XRAY_EXAMPLES") or (str(EXAMPLES_DIR) if EXAMPLES_DIR.is_dir() else None),
         metavar="DIR",
         help="A folder of X-rays (JPEG, PNG, DICOM) to offer as clickable examples (copied into gradio's cache at "
-        "start-up, so anyone who can reach the app can download them). Default: the XRAY_EXAMPLES environment variable, "
+        "start-up, so anyone who can reach the app can download them). "
+        "Default: the XRAY_EXAMPLES environment variable, "
         "else the examples/ folder beside app.py (three X-rays, credited in examples/README.md).",
     )
     parser.add_argument(
@@ -349,7 +357,8 @@ def launch_options(args: argparse.Namespace) -> dict:
         server_port=args.port,
         share=args.share,
         max_file_size=MAX_FILE_BYTES,  # the same limit the image loader enforces
-        run_history=False,  # gradio would keep each user's uploads and results in their browser (or a Hub bucket they connect)
+        # Gradio would keep each user's uploads and results in their browser (or a Hub bucket they connect).
+        run_history=False,
     )
 
 

@@ -23,16 +23,17 @@ from hf_data.loading import load_model_data, validation_patient_ids
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python calibrate.py",
-        description="Fit temperature scaling, the out-of-distribution check and the prediction sets on a trained model folder, "
-        "without retraining, and save them into it in place: the temperature folded into the classifier head (model.safetensors, "
-        f"config.json), the feature statistics and threshold in {OOD_FILE}, the set thresholds in conformal.json, the figures in metrics.json.",
+        description="Fit temperature scaling, the out-of-distribution check and the prediction sets on a trained "
+        "model folder, without retraining, and save them into it in place: the temperature folded into the classifier "
+        f"head (model.safetensors, config.json), the feature statistics and threshold in {OOD_FILE}, the set "
+        "thresholds in conformal.json, the figures in metrics.json.",
     )
     parser.add_argument("model_dir", type=Path, help="Model folder written by train_vit.py (rewritten in place).")
     parser.add_argument(
         "--data_dir",
         required=True,
-        help="The data the model was trained on: a prepared tree (data/prepared/<name>, with manifest.csv), the raw folder given to "
-        "train_vit.py (prepared again with the same patient-grouped split), or 'synthetic'.",
+        help="The data the model was trained on: a prepared tree (data/prepared/<name>, with manifest.csv), "
+        "the raw folder given to train_vit.py (prepared again with the same patient-grouped split), or 'synthetic'.",
     )
     parser.add_argument(
         "--prepared_dir",
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     swap_in(staging, args.model_dir, replaced=("*.onnx",))
     print(describe_reliability(summary))
     print(
-        f"Saved into {args.model_dir}: calibrated head (model.safetensors, config.json), {OOD_FILE}, conformal.json, metrics.json."
+        f"Saved into {args.model_dir}: calibrated head (model.safetensors, config.json), {OOD_FILE}, "
+        "conformal.json, metrics.json."
     )
     return 0
 

@@ -44,10 +44,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--onnx",
         action="store_true",
-        help="Run the model with ONNX Runtime (CPU) instead of PyTorch. With --int8, ONNX Runtime's "
-        "own int8 quantization: as fast as PyTorch's or faster, and closer to the float32 scores (python -m benchmarks.speed "
-        "compares them). The model is exported on first use into the model folder (model.onnx / model.int8.onnx; a temporary "
-        "copy for a Hub id or a read-only folder) and exported again whenever its weights change.",
+        help="Run the model with ONNX Runtime (CPU) instead of PyTorch. With --int8, ONNX Runtime's own int8 "
+        "quantization: as fast as PyTorch's or faster, and closer to the float32 scores (python -m benchmarks.speed "
+        "compares them). The model is exported on first use into the model folder (model.onnx / model.int8.onnx; "
+        "a temporary copy for a Hub id or a read-only folder) and exported again whenever its weights change.",
     )
     args = parser.parse_args(argv)
 

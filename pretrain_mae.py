@@ -1,7 +1,9 @@
-"""Pretrain a ViT on the training X-rays themselves by masked autoencoding (MAE): the offline stand-in for ImageNet weights.
+"""Pretrain a ViT on the training X-rays themselves by masked autoencoding (MAE): the offline stand-in for ImageNet
+weights.
 
     python pretrain_mae.py --data_dir ~/Downloads/chest_xray                 # writes outputs/mae-encoder
-    python train_vit.py --data_dir ~/Downloads/chest_xray --recipe vit-mae   # fine-tunes it (README, "Train on the real X-rays")
+    python train_vit.py --data_dir ~/Downloads/chest_xray --recipe vit-mae   # fine-tunes it
+                                                                             # (README, "Train on the real X-rays")
 
 `ViTMAEForPreTraining` hides most of each image's patches and learns to paint them back from the rest; no labels are
 used. It predicts raw pixels; the MAE paper's per-patch normalised targets are an option (--norm_pix_loss).
@@ -63,7 +65,8 @@ class MaeArguments:
     norm_pix_loss: bool = field(
         default=False,
         metadata={
-            "help": "Predict each patch's pixels normalised to mean 0 and variance 1 (the MAE paper's choice for photos)."
+            "help": "Predict each patch's pixels normalised to mean 0 and variance 1 "
+            "(the MAE paper's choice for photos)."
         },
     )
     resume: bool = field(default=False, metadata={"help": "Continue from the last checkpoint in --output_dir."})
@@ -98,7 +101,9 @@ class MaeTrainingArguments(TrainingArguments):
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = HfArgumentParser((DataArguments, MaeArguments, MaeTrainingArguments), description=__doc__.split("\n")[0])
+    parser = HfArgumentParser(
+        (DataArguments, MaeArguments, MaeTrainingArguments), description=__doc__.split("\n\n")[0].replace("\n", " ")
+    )
     data_args, mae_args, training_args = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
     if mae_args.model not in VIT_PRESETS:
         raise SystemExit(f"--model must be a ViT preset ({', '.join(VIT_PRESETS)}), not '{mae_args.model}'.")
@@ -126,7 +131,8 @@ def main(argv: list[str] | None = None) -> Path:
     )
     add_mae_position_tables(model)  # transformers leaves the fixed sin-cos tables at zero (cxr.workarounds)
     print(
-        f"MAE: a {mae_args.model} encoder ({model.vit.num_parameters() / 1e6:.1f} M parameters) on {len(dataset['train'])} training images, "
+        f"MAE: a {mae_args.model} encoder ({model.vit.num_parameters() / 1e6:.1f} M parameters) "
+        f"on {len(dataset['train'])} training images, "
         f"{mae_args.mask_ratio:.0%} of patches hidden; no labels are used."
     )
 
@@ -153,7 +159,8 @@ def main(argv: list[str] | None = None) -> Path:
     )
     record = {
         "description": (
-            f"a `{mae_args.model}` ViT pretrained by masked autoencoding (MAE: {epochs:g} epochs, {mae_args.mask_ratio:.0%} of patches hidden) "
+            f"a `{mae_args.model}` ViT pretrained by masked autoencoding "
+            f"(MAE: {epochs:g} epochs, {mae_args.mask_ratio:.0%} of patches hidden) "
             f"on the {len(dataset['train'])} {source}, without labels or downloaded weights"
         ),
         "method": "masked autoencoding (transformers ViTMAEForPreTraining)",
@@ -198,9 +205,9 @@ def plot_reconstructions(model: ViTMAEForPreTraining, pixel_values: torch.Tensor
     seen = model.unpatchify(torch.where(hidden, torch.zeros_like(target), target))
     painted = model.unpatchify(torch.where(hidden, predicted, target))
     figure, axes = plt.subplots(len(pixel_values), 3, figsize=(7.5, 2.6 * len(pixel_values)), dpi=100, squeeze=False)
-    for row, images in enumerate(zip(pixel_values, seen, painted)):
+    for row, images in enumerate(zip(pixel_values, seen, painted, strict=True)):
         for column, (image, title) in enumerate(
-            zip(images, ("X-ray", f"seen ({1 - model.config.mask_ratio:.0%})", "painted back"))
+            zip(images, ("X-ray", f"seen ({1 - model.config.mask_ratio:.0%})", "painted back"), strict=True)
         ):
             axes[row, column].imshow(
                 ((image[0] + 1) / 2).clamp(0, 1), cmap="gray", vmin=0, vmax=1

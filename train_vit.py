@@ -52,7 +52,8 @@ from cxr.transforms import collate, pixel_transform
 from hf_data.loading import DataArguments, default_prepared_dir, prepare_and_load, validation_patient_ids
 
 RECIPES = Path(__file__).resolve().parent / "recipes"  # named option sets: --recipe NAME reads recipes/NAME.args
-# The old model's files a new model folder replaces (never carried over beside the new ones); checkpoints and anything else stay.
+# The old model's files a new model folder replaces (never carried over beside the new ones); checkpoints and
+# anything else stay.
 MODEL_FILES = ("*.safetensors", "*.json", "*.png", "*.onnx", "*.bin", "README.md")
 
 
@@ -61,14 +62,15 @@ class ModelArguments:
     model: str = field(
         default=DEFAULT_CHECKPOINT,
         metadata={
-            "help": f"A Hub model id or a local checkpoint folder to fine-tune (a new 3-class head is added), or a preset "
-            f"trained from scratch with random weights, no download: {', '.join(PRESETS)}."
+            "help": "A Hub model id or a local checkpoint folder to fine-tune (a new 3-class head is added), "
+            f"or a preset trained from scratch with random weights, no download: {', '.join(PRESETS)}."
         },
     )
     recipe: str | None = field(
         default=None,
         metadata={
-            "help": "A named set of options from recipes/NAME.args (e.g. vit-offline: the offline real-data recipe in the README); "
+            "help": "A named set of options from recipes/NAME.args "
+            "(e.g. vit-offline: the offline real-data recipe in the README); "
             "options given on the command line override the recipe's."
         },
     )
@@ -79,7 +81,8 @@ class ModelArguments:
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
-            "help": "Start afresh in an --output_dir that holds checkpoints or a model: delete its checkpoints now, replace its model at the end."
+            "help": "Start afresh in an --output_dir that holds checkpoints or a model: delete its checkpoints now, "
+            "replace its model at the end."
         },
     )
     early_stopping_patience: int = field(
@@ -89,16 +92,17 @@ class ModelArguments:
     weight_average_decay: float = field(
         default=0.0,
         metadata={
-            "help": "Keep an exponential moving average of the weights with this decay per optimizer step (e.g. 0.995) and "
-            "evaluate, select and save the average instead of the last step's weights: steadier validation scores. 0 disables."
+            "help": "Keep an exponential moving average of the weights with this decay per optimizer step "
+            "(e.g. 0.995) and evaluate, select and save the average instead of the last step's weights: "
+            "steadier validation scores. 0 disables."
         },
     )
     teacher: str | None = field(
         default=None,
         metadata={
-            "help": "A model folder trained by this script on the same data and split (e.g. --model scratch-resnet) to distil from: "
-            "the loss also counts the teacher's top label for each augmented training image (DeiT's hard distillation). "
-            "Only the student is evaluated and saved."
+            "help": "A model folder trained by this script on the same data and split (e.g. --model scratch-resnet) "
+            "to distil from: the loss also counts the teacher's top label for each augmented training image "
+            "(DeiT's hard distillation). Only the student is evaluated and saved."
         },
     )
     distillation_weight: float = field(
@@ -114,9 +118,9 @@ class SearchArguments:
     search_trials: int = field(
         default=0,
         metadata={
-            "help": "Before training, try up to this many settings of learning rate, weight decay and warm-up with Optuna "
-            "(Trainer.hyperparameter_search: TPE sampler, unpromising trials pruned), each scored by its validation macro-F1, "
-            "then train with the best. 0: no search."
+            "help": "Before training, try up to this many settings of learning rate, weight decay and warm-up "
+            "with Optuna (Trainer.hyperparameter_search: TPE sampler, unpromising trials pruned), "
+            "each scored by its validation macro-F1, then train with the best. 0: no search."
         },
     )
     search_minutes: float = field(
@@ -160,7 +164,8 @@ class XrayTrainingArguments(TrainingArguments):
     average_tokens_across_devices: bool = field(
         default=False,
         metadata={
-            "help": "Must stay False: the class-weighted loss is already a mean over each process's batch (True would multiply it by the number of processes)."
+            "help": "Must stay False: the class-weighted loss is already a mean over each process's batch "
+            "(True would multiply it by the number of processes)."
         },
     )
 
@@ -261,14 +266,18 @@ def main(argv: list[str] | None = None) -> dict:
         **trainer_parts,
     )
     if training_args.world_size > 1:
+        step_images = (
+            training_args.train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
+        )
         print(
             f"Process {training_args.process_index + 1} of {training_args.world_size} ({training_args.device}): "
-            f"{training_args.per_device_train_batch_size} of each step's {training_args.train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps} images.",
+            f"{training_args.per_device_train_batch_size} of each step's {step_images} images.",
             flush=True,
         )
     train_result = trainer.train(resume_from_checkpoint=last_checkpoint)
 
-    # The best checkpoint is loaded: fold the calibration temperature into its head and fit the out-of-distribution check.
+    # The best checkpoint is loaded: fold the calibration temperature into its head and fit the out-of-distribution
+    # check.
     ood_detector, reliability = fit_reliability(
         trainer.model,
         processor,
@@ -355,7 +364,8 @@ def main(argv: list[str] | None = None) -> dict:
     )  # the old model (if any) is replaced in one step, its checkpoints carried over
     print(f"\nModel folder: {output_dir}  ({origin.describe()})")
     print(
-        f"Try it: python -c \"from transformers import pipeline; print(pipeline('image-classification', model='{output_dir}')('your_xray.jpeg', top_k=3))\""
+        'Try it: python -c "from transformers import pipeline; '
+        f"print(pipeline('image-classification', model='{output_dir}')('your_xray.jpeg', top_k=3))\""
     )
     if publish:  # exactly the finished folder, in one commit (cxr/hub.py says why not Trainer's push)
         url, files = publish_model_folder(
@@ -371,14 +381,16 @@ def main(argv: list[str] | None = None) -> dict:
 
 def with_recipe(argv: list[str], expanding: tuple[str, ...] = ()) -> list[str]:
     """`--recipe NAME` -> the options in recipes/NAME.args, put first so that options given on the command line win.
-    A recipe may name another (`--recipe vit-offline` in recipes/vit-distil.args): its options come first, then the recipe's own."""
+    A recipe may name another (`--recipe vit-offline` in recipes/vit-distil.args): its options come first, then the
+    recipe's own."""
     names = [argv[index + 1] for index, arg in enumerate(argv[:-1]) if arg == "--recipe"]
     recipe_args = []
     for name in names:
         path = RECIPES / f"{name}.args"
         if not path.is_file():
             raise SystemExit(
-                f"No recipe '{name}' ({path} does not exist). Recipes: {', '.join(sorted(p.stem for p in RECIPES.glob('*.args')))}."
+                f"No recipe '{name}' ({path} does not exist). "
+                f"Recipes: {', '.join(sorted(p.stem for p in RECIPES.glob('*.args')))}."
             )
         if name in expanding:
             raise SystemExit(f"Recipe '{name}' names itself, through {' -> '.join(expanding)}.")
@@ -429,14 +441,16 @@ def search_hyperparameters(
         for trial in optuna.load_study(study_name="search", storage=storage).trials
     ]
     print(
-        f"\nHyperparameter search: {len(trials)} trials in {(time.monotonic() - started) / 60:.1f} min, validation macro-F1 after {search_args.search_epochs:g} epochs:"
+        f"\nHyperparameter search: {len(trials)} trials in {(time.monotonic() - started) / 60:.1f} min, "
+        f"validation macro-F1 after {search_args.search_epochs:g} epochs:"
     )
     for trial in trials:
         settings = ", ".join(
             f"{name} {trial[name]:.3g}" for name in ("learning_rate", "weight_decay", "warmup_steps") if name in trial
         )
         print(
-            f"  trial {trial['number']}: {trial['state'].lower():<8} macro-F1 {trial['validation_macro_f1'] or float('nan'):.3f}  {settings}"
+            f"  trial {trial['number']}: {trial['state'].lower():<8} "
+            f"macro-F1 {trial['validation_macro_f1'] or float('nan'):.3f}  {settings}"
         )
     print(f"Training with the best: {best.hyperparameters}\n")
     shutil.rmtree(args.output_dir, ignore_errors=True)
@@ -464,7 +478,8 @@ def check_free_space(output_dir: Path, model, training_args: TrainingArguments) 
     free = shutil.disk_usage(output_dir).free
     if free < needed:
         raise SystemExit(
-            f"Not enough free disk space for {output_dir}: {free / 2**20:,.0f} MiB free, this run needs about {needed / 2**20:,.0f} MiB "
+            f"Not enough free disk space for {output_dir}: {free / 2**20:,.0f} MiB free, "
+            f"this run needs about {needed / 2**20:,.0f} MiB "
             f"({kept} checkpoints of {checkpoint / 2**20:,.0f} MiB, the model folder and some slack). "
             "Free some space, choose another --output_dir, or lower --save_total_limit."
         )

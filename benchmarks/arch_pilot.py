@@ -1,4 +1,5 @@
-"""Architecture pilot: how fast each model preset trains and predicts, at candidate resolutions, before committing an hour.
+"""Architecture pilot: how fast each model preset trains and predicts, at candidate resolutions, before committing
+an hour.
 
     python -m benchmarks.arch_pilot                                   # every comparison preset at its own resolution
     python -m benchmarks.arch_pilot --candidates scratch-swin scratch-swin@128:window_size=8 --threads 2
@@ -167,7 +168,8 @@ def measure(candidate: Candidate, prepared_dir: str, args: argparse.Namespace) -
 
 
 def prepare(data_dir: Path) -> str:
-    """The prepared imagefolder tree of `data_dir` that train_vit.py uses (same default folder and split), made if missing."""
+    """The prepared imagefolder tree of `data_dir` that train_vit.py uses (same default folder and split), made if
+    missing."""
     import tempfile
 
     from transformers import TrainingArguments
@@ -221,8 +223,8 @@ def table(rows: list[Measurement], reference: Measurement | None, args: argparse
 
 def main(argv: list[str] | None = None) -> list[Measurement]:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0],
-        epilog=__doc__.split("\n", 1)[1],
+        description=" ".join(__doc__.split("\n\n", 1)[0].split()),  # the first paragraph, on one line
+        epilog="\n" + __doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
@@ -276,7 +278,8 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
         candidates.insert(0, Candidate.parse(args.reference))
     prepared_dir = prepare(args.data_dir)
     print(
-        f"{len(candidates)} candidates, {args.threads} torch thread(s), batch {args.batch_size}, data {args.data_dir}; load: {load_average()}",
+        f"{len(candidates)} candidates, {args.threads} torch thread(s), batch {args.batch_size}, data {args.data_dir}; "
+        f"load: {load_average()}",
         flush=True,
     )
     rows = []

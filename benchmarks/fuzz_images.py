@@ -148,7 +148,7 @@ def make_seeds() -> dict[str, bytes]:
     }
 
 
-# ---- hypothesis strategies ---------------------------------------------------------------------------------------------
+# ---- hypothesis strategies -------------------------------------------------------------------------------------------
 
 
 def strategies(seeds: dict[str, bytes]):
@@ -274,7 +274,8 @@ def strategies(seeds: dict[str, bytes]):
             pass
         return (
             bytes(data),
-            f"dicom {rows} x {columns} x {frames} frames, {samples} samples, {bits} bits, {photometric}, {syntax or 'explicit LE'}, {len(pixel_bytes)} pixel bytes",
+            f"dicom {rows} x {columns} x {frames} frames, {samples} samples, {bits} bits, {photometric}, "
+            f"{syntax or 'explicit LE'}, {len(pixel_bytes)} pixel bytes",
         )
 
     bomb = st.tuples(
@@ -357,16 +358,17 @@ def zero_png(mode: str, size: tuple[int, int]) -> bytes:
         parts.append(compressor.flush())
         ihdr = struct.pack(">IIBBBBB", width, height, depth, color, 0, 0, 0)
         idat = b"".join(parts)
-        chunk = lambda kind, body: (
-            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-        )  # noqa: E731
+
+        def chunk(kind, body):
+            return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
         _ZERO_PNGS[(mode, size)] = (
             b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
         )
     return _ZERO_PNGS[(mode, size)]
 
 
-# ---- worst cases: each case of issue 15, built on purpose and measured one at a time -----------------------------------
+# ---- worst cases: each case of issue 15, built on purpose and measured one at a time ---------------------------------
 
 
 def ramp_png(mode: str, size: tuple[int, int]) -> bytes:
@@ -443,9 +445,10 @@ def worst_cases():
     from pydicom.uid import JPEGBaseline8Bit, RLELossless
 
     side = 6324  # 6324 x 6324 = 39.99 MP, the largest square under the 40-megapixel limit
-    ramp16 = lambda rows, columns: (
-        (np.arange(rows * columns, dtype=np.uint32) % 4096).astype(np.uint16).reshape(rows, columns)
-    )  # noqa: E731
+
+    def ramp16(rows, columns):
+        return (np.arange(rows * columns, dtype=np.uint32) % 4096).astype(np.uint16).reshape(rows, columns)
+
     originals = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "xray_originals"
     largest = max(originals.glob("*.jpeg"), key=lambda path: path.stat().st_size, default=None)
     if largest:
@@ -616,9 +619,11 @@ def forged_dicom(rows: int, columns: int, exact: bool = False, **tags) -> bytes:
 
 
 def measure_worst_cases(runner: Runner, repeats: int, only: str = "") -> None:
-    """Print the worst-case table: per case its peak memory over the worker at rest, its time, and the loader's answer."""
+    """Print the worst-case table: per case its peak memory over the worker at rest, its time, and the loader's
+    answer."""
     print(
-        f"load average at start: {' '.join(f'{x:.2f}' for x in psutil.getloadavg())} ({psutil.cpu_count()} cores); best of {repeats}\n"
+        f"load average at start: {' '.join(f'{x:.2f}' for x in psutil.getloadavg())} ({psutil.cpu_count()} cores); "
+        f"best of {repeats}\n"
     )
     print("| case | file | peak extra MiB | seconds | answer |\n|---|---:|---:|---:|---|")
     rows, reference = [], 0.0
@@ -646,7 +651,8 @@ def measure_worst_cases(runner: Runner, repeats: int, only: str = "") -> None:
         print(f"| {label} | {len(data) / 2**20:,.1f} MiB | {peak:,.0f} | {seconds:.2f} | {answer} |", flush=True)
     print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in psutil.getloadavg())}")
     print(
-        f"largest legitimate upload: +{reference:,.0f} MiB; target: every case under {1.5 * reference:,.0f} MiB (1.5x) and 3 s"
+        f"largest legitimate upload: +{reference:,.0f} MiB; target: every case under {1.5 * reference:,.0f} MiB (1.5x) "
+        "and 3 s"
     )
     over = [row for row in rows if row[2] > 1.5 * reference or row[3] > 3]
     print(
@@ -656,7 +662,7 @@ def measure_worst_cases(runner: Runner, repeats: int, only: str = "") -> None:
     )
 
 
-# ---- the worker: one input at a time -----------------------------------------------------------------------------------
+# ---- the worker: one input at a time ---------------------------------------------------------------------------------
 
 
 def peak_mib() -> float:
@@ -730,7 +736,10 @@ def worker(connection, model: str | None) -> None:
             outcome, message = "ImageLoadError: " + wording(str(error)), str(error)
         except BaseException as error:  # noqa: BLE001 - anything else is what we are looking for
             frame = traceback.extract_tb(error.__traceback__)[-1]
-            outcome = f"crash: {type(error).__name__}: {str(error)[:100]} (at {Path(frame.filename).name}:{frame.lineno} in {frame.name})"
+            outcome = (
+                f"crash: {type(error).__name__}: {str(error)[:100]} (at {Path(frame.filename).name}:{frame.lineno} in "
+                f"{frame.name})"
+            )
         connection.send((outcome, time.perf_counter() - start, peak_mib() - at_rest, message))
 
 
@@ -761,7 +770,8 @@ class Runner:
             raise SystemExit("the fuzzing worker did not start")
 
     def run(self, data: bytes, suffix: str | None) -> tuple[str, float, float, str]:
-        """(outcome, seconds, MiB the worker grew by on this input: its peak RSS over its RSS before it, ImageLoadError's message)."""
+        """(outcome, seconds, MiB the worker grew by on this input: its peak RSS over its RSS before it,
+        ImageLoadError's message)."""
         self.connection.send((data, suffix))
         start, peak = time.perf_counter(), 0.0
         while not self.connection.poll(0.02):
@@ -903,8 +913,9 @@ def main() -> None:
     runner.close()
 
     print(
-        f"Fuzzed cxr.images.load_image{' and app.answer_upload' if args.model else ''} for {time.monotonic() - started:.0f} s: {tried:,} inputs "
-        f"(time limit {args.time_limit:g} s, memory limit {args.memory_limit:,.0f} MiB per input)\n"
+        f"Fuzzed cxr.images.load_image{' and app.answer_upload' if args.model else ''} for "
+        f"{time.monotonic() - started:.0f} s: {tried:,} inputs (time limit {args.time_limit:g} s, memory limit "
+        f"{args.memory_limit:,.0f} MiB per input)\n"
     )
     for outcome, count in outcomes.most_common():
         print(f"  {count:>7,}  {outcome}")

@@ -117,7 +117,8 @@ def drive(
     downloads: Path,
     verify_tls: bool = False,
 ) -> list[tuple[float, str | None]]:
-    """`total` requests from `clients` threads, each waiting for its answer before sending the next: (seconds, error)."""
+    """`total` requests from `clients` threads, each waiting for its answer before sending the next: (seconds,
+    error)."""
     from gradio_client import handle_file
 
     numbers, lock, results = itertools.count(), threading.Lock(), []
@@ -192,12 +193,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no_work",
         action="store_true",
-        help="Serve the same app with answer_upload() replaced by a ready answer: what Gradio, gradio_client and this machine allow whatever the model (the floor under every figure).",
+        help=(
+            "Serve the same app with answer_upload() replaced by a ready answer: what Gradio, gradio_client and this "
+            "machine allow whatever the model (the floor under every figure)."
+        ),
     )
     parser.add_argument(
         "--verify_tls",
         action="store_true",
-        help="gradio_client's default: load the CA bundle for every HTTP request, though loopback HTTP has no TLS (see loopback_client).",
+        help=(
+            "gradio_client's default: load the CA bundle for every HTTP request, though loopback HTTP has no TLS (see "
+            "loopback_client)."
+        ),
     )
     return parser
 
@@ -231,14 +238,17 @@ def main() -> None:
                 else f"{args.model}"
             )
             print(
-                f"Load test of {served} at {url} (app.py: {app.CONCURRENCY_LIMIT} predictions at a time, queue of {app.QUEUE_SIZE})"
+                f"Load test of {served} at {url} (app.py: {app.CONCURRENCY_LIMIT} predictions at a time, queue of "
+                f"{app.QUEUE_SIZE})"
             )
             originals = sum(path.parent.name == "xray_originals" for path in images)
             print(
-                f"{len(images)} images, cycled: {originals} full-resolution originals + {len(images) - originals} Kaggle training images (224 px)"
+                f"{len(images)} images, cycled: {originals} full-resolution originals + {len(images) - originals} "
+                "Kaggle training images (224 px)"
             )
             print(
-                f"machine: {psutil.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run; clients run in this process\n"
+                f"machine: {psutil.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} before the run; clients "
+                "run in this process\n"
             )
 
             drive(
@@ -287,7 +297,10 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 server.kill()
 
-    header = f"{'phase':<8} {'requests':>9} {'clients':>8} {'errors':>7} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} {'max ms':>7}"
+    header = (
+        f"{'phase':<8} {'requests':>9} {'clients':>8} {'errors':>7} {'req/s':>7} {'p50 ms':>7} {'p95 ms':>7} "
+        f"{'p99 ms':>7} {'max ms':>7}"
+    )
     print(header + "\n" + "-" * len(header))
     single_line, single_ok = row("single", single, 1, single_seconds)
     load_line, load_ok = row("load", load, args.clients, load_seconds)
@@ -296,8 +309,8 @@ def main() -> None:
     quarters = [samples[len(samples) * quarter // 4][1] if samples else float("nan") for quarter in (1, 2, 3)]
     peak = max((rss for _, rss in samples), default=float("nan"))
     print(
-        f"server RSS (MiB): {rss_warm:.0f} after warm-up; {', '.join(f'{rss:.0f}' for rss in quarters)} a quarter, half and three quarters "
-        f"through the load; {rss_end:.0f} at the end (peak {peak:.0f})"
+        f"server RSS (MiB): {rss_warm:.0f} after warm-up; {', '.join(f'{rss:.0f}' for rss in quarters)} a quarter, "
+        f"half and three quarters through the load; {rss_end:.0f} at the end (peak {peak:.0f})"
     )
     print(f"                  growth over the second half of the load: {rss_end - quarters[1]:+.0f} MiB")
     print(
@@ -306,9 +319,10 @@ def main() -> None:
     )
     answered = max(len(load), 1)
     print(
-        f"CPU time per load request: server {1000 * cpu_server / answered:.0f} ms, the {args.clients} clients (this process) "
-        f"{1000 * cpu_clients / answered:.0f} ms; {psutil.cpu_count()} CPUs x {load_seconds:.0f} s = {psutil.cpu_count() * load_seconds:.0f} CPU-s available, "
-        f"{cpu_server + cpu_clients:.0f} CPU-s used by server and clients"
+        f"CPU time per load request: server {1000 * cpu_server / answered:.0f} ms, the {args.clients} clients (this "
+        f"process) {1000 * cpu_clients / answered:.0f} ms; {psutil.cpu_count()} CPUs x {load_seconds:.0f} s = "
+        f"{psutil.cpu_count() * load_seconds:.0f} CPU-s available, {cpu_server + cpu_clients:.0f} CPU-s used by server "
+        "and clients"
     )
     errors = {}
     for _, error in single + load:
@@ -319,11 +333,12 @@ def main() -> None:
         single_p50, load_p95 = statistics.median(single_ok), percentile(load_ok, 0.95)
         service = 1000 * load_seconds / max(len(load_ok), 1)
         print(
-            f"\nload p95 / single p50 = {load_p95 / single_p50:.1f}x (target under 5x). With {args.clients} clients always waiting and "
-            f"{app.CONCURRENCY_LIMIT} predictions at a time, each request waits for the others: Little's law gives a mean latency of "
-            f"{args.clients} x {service:.0f} ms (the measured time per answer under load) = {args.clients * service:.0f} ms; "
-            f"measured mean {statistics.mean(load_ok):.0f} ms. Throughput under load is {1000 / service:.2f} req/s against "
-            f"{1000 / single_p50:.2f} req/s for one client alone."
+            f"\nload p95 / single p50 = {load_p95 / single_p50:.1f}x (target under 5x). With {args.clients} clients "
+            f"always waiting and {app.CONCURRENCY_LIMIT} predictions at a time, each request waits for the others: "
+            f"Little's law gives a mean latency of {args.clients} x {service:.0f} ms (the measured time per answer "
+            f"under load) = {args.clients * service:.0f} ms; measured mean {statistics.mean(load_ok):.0f} ms. "
+            f"Throughput under load is {1000 / service:.2f} req/s against {1000 / single_p50:.2f} req/s for one client "
+            "alone."
         )
 
 

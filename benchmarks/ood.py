@@ -213,7 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     detector = classifier.ood_detector
     if detector is None:
         raise SystemExit(
-            f"{args.model} has no out-of-distribution statistics: python calibrate.py {args.model} --data_dir {args.data_dir}"
+            f"{args.model} has no out-of-distribution statistics: python calibrate.py {args.model} --data_dir "
+            f"{args.data_dir}"
         )
     validation = load_prepared(args.data_dir)["validation"]
     outputs, _ = embed_split(classifier.model, classifier.image_processor, validation, desc="Validation")
@@ -232,11 +233,15 @@ def main(argv: list[str] | None = None) -> None:
     }
     sizes = {group: len(scores["energy"]) for group, scores in groups.items()}
     print(
-        f"\nModel {args.model}. Each threshold accepts {ACCEPT_RATE:.0%} of the validation split ({sizes['validation']} X-rays); "
-        f"also {sizes['originals']} full-resolution originals; out of distribution: {sizes['not X-ray']} non-X-rays, {sizes['altered X-ray']} altered X-rays.\n"
+        f"\nModel {args.model}. Each threshold accepts {ACCEPT_RATE:.0%} of the validation split "
+        f"({sizes['validation']} X-rays); also {sizes['originals']} full-resolution originals; out of distribution: "
+        f"{sizes['not X-ray']} non-X-rays, {sizes['altered X-ray']} altered X-rays.\n"
     )
 
-    header = f"{'score':<26}{'ROC-AUC':>8}{'non-X-rays flagged':>20}{'altered X-rays flagged':>24}{'validation wrongly flagged':>28}{'originals wrongly flagged':>27}"
+    header = (
+        f"{'score':<26}{'ROC-AUC':>8}{'non-X-rays flagged':>20}{'altered X-rays flagged':>24}"
+        f"{'validation wrongly flagged':>28}{'originals wrongly flagged':>27}"
+    )
     print(header + "\n" + "-" * len(header))
     for name in SCORES:
         threshold = detector.thresholds[name]
@@ -247,13 +252,17 @@ def main(argv: list[str] | None = None) -> None:
         flagged = {group: float((scores[name] > threshold).mean()) for group, scores in groups.items()}
         label = name + (" (chosen)" if name == detector.score_name else "")
         print(
-            f"{label:<26}{auroc:>8.3f}{flagged['not X-ray']:>20.1%}{flagged['altered X-ray']:>24.1%}{flagged['validation']:>28.1%}{flagged['originals']:>27.1%}"
+            f"{label:<26}{auroc:>8.3f}{flagged['not X-ray']:>20.1%}{flagged['altered X-ray']:>24.1%}"
+            f"{flagged['validation']:>28.1%}{flagged['originals']:>27.1%}"
         )
     print("ROC-AUC: real X-rays (validation + originals) against the non-X-rays.")
 
     name, threshold = detector.score_name, detector.threshold
     print(f"\nChosen score ({name}) if the threshold accepted another share of the validation split:")
-    header = f"{'validation accepted':>20}{'threshold':>11}{'originals accepted':>20}{'all real X-rays accepted':>26}{'non-X-rays flagged':>20}{'altered X-rays flagged':>24}"
+    header = (
+        f"{'validation accepted':>20}{'threshold':>11}{'originals accepted':>20}{'all real X-rays accepted':>26}"
+        f"{'non-X-rays flagged':>20}{'altered X-rays flagged':>24}"
+    )
     print(header + "\n" + "-" * len(header))
     real = np.concatenate([groups["validation"][name], groups["originals"][name]])
     for rate in sorted({0.95, 0.97, 0.98, 0.99, 1.0, ACCEPT_RATE}):
@@ -269,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
         scores = groups[group][name]
         flagged = scores > threshold
         print(f"  {group}: {flagged.sum()} of {len(scores)} flagged")
-        for file_name, score, flag in zip(images, scores, flagged):
+        for file_name, score, flag in zip(images, scores, flagged, strict=True):
             if flag == (group == "originals"):
                 print(f"    {'flagged' if flag else 'accepted'}  {score:10.4g}  {file_name}")
 

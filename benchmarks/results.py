@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     print()
     for folder, summary in summaries.items():
         print(
-            f"- `{folder.name}`: {summary['model_origin']['description']}; epochs run {summary['train']['epoch']:g}; options: `{recipe_of(folder)}`"
+            f"- `{folder.name}`: {summary['model_origin']['description']}; epochs run {summary['train']['epoch']:g}; "
+            f"options: `{recipe_of(folder)}`"
         )
 
     seeds = defaultdict(list)  # the same options but --seed (and --resume, which changes nothing) -> those folders
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         for key, title in COLUMNS:
             values = [figures[key] for figures in validation]
             print(
-                f"- {title}: {statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+                f"- {title}: {statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} "
+                f"({min(values):.3f}-{max(values):.3f})"
             )
 
 

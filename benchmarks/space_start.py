@@ -97,8 +97,8 @@ def install(venv: Path, requirements: Path) -> tuple[float, str]:
     note = "installed from the indexes the requirements name"
     if unreachable:
         note = (
-            f"{', '.join(unreachable)} is not reachable from this machine: installed the same pins from the indexes pip "
-            "is configured with here (pip config list), without that line"
+            f"{', '.join(unreachable)} is not reachable from this machine: installed the same pins from the indexes "
+            "pip is configured with here (pip config list), without that line"
         )
     filtered = venv.parent / "requirements-reachable.txt"
     filtered.write_text("\n".join(line for line in lines if not any(url in line for url in unreachable)) + "\n")
@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
     server, seconds = start_space(python, space, env, work / "app.log")
     try:
         print(
-            f"Start: {seconds:.1f} s from `python app.py` to the page answering (XRAY_MODEL={args.model_id}, HF_HUB_OFFLINE=1)."
+            f"Start: {seconds:.1f} s from `python app.py` to the page answering (XRAY_MODEL={args.model_id}, "
+            "HF_HUB_OFFLINE=1)."
         )
         example = sorted((space / "examples").glob("*.jpeg"))[0]
         client = Client(f"http://127.0.0.1:{env['GRADIO_SERVER_PORT']}/", verbose=False, ssl_verify=False)

@@ -1,6 +1,7 @@
 """Inference speed: the plain one-image-at-a-time pipeline against the project's batched paths, and the app's latency.
 
-    python -m benchmarks.speed                          # ViT-B/16 (random weights) and scratch-small on the X-rays in --images
+    python -m benchmarks.speed                          # ViT-B/16 (random weights) and scratch-small on the X-rays
+                                                        # in --images
     python -m benchmarks.speed --model outputs/vit-xray # also a trained model folder (top-1 agreement means most here)
 
 Same model, same images (full-resolution JPEGs: decoding and resizing included), one path after another:
@@ -132,12 +133,16 @@ def export_onnx(model_dir: str) -> None:
     """Write the folder's cached ONNX graphs (float32 and int8), so the ORT rows time and measure the memory of a
     load that finds them, as every load after the first does. In a process of its own, like the paths (its
     progress bars stay out of the table)."""
-    code = f"from cxr.predictor import load_classifier\nfor int8 in (False, True): load_classifier({model_dir!r}, onnx=True, int8=int8)"
+    code = (
+        "from cxr.predictor import load_classifier\n"
+        f"for int8 in (False, True): load_classifier({model_dir!r}, onnx=True, int8=int8)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident memory (VmHWM; unlike ru_maxrss it does not inherit the parent's peak across exec)."""
+    """This process's peak resident memory (VmHWM; unlike ru_maxrss it does not inherit the parent's peak across
+    exec)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
@@ -222,7 +227,11 @@ def main() -> None:
         "--agreement_images",
         type=int,
         default=200,
-        help="Kaggle training X-rays (a fixed sample from the chest_xray/train/ folder beside the default --images) each path also labels, untimed, after the timed run: top-1 agreement is counted over them and the distinct timed images.",
+        help=(
+            "Kaggle training X-rays (a fixed sample from the chest_xray/train/ folder beside the default --images) "
+            "each path also labels, untimed, after the timed run: top-1 agreement is counted over them and the "
+            "distinct timed images."
+        ),
     )
     parser.add_argument(
         "--presets",
@@ -237,7 +246,10 @@ def main() -> None:
     parser.add_argument(
         "--verify_tls",
         action="store_true",
-        help="gradio_client's default: load the CA bundle for every HTTP request, though loopback HTTP has no TLS (see benchmarks.load.loopback_client).",
+        help=(
+            "gradio_client's default: load the CA bundle for every HTTP request, though loopback HTTP has no TLS (see "
+            "benchmarks.load.loopback_client)."
+        ),
     )
     parser.add_argument("--worker", nargs=2, metavar=("MODEL_DIR", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -253,9 +265,9 @@ def main() -> None:
 
     rate, int8_rate = matmul_gflops(), int8_matmul_gops()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; float32 matmul {rate:.0f} GFLOP/s, int8 matmul (ONNX Runtime) {int8_rate:.0f} GOP/s; "
-        f"{len(images)} images from {args.images} timed; top-1 agreement over {len(check_images)} distinct images "
-        f"({len(check_images) - len(set(images))} more from {KAGGLE_TRAIN})\n"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; float32 matmul {rate:.0f} GFLOP/s, int8 matmul "
+        f"(ONNX Runtime) {int8_rate:.0f} GOP/s; {len(images)} images from {args.images} timed; top-1 agreement over "
+        f"{len(check_images)} distinct images ({len(check_images) - len(set(images))} more from {KAGGLE_TRAIN})\n"
     )
     with tempfile.TemporaryDirectory() as scratch:
         models = []
@@ -267,7 +279,10 @@ def main() -> None:
         for folder in args.model:
             models.append((folder, folder, AutoConfig.from_pretrained(folder)))
 
-        header = f"{'model':<32} {'path':<30} {'images/s':>9} {'x plain':>8} {'% ceiling':>10} {'peak MiB':>9} {'top-1 agree':>12} {'differ':>7}"
+        header = (
+            f"{'model':<32} {'path':<30} {'images/s':>9} {'x plain':>8} {'% ceiling':>10} {'peak MiB':>9} "
+            f"{'top-1 agree':>12} {'differ':>7}"
+        )
         print(header + "\n" + "-" * len(header))
         latencies = []
         for label, folder, config in models:
@@ -294,17 +309,20 @@ def main() -> None:
                 )
             plain = rows[PATHS[0]]
             for path_name, row in rows.items():
-                differ = sum(a != b for a, b in zip(row["check_labels"], plain["check_labels"]))
+                differ = sum(a != b for a, b in zip(row["check_labels"], plain["check_labels"], strict=True))
                 own_ceiling = int8_ceiling if "int8" in path_name else ceiling
                 print(
-                    f"{label:<32} {path_name:<30} {row['rate']:>9.2f} {row['rate'] / plain['rate']:>7.2f}x {100 * row['rate'] / own_ceiling:>9.0f}% "
-                    f"{row['peak_mib']:>9.0f} {100 * (1 - differ / len(check_images)):>11.1f}% {differ:>7}"
+                    f"{label:<32} {path_name:<30} {row['rate']:>9.2f} {row['rate'] / plain['rate']:>7.2f}x "
+                    f"{100 * row['rate'] / own_ceiling:>9.0f}% {row['peak_mib']:>9.0f} "
+                    f"{100 * (1 - differ / len(check_images)):>11.1f}% {differ:>7}"
                 )
             print(
-                f"{'':<32} ceiling = {rate:.0f} GFLOP/s / {vit_gflops(config):.2f} GFLOP per image = {ceiling:.2f} images/s (float32 rows);"
+                f"{'':<32} ceiling = {rate:.0f} GFLOP/s / {vit_gflops(config):.2f} GFLOP per image = {ceiling:.2f} "
+                "images/s (float32 rows);"
             )
             print(
-                f"{'':<32}           {int8_rate:.0f} GOP/s int8 / {vit_gflops(config):.2f} = {int8_ceiling:.2f} images/s (int8 rows) = {int8_ceiling / plain['rate']:.2f}x plain\n"
+                f"{'':<32}           {int8_rate:.0f} GOP/s int8 / {vit_gflops(config):.2f} = {int8_ceiling:.2f} "
+                f"images/s (int8 rows) = {int8_ceiling / plain['rate']:.2f}x plain\n"
             )
             if args.requests:
                 times = sorted(app_latency(folder, images[0], args.requests, verify_tls=args.verify_tls))
@@ -325,26 +343,33 @@ def main() -> None:
 
     if latencies:
         print(
-            f"App latency, one request at a time through gradio_client ({args.requests} requests of {images[0].name}, prediction + Grad-CAM overlay):"
+            f"App latency, one request at a time through gradio_client ({args.requests} requests of {images[0].name}, "
+            "prediction + Grad-CAM overlay):"
         )
         print(
-            f"{'model':<32} {'input':>6} {'forward ms':>11} {'app work ms':>13} {'app p50 ms':>11} {'app p95 ms':>11} {'p50 / forward':>14} {'transport ms':>13}"
+            f"{'model':<32} {'input':>6} {'forward ms':>11} {'app work ms':>13} {'app p50 ms':>11} {'app p95 ms':>11} "
+            f"{'p50 / forward':>14} {'transport ms':>13}"
         )
         for label, size, forward, work, p50, p95 in latencies:
             print(
-                f"{label:<32} {size:>6} {forward:>11.0f} {work:>13.0f} {p50:>11.0f} {p95:>11.0f} {p50 / forward:>13.2f}x {p50 - work:>13.0f}"
+                f"{label:<32} {size:>6} {forward:>11.0f} {work:>13.0f} {p50:>11.0f} {p95:>11.0f} "
+                f"{p50 / forward:>13.2f}x {p50 - work:>13.0f}"
             )
         print(
-            f"{'the same app, answering at once':<32} {'':>6} {'':>11} {0:>13} {statistics.median(floor):>11.0f} {floor[int(0.95 * (len(floor) - 1))]:>11.0f} {'':>14} {statistics.median(floor):>13.0f}"
+            f"{'the same app, answering at once':<32} {'':>6} {'':>11} {0:>13} {statistics.median(floor):>11.0f} "
+            f"{floor[int(0.95 * (len(floor) - 1))]:>11.0f} {'':>14} {statistics.median(floor):>13.0f}"
         )
         print(
-            "app work: answer_upload(), the app's own work for one upload in-process (decode, forward with Grad-CAM, X-ray check, overlay);"
+            "app work: answer_upload(), the app's own work for one upload in-process (decode, forward with Grad-CAM, "
+            "X-ray check, overlay);"
         )
         print(
-            "transport: app p50 minus that, i.e. upload, Gradio's queue and events, the overlay's download, gradio_client."
+            "transport: app p50 minus that, i.e. upload, Gradio's queue and events, the overlay's download, "
+            "gradio_client."
         )
         print(
-            "The last row is the same Interface with answer_upload() replaced by a ready answer: the floor no model can go under."
+            "The last row is the same Interface with answer_upload() replaced by a ready answer: the floor no model "
+            "can go under."
         )
 
 

@@ -1,6 +1,7 @@
 """Training throughput: train_vit.py's Trainer path against a minimal plain PyTorch loop, same model, batch and data.
 
-    python -m benchmarks.train_speed                     # scratch-small on the real data set (REAL_DATA; synthetic if absent)
+    python -m benchmarks.train_speed                     # scratch-small on the real data set
+                                                         # (REAL_DATA; synthetic if absent)
     python -m benchmarks.train_speed --model scratch-base --steps 10
 
 Both loops use the same dataset object (the project's image loader + augmentation + image processor), the same
@@ -112,7 +113,8 @@ def main() -> None:
         id2label = {index: DISPLAY_NAMES[key] for index, key in enumerate(class_keys)}
         loss_fn = weighted_loss(class_weights(train["label"], len(class_keys)))
         print(
-            f"{args.model}, batch {args.batch_size}, {args.steps} timed steps, {torch.get_num_threads()} threads, data {source}\n"
+            f"{args.model}, batch {args.batch_size}, {args.steps} timed steps, {torch.get_num_threads()} threads, data "
+            f"{source}\n"
         )
 
         torch.manual_seed(0)

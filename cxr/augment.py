@@ -1,4 +1,5 @@
-"""Training-time augmentation for chest X-rays, with Pillow only (torchvision does not import beside the CPU torch here).
+"""Training-time augmentation for chest X-rays, with Pillow only (torchvision does not import beside the CPU torch
+here).
 
 Geometric changes stay small and plausible for a radiograph: a slightly different crop and zoom, a
 few degrees of rotation. Intensity changes (brightness, contrast, gamma) imitate different exposure

@@ -135,13 +135,21 @@ def render_model_card(record: dict, summary: dict) -> ModelCard:
         network_facts["model_type"], (f"A `{network_facts['architecture']}`", "network")
     )
     data_description = (
-        "SYNTHETIC generated stand-in images (not X-rays), for pipeline checks only; these figures say nothing about X-rays."
+        (
+            "SYNTHETIC generated stand-in images (not X-rays), for pipeline checks only; "
+            "these figures say nothing about X-rays."
+        )
         if synthetic_data
-        else f"{sum(summary['data']['counts']['train'].values())} training images from `{data['source']}` (Kermany et al. 2018 pediatric chest X-rays, CC BY 4.0)."
+        else (
+            f"{sum(summary['data']['counts']['train'].values())} training images from `{data['source']}` "
+            "(Kermany et al. 2018 pediatric chest X-rays, CC BY 4.0)."
+        )
     )
     recipe = (
-        f"AdamW, learning rate {training['learning_rate']:g}, weight decay {training['weight_decay']:g}, batch {training['per_device_train_batch_size']}, "
-        f"up to {training['num_train_epochs']:g} epochs with early stopping, class-weighted cross-entropy, crop/rotation/exposure augmentation"
+        f"AdamW, learning rate {training['learning_rate']:g}, weight decay {training['weight_decay']:g}, "
+        f"batch {training['per_device_train_batch_size']}, "
+        f"up to {training['num_train_epochs']:g} epochs with early stopping, class-weighted cross-entropy, "
+        "crop/rotation/exposure augmentation"
     )
     return ModelCard.from_template(
         card_data,
@@ -182,9 +190,13 @@ SECTION_START, SECTION_END = "<!-- reliability -->", "<!-- /reliability -->"
 
 
 def reliability_section(summary: dict | None) -> str:
-    """Markdown for the card: the calibration temperature with ECE and NLL before/after, and the out-of-distribution check."""
+    """Markdown for the card: the calibration temperature with ECE and NLL before/after, and the out-of-distribution
+    check."""
     if not summary:
-        return f"{SECTION_START}\n## Calibration and out-of-distribution check\n\nNot fitted: run `python calibrate.py` on this folder.\n{SECTION_END}"
+        return (
+            f"{SECTION_START}\n## Calibration and out-of-distribution check\n\n"
+            f"Not fitted: run `python calibrate.py` on this folder.\n{SECTION_END}"
+        )
     calibration, ood = summary["calibration"], summary["ood"]
     rows = [
         f"| {split} | {f['ece_before']:.4f} | {f['ece_after']:.4f} | {f['nll_before']:.4f} | {f['nll_after']:.4f} |"
@@ -196,20 +208,25 @@ def reliability_section(summary: dict | None) -> str:
             SECTION_START,
             "## Calibration and out-of-distribution check",
             "",
-            f"**Calibrated probabilities.** Temperature scaling: T = {calibration['temperature']:.3f}, fitted on the {calibration['fitted_on']} "
-            "by minimising the negative log-likelihood, and folded into the classifier head (weight and bias divided by T), so the saved "
-            "weights, and plain `pipeline()`, give the calibrated probabilities. T is recorded in `config.json` (`calibration_temperature`).",
+            f"**Calibrated probabilities.** Temperature scaling: T = {calibration['temperature']:.3f}, "
+            f"fitted on the {calibration['fitted_on']} "
+            "by minimising the negative log-likelihood, and folded into the classifier head (weight and bias divided "
+            "by T), so the saved weights, and plain `pipeline()`, give the calibrated probabilities. "
+            "T is recorded in `config.json` (`calibration_temperature`).",
             "",
             "| split | ECE before | ECE after | NLL before | NLL after |",
             "|---|---|---|---|---|",
             *rows,
             "",
-            "ECE: expected calibration error, 15 equal-width confidence bins. On the validation split, where T was fitted, the figure after is optimistic.",
+            "ECE: expected calibration error, 15 equal-width confidence bins. "
+            "On the validation split, where T was fitted, the figure after is optimistic.",
             "",
-            f"**Is it a chest X-ray at all?** `ood.safetensors` holds the training split's feature statistics; an image whose "
-            f"`{ood['score']}` score (distance of its penultimate features to the nearest class, shared Ledoit-Wolf covariance) exceeds "
-            f"{ood['threshold']:.4g} is flagged as not looking like a pediatric chest X-ray. The threshold accepts {ood.get('accept_rate', 0.95):.0%} of the validation X-rays "
-            f"(accepted: {accepted}). The project's app and batch predictor (`cxr.predictor`) report the flag; plain `pipeline()` does not. "
+            f"**Is it a chest X-ray at all?** `ood.safetensors` holds the training split's feature statistics; "
+            f"an image whose `{ood['score']}` score (distance of its penultimate features to the nearest class, "
+            f"shared Ledoit-Wolf covariance) exceeds {ood['threshold']:.4g} is flagged as not looking like a pediatric "
+            f"chest X-ray. The threshold accepts {ood.get('accept_rate', 0.95):.0%} of the validation X-rays "
+            f"(accepted: {accepted}). The project's app and batch predictor (`cxr.predictor`) report the flag; "
+            "plain `pipeline()` does not. "
             "`python -m benchmarks.ood` measures it on real X-rays, photos, documents, noise and altered X-rays.",
             *prediction_sets_paragraph(summary.get("prediction_sets")),
             SECTION_END,
@@ -218,7 +235,8 @@ def reliability_section(summary: dict | None) -> str:
 
 
 def prediction_sets_paragraph(sets: dict | None) -> list[str]:
-    """Card lines for the conformal prediction sets: what they promise and the coverage measured on data the fit did not see."""
+    """Card lines for the conformal prediction sets: what they promise and the coverage measured on data the fit did
+    not see."""
     if not sets:
         return []
     checks = {
@@ -235,10 +253,12 @@ def prediction_sets_paragraph(sets: dict | None) -> list[str]:
     ]
     return [
         "",
-        f"**Prediction sets.** `conformal.json` holds class-conditional split-conformal thresholds fitted on the {sets['fitted_on']}: "
-        "the 90% (95%) set holds every label whose calibrated probability reaches that label's threshold, and contains the true "
-        "label for at least 90% (95%) of X-rays of each class, on data like the validation split. A set of two or three labels "
-        "says the model cannot tell those apart at that confidence. Coverage and mean set size measured on data the fit did not see:",
+        "**Prediction sets.** `conformal.json` holds class-conditional split-conformal thresholds "
+        f"fitted on the {sets['fitted_on']}: "
+        "the 90% (95%) set holds every label whose calibrated probability reaches that label's threshold, and contains "
+        "the true label for at least 90% (95%) of X-rays of each class, on data like the validation split. "
+        "A set of two or three labels says the model cannot tell those apart at that confidence. "
+        "Coverage and mean set size measured on data the fit did not see:",
         "",
         f"| held out | level | coverage | mean set size | per class ({' / '.join(sets['labels'])}): coverage, size |",
         "|---|---|---|---|---|",
@@ -247,7 +267,8 @@ def prediction_sets_paragraph(sets: dict | None) -> list[str]:
 
 
 def replace_reliability_section(card_text: str, summary: dict) -> str:
-    """The card with its reliability section replaced by a fresh one (added before the Use section where it has none)."""
+    """The card with its reliability section replaced by a fresh one (added before the Use section where it has
+    none)."""
     section = reliability_section(summary)
     pattern = re.compile(re.escape(SECTION_START) + ".*?" + re.escape(SECTION_END), re.DOTALL)
     if pattern.search(card_text):

@@ -94,8 +94,9 @@ class PredictionSets:
     def save(self, model_dir: str | Path) -> Path:
         path = Path(model_dir) / CONFORMAL_FILE
         document = {
-            "method": "class-conditional split-conformal prediction (Mondrian; Angelopoulos & Bates 2021, section 4.2), "
-            "score 1 - calibrated probability; a label is in the set when its probability is at least its class's threshold",
+            "method": "class-conditional split-conformal prediction (Mondrian; Angelopoulos & Bates 2021, "
+            "section 4.2), score 1 - calibrated probability; a label is in the set when its probability is at least "
+            "its class's threshold",
             "labels": self.labels,
             "min_probability": self.thresholds,
             "fitted_on_images_per_class": self.fitted_on,
@@ -173,5 +174,6 @@ def held_out_check(
         for name, inside in fitted.members(probabilities[~fit_part]).items():
             members.setdefault(name, np.zeros(probabilities.shape, dtype=bool))[~fit_part] = inside
     return coverage_report(members, labels, list(names)) | {
-        "method": f"fitted on half of the validation children ({int(first.sum())} / {int((~first).sum())} images), measured on the other half, both ways"
+        "method": f"fitted on half of the validation children ({int(first.sum())} / {int((~first).sum())} images), "
+        "measured on the other half, both ways"
     }

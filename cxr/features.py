@@ -60,7 +60,8 @@ def forward_features(model, pixel_values: torch.Tensor, saliency: bool = False) 
         _HEAD_INPUTS.reset(token)
     if len(recorded) != 1:
         raise RuntimeError(
-            f"{type(model).__name__}: its classifier head ran {len(recorded)} times in one forward pass; forward_features expects one"
+            f"{type(model).__name__}: its classifier head ran {len(recorded)} times in one forward pass; "
+            "forward_features expects one"
         )
     last = outputs.hidden_states[-1].detach()
     grid, prefix = feature_grid(last)
@@ -103,7 +104,8 @@ def classifier_module(model) -> torch.nn.Module:
         if isinstance(module, torch.nn.Module):
             return module
     raise TypeError(
-        f"{type(model).__name__} has no `classifier` or `head` module: not an image classifier forward_features can read"
+        f"{type(model).__name__} has no `classifier` or `head` module: "
+        "not an image classifier forward_features can read"
     )
 
 

@@ -1,9 +1,9 @@
 """Publish a finished model folder to the Hugging Face Hub: exactly the files inference needs, nothing mid-training.
 
 `train_vit.py --push_to_hub` calls `publish_model_folder` once, after the folder is complete (calibrated weights,
-`ood.safetensors`, `run.json`, `metrics.json`, plots, our card). Trainer's own push is kept off: it would save the model again
-(writing the pickle `training_args.bin`), replace our card with its generic one, and with its default strategy push
-every checkpoint, uncalibrated and without the out-of-distribution statistics, to the repo users load.
+`ood.safetensors`, `run.json`, `metrics.json`, plots, our card). Trainer's own push is kept off: it would save the model
+again (writing the pickle `training_args.bin`), replace our card with its generic one, and with its default strategy
+push every checkpoint, uncalibrated and without the out-of-distribution statistics, to the repo users load.
 
 It can also publish a folder trained earlier: `python -m cxr.hub outputs/vit-xray your-name/vit-xray`.
 """
@@ -22,7 +22,8 @@ REQUIRED = ("config.json", "preprocessor_config.json", "README.md")
 def model_folder_files(folder: str | Path) -> list[str]:
     """The files of a model folder that make up the published model, sorted: its top-level regular files except
     pickles, ONNX exports and hidden files. Subfolders (`checkpoint-*`, a search's trials, logs) are never included.
-    Raises ValueError when the folder lacks what inference needs (config, image processor, safetensors weights, card)."""
+    Raises ValueError when the folder lacks what inference needs (config, image processor, safetensors weights,
+    card)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"No model folder at '{folder}'.")
@@ -39,7 +40,8 @@ def model_folder_files(folder: str | Path) -> list[str]:
         missing.append("model.safetensors")
     if missing:
         raise ValueError(
-            f"'{folder}' is not a finished model folder (missing {', '.join(missing)}): train it with train_vit.py first."
+            f"'{folder}' is not a finished model folder (missing {', '.join(missing)}): "
+            "train it with train_vit.py first."
         )
     return files
 

@@ -24,7 +24,6 @@ import stat
 import struct
 import warnings
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -42,7 +41,8 @@ MIN_SIDE = 32
 MAX_DICOM_READS = 50_000
 MAX_FRAGMENTS = 10_000  # encapsulated DICOM pixel data: fragments walked to find the first frame
 # A progressive JPEG is decoded in one pass per scan (libjpeg writes 6 for grey, 10 for colour); a small file repeating
-# one scan thousands of times is a CPU bomb its size header cannot show: scans x pixels is bounded, as 16 scans at 40 MP.
+# one scan thousands of times is a CPU bomb its size header cannot show: scans x pixels is bounded, as 16 scans at
+# 40 MP.
 MAX_SCAN_PIXELS = 16 * MAX_PIXELS
 # Only the formats the README names; everything else (EPS would start Ghostscript) is refused unopened.
 PILLOW_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "GIF", "WEBP")  # JPEG includes MPO, the JPEGs phones and cameras write
@@ -50,7 +50,7 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow's own bomb check agrees (it errors
 # The file names the batch predictor and the app's examples pick up in a folder: Pillow's common formats and DICOM.
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".dcm", ".dicom"}
 
-ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+ImageSource = str | os.PathLike | bytes | Image.Image | np.ndarray
 
 
 class ImageLoadError(ValueError):
@@ -188,7 +188,8 @@ def _check_scans(jpeg: bytes, pixels: int, name: str) -> None:
     scans = jpeg.count(b"\xff\xda")
     if scans * pixels > MAX_SCAN_PIXELS:
         raise ImageLoadError(
-            f"{name} is a JPEG of {scans:,} scans, each a full decoding pass; at its size the limit is {MAX_SCAN_PIXELS // max(pixels, 1)}."
+            f"{name} is a JPEG of {scans:,} scans, each a full decoding pass; "
+            f"at its size the limit is {MAX_SCAN_PIXELS // max(pixels, 1)}."
         )
 
 
@@ -319,7 +320,8 @@ def _check_dicom_budget(dataset, name: str) -> None:
     _check_size((columns, rows), name)
     if samples not in (1, 3) or bits not in (1, 8, 16, 32):
         raise ImageLoadError(
-            f"{name} has {samples} samples of {bits} bits a pixel; this app reads 1 or 3 samples of 1, 8, 16 or 32 bits."
+            f"{name} has {samples} samples of {bits} bits a pixel; "
+            "this app reads 1 or 3 samples of 1, 8, 16 or 32 bits."
         )
     cost, what = rows * columns * samples * math.ceil(bits / 8), f"{samples} x {bits}-bit samples a pixel"
     if str(dataset.get("PhotometricInterpretation", "")) == "PALETTE COLOR":
@@ -340,7 +342,8 @@ def _check_dicom_budget(dataset, name: str) -> None:
         )  # YBR_FULL_422 holds 2 samples a pixel, not 3
         if len(pixel_data) < needed:
             raise ImageLoadError(
-                f"{name} is truncated: its first frame needs {needed:,} bytes of pixel data, it holds {len(pixel_data):,}."
+                f"{name} is truncated: its first frame needs {needed:,} bytes of pixel data, "
+                f"it holds {len(pixel_data):,}."
             )
         return
     if syntax != _RLE and syntax not in _JPEG | _JPEG2000:

@@ -52,7 +52,8 @@ def expected_calibration_error(labels, probabilities, bins: int = 15) -> float:
 def classification_metrics(
     labels, probabilities, class_keys: list[str], normal_key: str = "normal"
 ) -> dict[str, float]:
-    """All figures for one evaluation, through the `evaluate` metric. `class_keys[i]` names class id i (e.g. "viral_pneumonia")."""
+    """All figures for one evaluation, through the `evaluate` metric. `class_keys[i]` names class id i
+    (e.g. "viral_pneumonia")."""
     return load_metric().compute(
         predictions=np.asarray(probabilities, dtype=np.float64),
         references=np.asarray(labels),
@@ -89,7 +90,7 @@ def plot_training_curves(log_history: list[dict], path: Path) -> None:
     evals = [entry for entry in log_history if "eval_loss" in entry and "epoch" in entry]
     figure, (loss_axis, f1_axis) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
     if train:
-        loss_axis.plot(*zip(*train), label="training loss", alpha=0.8)
+        loss_axis.plot(*zip(*train, strict=True), label="training loss", alpha=0.8)
     if evals:
         loss_axis.plot([e["epoch"] for e in evals], [e["eval_loss"] for e in evals], "o-", label="validation loss")
         f1_axis.plot(

@@ -50,7 +50,8 @@ PRESETS: dict[str, tuple[type[PretrainedConfig], dict]] = {
             intermediate_size=64,
         ),
     ),
-    # The offline workhorse: ViT-Tiny width, 6 layers, 128 px (64 patches); small enough that a CPU trains it on the Kaggle train split.
+    # The offline workhorse: ViT-Tiny width, 6 layers, 128 px (64 patches); small enough that a CPU trains it on the
+    # Kaggle train split.
     "scratch-small": (
         ViTConfig,
         dict(
@@ -62,7 +63,8 @@ PRESETS: dict[str, tuple[type[PretrainedConfig], dict]] = {
             intermediate_size=768,
         ),
     ),
-    # Same width and depth with 8-pixel patches at 96 px (144 patches): smaller patches suit ViTs trained from scratch on few images.
+    # Same width and depth with 8-pixel patches at 96 px (144 patches): smaller patches suit ViTs trained from scratch
+    # on few images.
     "scratch-small-p8": (
         ViTConfig,
         dict(
@@ -86,8 +88,9 @@ PRESETS: dict[str, tuple[type[PretrainedConfig], dict]] = {
             intermediate_size=3072,
         ),
     ),
-    # The convolutional baseline for scratch-small: ResNet-18's layout (basic blocks, 2-2-2-2) at a quarter of its width,
-    # 128 px (a 4 x 4 map after the last stage). About the same parameters (2.8 M) and training time per image on a CPU.
+    # The convolutional baseline for scratch-small: ResNet-18's layout (basic blocks, 2-2-2-2) at a quarter of its
+    # width, 128 px (a 4 x 4 map after the last stage). About the same parameters (2.8 M) and training time per image
+    # on a CPU.
     # ResNetConfig has no image_size field; it is kept in config.json as a record of the input size, as a ViT's is.
     "scratch-resnet": (
         ResNetConfig,
@@ -108,14 +111,17 @@ PRESETS: dict[str, tuple[type[PretrainedConfig], dict]] = {
         SwinConfig,
         dict(image_size=128, patch_size=4, embed_dim=48, depths=[2, 2, 6], num_heads=[3, 6, 12], window_size=8),
     ),
-    # PVTv2 (overlapping convolutional patch embeddings, spatial-reduction attention): the B0 layout of Wang et al. 2022, at 128 px.
+    # PVTv2 (overlapping convolutional patch embeddings, spatial-reduction attention): the B0 layout of Wang et al.
+    # 2022, at 128 px.
     "scratch-pvt": (
         PvtV2Config,
         dict(image_size=128, hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2], num_attention_heads=[1, 2, 5, 8]),
     ),
-    # MobileViT V2 (MobileNet convolutions interleaved with separable-attention transformer blocks): MobileViTV2-0.5, 128 px.
+    # MobileViT V2 (MobileNet convolutions interleaved with separable-attention transformer blocks): MobileViTV2-0.5,
+    # 128 px.
     "scratch-mobilevit": (MobileViTV2Config, dict(image_size=128, width_multiplier=0.5)),
-    # CvT (convolutional token embeddings and projections): CvT-13's three stages at half width and 1-2-4 blocks, 128 px.
+    # CvT (convolutional token embeddings and projections): CvT-13's three stages at half width and 1-2-4 blocks,
+    # 128 px.
     # CvtConfig has no image_size field; as for the ResNet, it is kept in config.json as a record of the input size.
     "scratch-cvt": (CvtConfig, dict(image_size=128, embed_dim=[32, 96, 192], num_heads=[1, 2, 3], depth=[1, 2, 4])),
 }
@@ -145,11 +151,17 @@ class ModelOrigin:
         if self.pretraining:
             start = f"fine-tuned from `{self.name}`, {self.pretraining}"
         elif self.unrecorded:
-            start = f"started from the weights in the local folder `{self.name}` (random if it was saved from a config: the folder does not record how they were made)"
+            start = (
+                f"started from the weights in the local folder `{self.name}` "
+                "(random if it was saved from a config: the folder does not record how they were made)"
+            )
         elif self.pretrained:
             start = f"fine-tuned from pretrained weights `{self.name}`"
         elif self.from_config:
-            start = f"trained from scratch (random initialisation, no pretrained weights) with the architecture in `{self.name}/config.json`"
+            start = (
+                "trained from scratch (random initialisation, no pretrained weights) "
+                f"with the architecture in `{self.name}/config.json`"
+            )
         else:
             start = f"trained from scratch (random initialisation, no pretrained weights) with the `{self.name}` preset"
         return start + (
@@ -167,7 +179,8 @@ def build_model(name: str, id2label: dict[int, str]):
         return model, processor, ModelOrigin(name, pretrained=False)
     folder = Path(name).expanduser()
     if (folder / "config.json").is_file() and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-        # A folder with a config and no weights (`SomeConfig(...).save_pretrained(folder)`): that architecture from scratch.
+        # A folder with a config and no weights (`SomeConfig(...).save_pretrained(folder)`): that architecture from
+        # scratch.
         config = AutoConfig.from_pretrained(folder, num_labels=len(id2label), id2label=id2label, label2id=label2id)
         processor = (
             AutoImageProcessor.from_pretrained(folder)
@@ -190,7 +203,8 @@ def build_model(name: str, id2label: dict[int, str]):
         raise SystemExit(
             f"Could not load the checkpoint '{name}': {error}\n"
             + (
-                f"There is no folder '{name}' here (an encoder for --recipe vit-mae is written by `python pretrain_mae.py`).\n"
+                f"There is no folder '{name}' here "
+                "(an encoder for --recipe vit-mae is written by `python pretrain_mae.py`).\n"
                 if missing_folder
                 else ""
             )
@@ -199,8 +213,8 @@ def build_model(name: str, id2label: dict[int, str]):
         ) from error
     pretraining = Path(name) / PRETRAINING_FILE
     description = json.loads(pretraining.read_text())["description"] if pretraining.is_file() else None
-    # A local folder that is neither a trained model folder (metrics.json) nor an MAE encoder (pretraining.json) may hold
-    # random weights saved from a config: say where the weights came from rather than calling them pretrained.
+    # A local folder that is neither a trained model folder (metrics.json) nor an MAE encoder (pretraining.json) may
+    # hold random weights saved from a config: say where the weights came from rather than calling them pretrained.
     unrecorded = folder.is_dir() and description is None and not (folder / "metrics.json").is_file()
     return (
         model,
@@ -225,7 +239,8 @@ def load_teacher(folder: str, id2label: dict[int, str], split_sizes: dict[str, i
     path = Path(folder).expanduser()
     if not (path / "config.json").is_file():
         raise SystemExit(
-            f"No trained model at '{folder}' to learn from (no config.json there): train the teacher first, e.g. with --model scratch-resnet."
+            f"No trained model at '{folder}' to learn from (no config.json there): "
+            "train the teacher first, e.g. with --model scratch-resnet."
         )
     model = AutoModelForImageClassification.from_pretrained(path, use_safetensors=True)
     if {int(index): label for index, label in model.config.id2label.items()} != id2label:
@@ -235,15 +250,17 @@ def load_teacher(folder: str, id2label: dict[int, str], split_sizes: dict[str, i
     teacher_sizes = trained_split_sizes(path)
     if teacher_sizes != split_sizes:
         raise SystemExit(
-            f"The teacher '{folder}' was trained on other splits ({teacher_sizes or 'unknown: no metrics.json'}) than this run's "
-            f"({split_sizes}): it may have seen this run's validation images. Train it on the same data, --validation_fraction and --split_seed."
+            f"The teacher '{folder}' was trained on other splits ({teacher_sizes or 'unknown: no metrics.json'}) "
+            f"than this run's ({split_sizes}): it may have seen this run's validation images. "
+            "Train it on the same data, --validation_fraction and --split_seed."
         )
     return model, AutoImageProcessor.from_pretrained(path)
 
 
 def is_local_path(name: str) -> bool:
     """Whether a model name means a folder on this machine rather than a Hub id ("owner/name"): this project's
-    default folders, a path starting with . / or ~, any other number of slashes, or a path whose first folder exists here."""
+    default folders, a path starting with . / or ~, any other number of slashes, or a path whose first folder exists
+    here."""
     return (
         name in (DEFAULT_MODEL_DIR, DEFAULT_ENCODER_DIR)
         or name.startswith((".", "/", "~"))

@@ -73,7 +73,7 @@ class OnnxFeatures:
 
     def __call__(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         arrays = self.session.run(list(OUTPUTS), {"pixel_values": pixel_values.float().cpu().numpy()})
-        return {name: torch.from_numpy(array) for name, array in zip(OUTPUTS, arrays)}
+        return {name: torch.from_numpy(array) for name, array in zip(OUTPUTS, arrays, strict=True)}
 
 
 def load_onnx_features(model, image_size: int, int8: bool, folder: Path | None) -> OnnxFeatures:
@@ -154,8 +154,10 @@ def export(model, image_size: int, int8: bool, key: str, path: Path) -> None:
 
 def new_session(path: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    # As many threads as torch uses (the physical cores, or OMP_NUM_THREADS where set), so both backends get the same share of the machine.
+    # As many threads as torch uses (the physical cores, or OMP_NUM_THREADS where set), so both backends get the same
+    # share of the machine.
     options.intra_op_num_threads = torch.get_num_threads()
-    # Idle threads sleep instead of spinning: spinning threads take turns away from each other on a busy machine (docs/onnx.md).
+    # Idle threads sleep instead of spinning: spinning threads take turns away from each other on a busy machine
+    # (docs/onnx.md).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -63,7 +63,8 @@ def max_softmax_score(logits: np.ndarray) -> np.ndarray:
 def accept_threshold(scores: np.ndarray, accept_rate: float = ACCEPT_RATE) -> float:
     """The score up to which `accept_rate` of these (in-distribution) scores lie: halfway between the last one
     accepted and the first one flagged, so float noise in a recomputed score (another batch size, float32
-    statistics) does not flip the image at the boundary. Where all are accepted (small sets), a little above the largest."""
+    statistics) does not flip the image at the boundary. Where all are accepted (small sets), a little above the
+    largest."""
     ordered = np.sort(np.asarray(scores, dtype=np.float64))
     accepted = min(len(ordered), int(np.ceil(accept_rate * len(ordered))))
     if accepted == len(ordered):
@@ -95,7 +96,8 @@ class OodDetector:
         validation: dict[str, np.ndarray],
         score_name: str = DEFAULT_SCORE,
     ) -> OodDetector:
-        """Class means and Ledoit-Wolf precision from `train`, thresholds from `validation` (both `forward_features` outputs)."""
+        """Class means and Ledoit-Wolf precision from `train`, thresholds from `validation` (both `forward_features`
+        outputs)."""
         from sklearn.covariance import LedoitWolf
 
         classes = np.unique(train_labels)
@@ -110,7 +112,8 @@ class OodDetector:
         return detector
 
     def scores(self, outputs: dict) -> dict[str, np.ndarray]:
-        """Every candidate score for a batch of `forward_features` outputs; higher means less like the training X-rays."""
+        """Every candidate score for a batch of `forward_features` outputs; higher means less like the training
+        X-rays."""
         scores = {
             name: mahalanobis_score(_numpy(outputs[kind]), self.class_means[kind], self.precision[kind])
             for name, kind in MAHALANOBIS_FEATURES.items()

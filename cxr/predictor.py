@@ -53,8 +53,9 @@ class ModelNotFoundError(RuntimeError):
 def load_classifier(
     model: str | Path, device: str | int | None = None, int8: bool = False, onnx: bool = False
 ) -> Pipeline:
-    """`_load_classifier` (below), loaded again if a run swapped a new model folder in meanwhile (`cxr.folders.swap_in`):
-    the weights, the processor and the chest X-ray statistics are read one file after another, and must all be one version's."""
+    """`_load_classifier` (below), loaded again if a run swapped a new model folder in meanwhile
+    (`cxr.folders.swap_in`): the weights, the processor and the chest X-ray statistics are read one file after another,
+    and must all be one version's."""
     for _ in range(5):
         before = folder_identity(model)
         classifier = _load_classifier(model, device, int8, onnx)
@@ -118,14 +119,17 @@ def _load_classifier(
     id_order = [classifier.model.config.id2label[index] for index in range(len(classifier.model.config.id2label))]
     if classifier.prediction_sets is not None and classifier.prediction_sets.labels != id_order:
         warnings.warn(
-            f"{CONFORMAL_FILE} was fitted for the labels {classifier.prediction_sets.labels}, not this model's {id_order}: prediction sets left out"
+            f"{CONFORMAL_FILE} was fitted for the labels {classifier.prediction_sets.labels}, "
+            f"not this model's {id_order}: prediction sets left out",
+            stacklevel=2,
         )
         classifier.prediction_sets = None
     return classifier
 
 
 def load_ood_detector(model: str, local: bool) -> OodDetector | None:
-    """The out-of-distribution statistics saved beside the weights (local folder or Hub copy), or None where there are none."""
+    """The out-of-distribution statistics saved beside the weights (local folder or Hub copy), or None where there are
+    none."""
     return load_beside_weights(model, local, OOD_FILE, OodDetector.load)
 
 
@@ -160,7 +164,8 @@ class Prediction:
     )
     saliency: np.ndarray | None = None  # Grad-CAM for the top label over the patch grid, 0..1 (only when asked for)
     # Coverage level ("90%", "95%") -> the labels in the conformal prediction set, most probable first (cxr.conformal):
-    # at 95 %, a set that holds the true label for 95 % of X-rays of each class. None: the model folder has no conformal.json.
+    # at 95 %, a set that holds the true label for 95 % of X-rays of each class. None: the model folder has no
+    # conformal.json.
     prediction_sets: dict[str, list[str]] | None = None
 
     @property
@@ -228,7 +233,9 @@ def classify(
         for offset, row in enumerate(probabilities):
             prediction = predictions[decoded_index[start + offset]]
             top = row.topk(min(top_k, len(row)))
-            prediction.scores = {id2label[int(label)]: float(score) for score, label in zip(top.values, top.indices)}
+            prediction.scores = {
+                id2label[int(label)]: float(score) for score, label in zip(top.values, top.indices, strict=True)
+            }
             if detector:
                 prediction.ood_score, prediction.looks_like_chest_xray = (
                     float(ood_scores[offset]),

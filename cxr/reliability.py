@@ -61,7 +61,8 @@ def fit_reliability(
         "score": score_name,
         "threshold": detector.threshold,
         "thresholds": detector.thresholds,
-        "fitted_on": f"train split ({len(train_labels)} images); threshold accepts {ACCEPT_RATE:.0%} of the validation split",
+        "fitted_on": f"train split ({len(train_labels)} images); "
+        f"threshold accepts {ACCEPT_RATE:.0%} of the validation split",
         "accept_rate": ACCEPT_RATE,
         "accepted": {split: float(detector.check(outputs)[1].mean()) for split, (outputs, _) in held_out.items()},
         "file": OOD_FILE,
@@ -119,20 +120,24 @@ def describe_reliability(summary: dict) -> str:
     """A few lines for the terminal."""
     calibration, ood = summary["calibration"], summary["ood"]
     lines = [
-        f"Temperature T = {calibration['temperature']:.3f}, fitted on the {calibration['fitted_on']} and folded into the classifier head."
+        f"Temperature T = {calibration['temperature']:.3f}, fitted on the {calibration['fitted_on']} "
+        "and folded into the classifier head."
     ]
     for split, figures in calibration["by_split"].items():
         lines.append(
-            f"  {split}: ECE {figures['ece_before']:.4f} -> {figures['ece_after']:.4f}, NLL {figures['nll_before']:.4f} -> {figures['nll_after']:.4f}"
+            f"  {split}: ECE {figures['ece_before']:.4f} -> {figures['ece_after']:.4f}, "
+            f"NLL {figures['nll_before']:.4f} -> {figures['nll_after']:.4f}"
         )
     lines.append(
-        f"Out-of-distribution check: {ood['score']} score, threshold {ood['threshold']:.4g}; statistics from the {ood['fitted_on']}."
+        f"Out-of-distribution check: {ood['score']} score, threshold {ood['threshold']:.4g}; "
+        f"statistics from the {ood['fitted_on']}."
     )
     lines += [f"  {split}: {share:.1%} accepted" for split, share in ood["accepted"].items()]
     if "prediction_sets" in summary:
         sets = summary["prediction_sets"]
         lines.append(
-            f"Prediction sets (class-conditional conformal), fitted on the {sets['fitted_on']}: coverage / mean set size per class"
+            f"Prediction sets (class-conditional conformal), fitted on the {sets['fitted_on']}: "
+            "coverage / mean set size per class"
         )
         checks = {"validation children held out from a half-split fit": sets["validation_held_out_children"]} | sets[
             "by_split"

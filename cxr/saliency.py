@@ -30,7 +30,8 @@ def saliency_overlay(image: Image.Image, heat: np.ndarray, opacity: float = 0.6)
     """The RGB `image` (from `cxr.images.load_image`) with the heat map `heat` (from `grad_cam`, 0..1) blended on top.
 
     The result keeps the input's aspect ratio, scaled so that its longest side is `SIDE` pixels.
-    Done on 8-bit images in Pillow, several times faster than a float blend in numpy (docs/feature-path-and-prediction-sets.md).
+    Done on 8-bit images in Pillow, several times faster than a float blend in numpy
+    (docs/feature-path-and-prediction-sets.md).
     """
     scale = SIDE / max(image.size)
     base = image.convert("RGB").resize(

@@ -62,7 +62,8 @@ def module_level_imports(path: Path) -> set[str]:
 
 
 def local_modules(entry: str = APP, root: Path = REPO) -> list[Path]:
-    """The repository files that importing `entry` loads (itself, local modules, their packages' __init__.py), sorted."""
+    """The repository files that importing `entry` loads (itself, local modules, their packages' __init__.py),
+    sorted."""
     found: set[Path] = set()
     pending = [root / entry]
     while pending:

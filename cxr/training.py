@@ -99,8 +99,9 @@ def checkpoint_to_resume(output_dir: Path, resume: bool, overwrite: bool, should
     if not resume and not overwrite and (complete or incomplete or (output_dir / "config.json").is_file()):
         found = f"{len(complete) + len(incomplete)} checkpoint(s)" if complete or incomplete else "a trained model"
         raise SystemExit(
-            f"{output_dir} already holds {found} from an earlier run. Pass --resume to continue it, --overwrite_output_dir "
-            "to start afresh (its checkpoints are deleted and its model replaced), or choose another --output_dir."
+            f"{output_dir} already holds {found} from an earlier run. Pass --resume to continue it, "
+            "--overwrite_output_dir to start afresh (its checkpoints are deleted and its model replaced), "
+            "or choose another --output_dir."
         )
     if should_save:
         for folder in incomplete:  # a run killed while saving leaves a checkpoint without its trainer_state.json

@@ -36,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
             "patient-grouped validation set, and write OUTPUT/{train,validation,test}/{bacterial_pneumonia,normal,"
             f"viral_pneumonia}}/ with {MANIFEST_NAME} (every image) and {SKIPPED_NAME} (every file left out, and why). "
             "SOURCE is the Kaggle download (chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/, the subtype read from "
-            "file names such as person1000_bacteria_2931.jpeg) or class folders ({train,test}/{bacteria,normal,viral}/, "
-            "or those class folders directly in SOURCE). The files in SOURCE are never changed."
+            "file names such as person1000_bacteria_2931.jpeg) or class folders "
+            "({train,test}/{bacteria,normal,viral}/, or those class folders directly in SOURCE). The files in SOURCE "
+            "are never changed."
         ),
     )
     prepare.add_argument("source", metavar="SOURCE", help="folder holding the X-rays (read only)")
@@ -73,9 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         "synthetic",
         help="draw a small synthetic data set (not X-rays) to test the pipeline without a download",
         description=(
-            "Write generated grayscale pictures of cartoon chests - NOT X-rays - to OUTPUT/{train,test}/{bacteria,normal,"
-            "viral}/, about 80/20, 1-3 images per synthetic patient. Prepare them like real data: "
-            "python -m hf_data prepare OUTPUT PREPARED"
+            "Write generated grayscale pictures of cartoon chests - NOT X-rays - to "
+            "OUTPUT/{train,test}/{bacteria,normal,viral}/, about 80/20, 1-3 images per synthetic patient. Prepare "
+            "them like real data: python -m hf_data prepare OUTPUT PREPARED"
         ),
     )
     synthetic.add_argument("output", metavar="OUTPUT", help="folder to write (new, empty, or an earlier synthetic set)")

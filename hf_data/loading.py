@@ -39,8 +39,11 @@ class DataArguments:
     prepared_dir: str | None = field(
         default=None,
         metadata={
-            "help": "Where to write the imagefolder tree (links to your files, never moves them). Default: data/prepared/<name of data_dir>, "
-            "with the split settings in the name where they are not the defaults (e.g. chest_xray-split7), so runs with different splits keep apart."
+            "help": (
+                "Where to write the imagefolder tree (links to your files, never moves them). Default: "
+                "data/prepared/<name of data_dir>, with the split settings in the name where they are not the "
+                "defaults (e.g. chest_xray-split7), so runs with different splits keep apart."
+            )
         },
     )
     validation_fraction: float = field(
@@ -52,7 +55,10 @@ class DataArguments:
     split_seed: int = field(
         default=42,
         metadata={
-            "help": "Random seed of the validation split. Kept apart from --seed, so runs with different seeds are scored on the same children."
+            "help": (
+                "Random seed of the validation split. Kept apart from --seed, so runs with different seeds are scored "
+                "on the same children."
+            )
         },
     )
     synthetic_images_per_class: int = field(
@@ -161,7 +167,8 @@ def claim_tree(prepared_dir: Path, data_args: DataArguments):
         except BlockingIOError:
             in_use.close()
             raise SystemExit(
-                f"{prepared_dir} is in use by another run that split the data differently ({', '.join(f'{key} {settings.get(key)}' for key in wanted if settings.get(key) != wanted[key])}); "
+                f"{prepared_dir} is in use by another run that split the data differently "
+                f"({', '.join(f'{key} {settings.get(key)}' for key in wanted if settings.get(key) != wanted[key])}); "
                 "rewriting it now would pull its images away. Give this run its own --prepared_dir (or leave it unset: "
                 "the default folder is named after the split settings), or wait for the other run to finish."
             ) from None
@@ -175,7 +182,8 @@ def load_model_data(
     split_seed: int,
     synthetic_images_per_class: int,
 ):
-    """A prepared imagefolder tree as is, or a raw source (Kaggle / class folders / 'synthetic') prepared the way train_vit.py does."""
+    """A prepared imagefolder tree as is, or a raw source (Kaggle / class folders / 'synthetic') prepared the way
+    train_vit.py does."""
     path = Path(data_dir).expanduser()
     if (path / MANIFEST_NAME).is_file():
         prepared = path

@@ -111,7 +111,7 @@ class PrepareReport:
         lines = [f"Prepared data set in {self.output_dir}", ""]
         for row in [header, *rows]:
             cells = [str(row[0]).ljust(widths[0])] + [
-                str(cell).rjust(width) for cell, width in zip(row[1:], widths[1:])
+                str(cell).rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)
             ]
             lines.append("  ".join(cells))
         lines.append("")
@@ -233,7 +233,7 @@ def prepare_dataset(
         os.replace(staged, destination)  # atomic: a reader sees the old entry or the new one, never none
 
     counts = {split: dict.fromkeys(CLASS_NAMES, 0) for split in OUTPUT_SPLITS if split in splits}
-    for image, split in zip(images, splits):
+    for image, split in zip(images, splits, strict=True):
         counts[split][image.class_name] += 1
     return PrepareReport(output_dir=output, counts=counts, skipped=skipped)
 
@@ -402,7 +402,9 @@ def carve_validation(images: list[SourceImage], validation_fraction: float, seed
 def plan_output_files(images: list[SourceImage], splits: list[str]) -> list[dict[str, str]]:
     """One manifest row per image, with a file name unique within its class folder."""
     rows, taken = [], set()
-    for image, split in sorted(zip(images, splits), key=lambda pair: (pair[1], pair[0].class_name, str(pair[0].path))):
+    for image, split in sorted(
+        zip(images, splits, strict=True), key=lambda pair: (pair[1], pair[0].class_name, str(pair[0].path))
+    ):
         relative = f"{split}/{image.class_name}/{image.path.name}"
         number = 2
         while relative in taken:  # e.g. the same name in the source's train/ and val/
@@ -514,9 +516,9 @@ def files_written_by_previous_prepare(output: Path) -> list[Path]:
     if foreign and damaged is not None:
         raise ValueError(
             f"{output / MANIFEST_NAME} was cut short (a crash or a full disk while it was written), and {output} holds "
-            f"{len(foreign)} file(s) it does not list ({', '.join(str(path) for path in foreign[:5])}), so `prepare` cannot tell "
-            f"which are its own. If {output} is only a prepared tree (links or copies of your images), delete it and run again; "
-            "otherwise choose another folder."
+            f"{len(foreign)} file(s) it does not list ({', '.join(str(path) for path in foreign[:5])}), so `prepare` "
+            f"cannot tell which are its own. If {output} is only a prepared tree (links or copies of your images), "
+            "delete it and run again; otherwise choose another folder."
         )
     if foreign:
         listed = ", ".join(str(path) for path in foreign[:5])

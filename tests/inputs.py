@@ -23,7 +23,8 @@ def chest_like(width=300, height=240) -> np.ndarray:
 
 
 def dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", frames: int | None = None, **tags) -> bytes:
-    """An uncompressed DICOM: uint8 pixels as 8-bit, anything else as 12-bit in 16; (frames, rows, columns) with `frames`."""
+    """An uncompressed DICOM: uint8 pixels as 8-bit, anything else as 12-bit in 16; (frames, rows, columns) with
+    `frames`."""
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 

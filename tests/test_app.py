@@ -1,4 +1,5 @@
-"""The Gradio app: every kind of upload gets a prediction or a clear message, a non-X-ray gets a warning, and every way in agrees."""
+"""The Gradio app: every kind of upload gets a prediction or a clear message, a non-X-ray gets a warning, and every
+way in agrees."""
 
 import copy
 import json
@@ -116,7 +117,8 @@ def test_a_non_xray_upload_gets_a_warning_above_the_three_labels(classifier, tmp
 
 
 def test_validation_images_mostly_get_no_warning(classifier, tiny_model_dir):
-    """The tiny model's own (synthetic) validation images: the threshold was set to accept ACCEPT_RATE (97 %) of them."""
+    """The tiny model's own (synthetic) validation images: the threshold was set to accept ACCEPT_RATE (97 %) of
+    them."""
     files = validation_images(tiny_model_dir)
     results = [app.answer_upload(classifier, str(path)) for path in files]
     assert all(bool(warning) != check["looks_like_chest_xray"] for warning, _, _, check in results)
@@ -190,7 +192,8 @@ def test_overlay_tints_only_where_the_evidence_is():
 
 def test_an_overlay_being_downloaded_is_never_seen_half_written(tmp_path):
     """Identical answers (two users, one X-ray) share one cached file: saving it again must not truncate it
-    under a download in progress (Gradio 6.31's own save rewrites it in place: see cxr.workarounds.save_pil_to_cache)."""
+    under a download in progress (Gradio 6.31's own save rewrites it in place: see
+    cxr.workarounds.save_pil_to_cache)."""
     import gradio.processing_utils
 
     from cxr.workarounds import install_gradio_cache_patch, save_pil_to_cache
@@ -423,7 +426,8 @@ def test_the_preview_is_the_image_as_the_loader_decodes_it(classifier, tmp_path,
 
 
 def test_error_messages_are_plain_text_even_when_the_file_name_is_markup(classifier, tmp_path):
-    """Gradio renders an error message as HTML: nothing from an upload (its name, its decoder's words) may become markup."""
+    """Gradio renders an error message as HTML: nothing from an upload (its name, its decoder's words) may become
+    markup."""
     path = tmp_path / MARKUP_NAME
     path.write_text("not an image\n" * 20)
     for call in (app.answer_upload, app.preview):

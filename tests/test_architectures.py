@@ -1,6 +1,6 @@
 """One feature path for every architecture: the chest X-ray check's features, Grad-CAM and the ONNX export read a
-ViT, a Swin, a ResNet, a ConvNeXt, a PVTv2 and a CvT (each built tiny from its config) through the same code, and train_vit.py turns a
-Swin folder into a complete model folder that pipeline() loads."""
+ViT, a Swin, a ResNet, a ConvNeXt, a PVTv2 and a CvT (each built tiny from its config) through the same code, and
+train_vit.py turns a Swin folder into a complete model folder that pipeline() loads."""
 
 import copy
 import json
@@ -191,7 +191,8 @@ def test_onnx_export_runs_and_agrees_with_torch(family, tmp_path):
 
 @pytest.fixture(scope="module")
 def swin_model_dir(tmp_path_factory, train_tiny_model):
-    """train_vit.py --model FOLDER, where FOLDER holds a tiny Swin built from its config (random weights) and an image processor."""
+    """train_vit.py --model FOLDER, where FOLDER holds a tiny Swin built from its config (random weights) and an image
+    processor."""
     workdir = tmp_path_factory.mktemp("swin_run")
     start = workdir / "swin-start"
     AutoModelForImageClassification.from_config(tiny_swin_config()).save_pretrained(start)

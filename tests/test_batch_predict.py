@@ -1,4 +1,5 @@
-"""The batch predictor: whole folders to CSV/JSON, bad files reported, non-X-rays flagged, same answers as the plain pipeline."""
+"""The batch predictor: whole folders to CSV/JSON, bad files reported, non-X-rays flagged, same answers as the plain
+pipeline."""
 
 import csv
 import json
@@ -87,7 +88,7 @@ def test_batched_scores_equal_one_image_at_a_time_pipeline(tiny_model_dir, mixed
     files = [path for path in find_image_files([mixed_folder]) if path.name.startswith(("xray", "big"))]
     batched = classify(load_classifier(tiny_model_dir), files, batch_size=4)
     plain = pipeline("image-classification", model=str(tiny_model_dir))
-    for path, prediction in zip(files, batched):
+    for path, prediction in zip(files, batched, strict=True):
         single = {item["label"]: item["score"] for item in plain(load_image(path, draft_size=32), top_k=3)}
         assert prediction.scores.keys() == single.keys()
         assert all(prediction.scores[label] == pytest.approx(single[label], abs=1e-5) for label in single)

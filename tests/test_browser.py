@@ -152,8 +152,8 @@ def test_upload_shows_three_labels_and_the_overlay(browser, page_url, tiny_model
         for item in pipeline("image-classification", model=str(tiny_model_dir))(str(xray), top_k=3)
     }
     assert shown == pytest.approx(expected, abs=1e-5)
-    # The warning is there exactly when the project's predictor flags the file (this one is no real X-ray, the tiny model
-    # has only seen synthetic ones, so either can happen).
+    # The warning is there exactly when the project's predictor flags the file (this one is no real X-ray, the tiny
+    # model has only seen synthetic ones, so either can happen).
     [prediction] = classify(load_classifier(tiny_model_dir), [xray])
     assert ("does not look like a pediatric chest X-ray" in warning_text(browser)) == (
         prediction.looks_like_chest_xray is False

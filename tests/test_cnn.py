@@ -94,7 +94,8 @@ FAMILIES = {
 
 @pytest.fixture(params=["vit", pytest.param("resnet", marks=pytest.mark.slow)])
 def trained_folder(request):
-    """(family, model folder) of each tiny train_vit.py run: the ViT's (tiny_model_dir), then the ResNet's (cnn_model_dir)."""
+    """(family, model folder) of each tiny train_vit.py run: the ViT's (tiny_model_dir), then the ResNet's
+    (cnn_model_dir)."""
     return request.param, request.getfixturevalue({"vit": "tiny_model_dir", "resnet": "cnn_model_dir"}[request.param])
 
 
@@ -143,7 +144,8 @@ def test_the_saved_head_is_the_best_checkpoints_divided_by_the_temperature(train
 
 
 def test_checkpoint_reload_restores_every_weight_and_batchnorm_statistic(trained_folder, tmp_path):
-    # Guards the workaround for huggingface/transformers#43701: the stock Trainer leaves ViT encoder weights random here.
+    # Guards the workaround for huggingface/transformers#43701: the stock Trainer leaves ViT encoder weights random
+    # here.
     from cxr.training import XrayTrainer
 
     family, folder = trained_folder

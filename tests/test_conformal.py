@@ -1,5 +1,6 @@
 """Prediction sets with a guarantee: class-conditional split-conformal thresholds keep each class's coverage,
-are fitted by train_vit.py into the model folder, and show in classify, the batch predictor's CSV/JSON and metrics.json."""
+are fitted by train_vit.py into the model folder, and show in classify, the batch predictor's CSV/JSON and
+metrics.json."""
 
 import csv
 import json
@@ -19,7 +20,8 @@ NAMES = list(ID2LABEL.values())
 
 
 def synthetic_scores(count: int, seed: int):
-    """Labels and probabilities of a model that finds Normal easy and viral pneumonia hard (unequal classes, as here)."""
+    """Labels and probabilities of a model that finds Normal easy and viral pneumonia hard (unequal classes, as
+    here)."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 3, count)
     logits = rng.normal(0.0, 1.0, (count, 3))
@@ -46,7 +48,8 @@ def test_each_class_keeps_its_coverage_on_fresh_draws():
 
 def test_threshold_is_the_finite_sample_quantile():
     probabilities = np.linspace(0.1, 0.9, 9)  # scores 1 - p: 0.1 .. 0.9
-    # 90 % of n = 9: rank ceil(10 * 0.9) = 9, the largest score 0.9 -> minimum probability 0.1 (not the 8th, as n * 0.9 would give).
+    # 90 % of n = 9: rank ceil(10 * 0.9) = 9, the largest score 0.9 -> minimum probability 0.1
+    # (not the 8th, as n * 0.9 would give).
     assert class_threshold(probabilities, 0.90) == pytest.approx(0.1)
     assert class_threshold(probabilities, 0.80) == pytest.approx(0.2)  # rank ceil(10 * 0.8) = 8
     assert (
@@ -101,7 +104,10 @@ def xrays(tiny_model_dir):
 
 def test_classify_gives_the_sets_from_the_folders_thresholds(model_with_sets, tiny_model_dir):
     predictions = classify(load_classifier(model_with_sets), xrays(tiny_model_dir))
-    minimum = {"90%": dict(zip(NAMES, [0.4, 0.4, 0.4])), "95%": dict(zip(NAMES, [0.25, 0.3, 0.2]))}
+    minimum = {
+        "90%": dict(zip(NAMES, [0.4, 0.4, 0.4], strict=True)),
+        "95%": dict(zip(NAMES, [0.25, 0.3, 0.2], strict=True)),
+    }
     sizes = set()
     for prediction in predictions:
         for level, labels in prediction.prediction_sets.items():

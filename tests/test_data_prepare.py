@@ -33,7 +33,8 @@ def write_image(path: Path, shade: int = 120, size: int = 48) -> Path:
 
 
 def make_kaggle_download(root: Path) -> dict[str, tuple[str, str, str]]:
-    """Write root/chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/; return name-in-tree -> (class, patient, source split)."""
+    """Write root/chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/; return name-in-tree -> (class, patient, source
+    split)."""
     expected = {}
 
     def add(relative: str, class_name: str, patient: str) -> None:
@@ -378,7 +379,8 @@ def test_a_manifest_cut_short_is_rebuilt_not_refused(kaggle, tmp_path):
 
 
 def test_the_manifest_is_replaced_whole_or_not_at_all(kaggle, tmp_path, monkeypatch):
-    """A run that dies while writing the manifest (here: the disk fills after the first rows) leaves the old one whole."""
+    """A run that dies while writing the manifest (here: the disk fills after the first rows) leaves the old one
+    whole."""
     import hf_data.prepare
 
     source, _ = kaggle
@@ -415,7 +417,7 @@ def test_runs_with_different_split_settings_each_get_their_own_tree(kaggle, tmp_
         loaded.append((dataset, folder_checksums(report.output_dir)))
         trees.append(report.output_dir)
     assert len(set(trees)) == len(settings) and trees[0] == (tmp_path / "data" / "prepared" / "chest_xray").resolve()
-    for (dataset, sums), tree in zip(loaded, trees):
+    for (dataset, sums), tree in zip(loaded, trees, strict=True):
         assert folder_checksums(tree) == sums  # untouched by the runs after it
         assert all(Path(item["path"]).is_file() for split in dataset.values() for item in split["image"])
     prepare_and_load(

@@ -1,4 +1,5 @@
-"""train_vit.py as two processes (torchrun, gloo on CPU): both train one model, the data is prepared once, one writes."""
+"""train_vit.py as two processes (torchrun, gloo on CPU): both train one model, the data is prepared once, one
+writes."""
 
 from __future__ import annotations
 

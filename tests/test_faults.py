@@ -35,7 +35,8 @@ RUN = TINY_RUN
 
 
 def recipe_of(model_dir: Path) -> list[str]:
-    """The train_vit.py arguments a model folder was made with (from its run.json, recipes expanded), less --output_dir."""
+    """The train_vit.py arguments a model folder was made with (from its run.json, recipes expanded), less
+    --output_dir."""
     command = read_run(model_dir)["expanded_argv"]
     at = command.index("--output_dir")
     return command[:at] + command[at + 2 :]
@@ -68,9 +69,10 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint_to_the_same_resu
     """SIGKILL right after the first checkpoint, then `--resume`: the run ends exactly as the uninterrupted one did.
 
     On CPU two runs with one seed are bit-identical, so the checkpoint written before the kill equals the reference's.
-    The resumed epoch is the same too: augmentation draws from Python's global generator (cxr.transforms.pixel_transform),
-    whose state Trainer saves in each checkpoint (rng_state.pth) with NumPy's and torch's and restores on --resume, so
-    the resumed epoch sees the same crops in the same order; the final weights and figures are compared exactly.
+    The resumed epoch is the same too: augmentation draws from Python's global generator
+    (cxr.transforms.pixel_transform), whose state Trainer saves in each checkpoint (rng_state.pth) with NumPy's and
+    torch's and restores on --resume, so the resumed epoch sees the same crops in the same order; the final weights and
+    figures are compared exactly.
     """
     assert recipe_of(tiny_model_dir) == RUN, "conftest's tiny_model_dir recipe changed: update RUN to match it"
     output = tmp_path / "model"
@@ -116,9 +118,10 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint_to_the_same_resu
     evaluations = [entry for entry in final_state["log_history"] if "eval_loss" in entry]
     reference_evaluations = [entry for entry in reference_state["log_history"] if "eval_loss" in entry]
     assert [entry["epoch"] for entry in evaluations] == [1.0, 2.0]  # continued, not restarted
-    figures = lambda entry: {
-        key: value for key, value in entry.items() if not key.endswith(("runtime", "per_second"))
-    }  # all but timings
+
+    def figures(entry):  # all but timings
+        return {key: value for key, value in entry.items() if not key.endswith(("runtime", "per_second"))}
+
     assert figures(evaluations[0]) == figures(reference_evaluations[0])  # the epoch before the kill, exactly
 
     assert [figures(entry) for entry in evaluations] == [
@@ -193,7 +196,8 @@ def make_distinct(folder: Path) -> Path:
 
 
 def version_of(folder: Path) -> tuple[float, float]:
-    """(classifier bias[0], out-of-distribution threshold) of a model folder; each version of the model has its own pair."""
+    """(classifier bias[0], out-of-distribution threshold) of a model folder; each version of the model has its own
+    pair."""
     from cxr.ood import OOD_FILE, OodDetector
 
     threshold = OodDetector.load(folder / OOD_FILE).threshold
@@ -301,7 +305,8 @@ def test_a_swap_never_leaves_the_model_folder_missing(tmp_path):
         [
             sys.executable,
             "-c",
-            "import os, sys\nmissing = 0\nwhile not os.path.exists(sys.argv[2]):\n    missing += not os.path.isfile(sys.argv[1])\nprint(missing)",
+            "import os, sys\nmissing = 0\nwhile not os.path.exists(sys.argv[2]):\n"
+            "    missing += not os.path.isfile(sys.argv[1])\nprint(missing)",
             str(folder / "config.json"),
             str(tmp_path / "done"),
         ],
@@ -481,9 +486,12 @@ def test_uploads_are_deleted_and_the_queue_cannot_be_skipped(tiny_model_dir, tmp
         client = Client(demo.local_url, verbose=False, download_files=False)
         client.predict(handle_file(str(upload)), api_name="/predict")
         assert list(cache.rglob("private-scan.png")), "gradio stores the upload in its cache"
+
         # gradio 6.31's gr.File(type="filepath") also leaves one empty tmpXXXXXXXX file per request, which
         # delete_cache does not track; empty, it holds nothing uploaded, so only files with content must go.
-        kept = lambda: [path for path in cache.rglob("*") if path.is_file() and path.stat().st_size > 0]
+        def kept():
+            return [path for path in cache.rglob("*") if path.is_file() and path.stat().st_size > 0]
+
         deadline = time.monotonic() + 15
         while kept() and time.monotonic() < deadline:
             time.sleep(0.25)

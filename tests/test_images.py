@@ -209,7 +209,7 @@ def test_error_messages_carry_no_markup_from_the_file(tmp_path):
         assert "<" not in message and ">" not in message
 
 
-# ---- DICOM as hospitals send it ----------------------------------------------------------------------------------------
+# ---- DICOM as hospitals send it -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -69,7 +69,7 @@ def _sklearn_figures(labels, probabilities, class_keys, normal_key="normal"):
         "accuracy": accuracy_score(labels, predictions),
         "macro_f1": f1_score(labels, predictions, labels=ids, average="macro", zero_division=0),
     }
-    for key, p, r, f, n in zip(class_keys, precision, recall, f1, support):
+    for key, p, r, f, n in zip(class_keys, precision, recall, f1, support, strict=True):
         figures.update({f"precision_{key}": p, f"recall_{key}": r, f"f1_{key}": f, f"support_{key}": int(n)})
     if len(np.unique(labels)) == len(class_keys):
         figures["roc_auc_ovr"] = roc_auc_score(labels, probabilities, multi_class="ovr", labels=ids)
@@ -88,7 +88,7 @@ def _sklearn_figures(labels, probabilities, class_keys, normal_key="normal"):
             correct[(confidence > low) & (confidence <= high)].mean()
             - confidence[(confidence > low) & (confidence <= high)].mean()
         )
-        for low, high in zip(edges[:-1], edges[1:])
+        for low, high in zip(edges[:-1], edges[1:], strict=True)
         if ((confidence > low) & (confidence <= high)).any()
     )
     return figures

@@ -29,7 +29,8 @@ def model_dir(tiny_model_dir, tmp_path):
 
 @pytest.fixture
 def xrays(tiny_model_dir):
-    """The tiny model's own (synthetic) validation images: what it was trained for, so its answers are not coin flips."""
+    """The tiny model's own (synthetic) validation images: what it was trained for, so its answers are not coin
+    flips."""
     files = validation_images(tiny_model_dir)
     return files[::2][:16]
 
@@ -54,7 +55,7 @@ def test_int8_keeps_the_top_label_and_the_xray_check(model_dir, xrays):
         "MatMulInteger",
     } <= operators  # really int8, not the float32 graph under another name
     decided = 0
-    for int8, float32 in zip(quantized, reference):
+    for int8, float32 in zip(quantized, reference, strict=True):
         assert int8.scores.keys() == float32.scores.keys()
         assert all(int8.scores[label] == pytest.approx(float32.scores[label], abs=0.02) for label in float32.scores)
         best, second = sorted(float32.scores.values(), reverse=True)[:2]

@@ -101,7 +101,8 @@ def test_requirements_are_slim_pinned_as_the_repository_and_take_pytorchs_cpu_wh
 
 
 def test_requirements_cover_every_package_the_app_imports_at_start(space):
-    """Each third-party module the Space's files import when app.py loads comes from a listed package or one of its dependencies."""
+    """Each third-party module the Space's files import when app.py loads comes from a listed package or one of its
+    dependencies."""
     listed = {line.split("==")[0].lower().replace("_", "-") for line in requirement_lines(space)[1:]}
     brought = set(listed)
     for name in listed:

@@ -117,7 +117,8 @@ def test_weight_averaging_is_what_is_evaluated_saved_and_resumed(tmp_path, monke
         averaged, trained = load_file(checkpoint / "model.safetensors"), load_file(checkpoint / TRAINING_WEIGHTS)
         assert not torch.equal(averaged["classifier.weight"], trained["classifier.weight"])
 
-    # Resuming after the first epoch ends where the uninterrupted run ended: the average and the trained weights both come back.
+    # Resuming after the first epoch ends where the uninterrupted run ended: the average and the trained weights both
+    # come back.
     shutil.copytree(checkpoints[0], tmp_path / "resumed" / checkpoints[0].name)
     train_vit.main([*args, "--output_dir", "resumed", "--resume"])
     final, expected = (

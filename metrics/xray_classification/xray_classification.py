@@ -53,7 +53,7 @@ def expected_calibration_error(labels, probabilities, bins: int = 15) -> float:
     correct = probabilities.argmax(axis=1) == labels
     edges = np.linspace(0.0, 1.0, bins + 1)
     error = 0.0
-    for low, high in zip(edges[:-1], edges[1:]):
+    for low, high in zip(edges[:-1], edges[1:], strict=True):
         in_bin = (confidence > low) & (confidence <= high)
         if in_bin.any():
             error += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
@@ -85,7 +85,7 @@ class XrayClassification(evaluate.Metric):
             "accuracy": accuracy_score(labels, predicted),
             "macro_f1": f1_score(labels, predicted, labels=class_ids, average="macro", zero_division=0),
         }
-        for name, p, r, f, n in zip(class_names, precision, recall, f1, support):
+        for name, p, r, f, n in zip(class_names, precision, recall, f1, support, strict=True):
             metrics.update({f"precision_{name}": p, f"recall_{name}": r, f"f1_{name}": f, f"support_{name}": int(n)})
 
         # One-vs-rest ROC-AUC is undefined when a class is missing from the labels (tiny evaluation sets).
