@@ -21,7 +21,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from cxr.run_record import read_metrics, read_run
+from cxr.run_record import read_metrics, training_argv
 
 COLUMNS = [
     ("accuracy", "accuracy"),
@@ -38,11 +38,9 @@ COLUMNS = [
 
 
 def recipe_of(folder: Path) -> str:
-    """The options the run was started with, recipes expanded, from its run.json (less the data and output folders)."""
-    argv = read_run(folder).get("expanded_argv")
-    if argv is None:
-        return "?"
-    return re.sub(r"--(data_dir|output_dir|prepared_dir|save_total_limit) \S+ ?", "", shlex.join(argv)).strip()
+    """The options the run was started with, recipes expanded (less the data and output folders)."""
+    argv = training_argv(folder, leave_out=("--data_dir", "--output_dir", "--prepared_dir", "--save_total_limit"))
+    return "?" if argv is None else shlex.join(argv)
 
 
 def wall_minutes(summary: dict) -> str:
@@ -79,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     for folder in args.folders:
         seeds[re.sub(r"--seed \S+ ?|--resume( [Tt]rue)? ?", "", recipe_of(folder)).strip()].append(folder)
     for options, folders in seeds.items():
-        if len(folders) < 2 or options == "?":  # folders without a run.json are not known to share options
+        if len(folders) < 2 or options == "?":  # a folder whose options are unknown shares them with no other
             continue
         print(f"\nAcross {len(folders)} seeds of `{options}` (validation split; mean ± standard deviation, range):\n")
         validation = [summaries[folder]["validation"] for folder in folders]

@@ -8,6 +8,7 @@ import dataclasses
 import enum
 import json
 import os
+import re
 import shlex
 from pathlib import Path
 
@@ -72,6 +73,27 @@ def _read(path: Path) -> dict:
 def read_run(folder: str | Path) -> dict:
     """The folder's run.json; empty for a folder without one (a bare checkpoint, or a model from before the record)."""
     return _read(Path(folder).expanduser() / RUN_FILE)
+
+
+def training_argv(folder: str | Path, leave_out: tuple[str, ...] = ()) -> list[str] | None:
+    """The train_vit.py arguments a folder was made with, recipes expanded, less the options in `leave_out` (and their
+    values); None when unknown. A folder trained before run.json existed has them only in its card's command line."""
+    argv = read_run(folder).get("expanded_argv")
+    card = Path(folder).expanduser() / "README.md"
+    if argv is None and card.is_file():
+        found = re.search(r"^- \*\*Command:\*\* `python train_vit\.py (.*)`$", card.read_text(), re.MULTILINE)
+        argv = shlex.split(found.group(1)) if found else None
+    if argv is None:
+        return None
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in leave_out:
+            skip = True
+        else:
+            kept.append(token)
+    return kept
 
 
 def read_metrics(folder: str | Path) -> dict:

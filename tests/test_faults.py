@@ -24,7 +24,7 @@ from PIL import Image
 import app
 import train_vit
 from benchmarks.common import free_port
-from cxr.run_record import read_metrics, read_run
+from cxr.run_record import read_metrics, training_argv
 from helpers import TINY_RUN, folder_checksums
 from hf_data import prepare_dataset
 from inputs import encode, png_claiming_size
@@ -32,14 +32,6 @@ from inputs import encode, png_claiming_size
 REPO = Path(__file__).resolve().parents[1]
 # The recipe of the `tiny_model_dir` fixture (conftest.py), which serves as the uninterrupted reference run.
 RUN = TINY_RUN
-
-
-def recipe_of(model_dir: Path) -> list[str]:
-    """The train_vit.py arguments a model folder was made with (from its run.json, recipes expanded), less
-    --output_dir."""
-    command = read_run(model_dir)["expanded_argv"]
-    at = command.index("--output_dir")
-    return command[:at] + command[at + 2 :]
 
 
 def steps_of(folder: Path) -> int:
@@ -74,7 +66,8 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint_to_the_same_resu
     torch's and restores on --resume, so the resumed epoch sees the same crops in the same order; the final weights and
     figures are compared exactly.
     """
-    assert recipe_of(tiny_model_dir) == RUN, "conftest's tiny_model_dir recipe changed: update RUN to match it"
+    made_with = training_argv(tiny_model_dir, leave_out=("--output_dir",))
+    assert made_with == RUN, "conftest's tiny_model_dir recipe changed: update RUN to match it"
     output = tmp_path / "model"
     command = [sys.executable, str(REPO / "train_vit.py"), *RUN, "--output_dir", str(output)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))

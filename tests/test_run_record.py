@@ -8,7 +8,14 @@ import pytest
 
 import train_vit
 from cxr.card import render_model_card
-from cxr.run_record import read_metrics, read_run, trained_split_sizes, update_metrics, warn_if_other_split
+from cxr.run_record import (
+    read_metrics,
+    read_run,
+    trained_split_sizes,
+    training_argv,
+    update_metrics,
+    warn_if_other_split,
+)
 
 
 def test_run_json_holds_the_command_and_every_resolved_option(tiny_model_dir):
@@ -85,3 +92,20 @@ def test_a_refit_on_other_splits_is_warned_about(tmp_path, capsys, sizes, warned
     (tmp_path / "metrics.json").write_text(json.dumps({"data": {"counts": counts}}))
     warn_if_other_split(tmp_path, {split: range(size) for split, size in sizes.items()})
     assert ("differ from the ones the model was trained with" in capsys.readouterr().out) == warned
+
+
+def test_training_argv_reads_run_json_and_falls_back_to_an_older_folders_card(tmp_path, tiny_model_dir):
+    expanded = read_run(tiny_model_dir)["expanded_argv"]
+    at = expanded.index("--output_dir")
+    assert training_argv(tiny_model_dir, leave_out=("--output_dir",)) == expanded[:at] + expanded[at + 2 :]
+
+    older = tmp_path / "older"  # a folder written before run.json existed: the command is in its card only
+    older.mkdir()
+    (older / "README.md").write_text(
+        "# card\n\n"
+        "- **Command:** `python train_vit.py --model scratch-pvt --seed 42 --output_dir /x --report_to none`\n"
+        "- **Data:** ...\n"
+    )
+    made_with = training_argv(older, leave_out=("--output_dir", "--seed"))
+    assert made_with == ["--model", "scratch-pvt", "--report_to", "none"]
+    assert training_argv(tmp_path) is None
