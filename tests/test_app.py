@@ -2,7 +2,6 @@
 way in agrees."""
 
 import copy
-import json
 import os
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ from benchmarks.common import free_port
 from cxr.images import MAX_FILE_BYTES
 from cxr.labels import DISPLAY_NAMES
 from cxr.predictor import classify, load_classifier
+from cxr.run_record import read_metrics
 from helpers import validation_images
 from inputs import MARKUP_DICOM, MARKUP_NAME, chest_like, dicom_bytes, encode, png_claiming_size
 
@@ -297,27 +297,6 @@ def test_no_model_exits_with_the_training_command_and_no_traceback(tmp_path):
     assert "Traceback" not in result.stderr + result.stdout
 
 
-def test_help_explains_every_option(capsys):
-    with pytest.raises(SystemExit) as exited:
-        app.main(["--help"])
-    assert exited.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())
-    for words in (
-        "--model",
-        "XRAY_MODEL",
-        "Hub id",
-        "--examples",
-        "XRAY_EXAMPLES",
-        "--host",
-        "GRADIO_SERVER_NAME",
-        "127.0.0.1",
-        "--port",
-        "GRADIO_SERVER_PORT",
-        "--share",
-    ):
-        assert words in text
-
-
 def test_model_comes_from_the_environment_then_the_default(monkeypatch):
     monkeypatch.delenv("XRAY_MODEL", raising=False)
     assert app.parse_args([]).model == "outputs/vit-xray"
@@ -332,7 +311,7 @@ def test_model_comes_from_the_environment_then_the_default(monkeypatch):
 
 def test_description_names_the_model_its_origin_and_held_out_metrics(tiny_model_dir):
     text = app.describe_model(str(tiny_model_dir))
-    summary = json.loads((tiny_model_dir / "metrics.json").read_text())
+    summary = read_metrics(tiny_model_dir)
     split = "test" if "test" in summary else "validation"
     assert "not a medical device" in text
     assert str(tiny_model_dir) in text and summary["model_origin"]["description"] in text

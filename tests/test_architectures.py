@@ -19,6 +19,7 @@ from cxr.models import PRESETS, build_model, config_image_size, input_size
 from cxr.onnx_runtime import OUTPUTS, load_onnx_features
 from cxr.ood import OOD_FILE, OodDetector
 from cxr.predictor import classify, load_classifier
+from cxr.run_record import read_metrics
 from cxr.saliency import grad_cam, saliency_overlay
 from inputs import chest_like
 
@@ -207,7 +208,7 @@ def test_train_vit_turns_a_swin_folder_into_a_complete_model_folder(swin_model_d
     for name in ["model.safetensors", "config.json", "preprocessor_config.json", "metrics.json", "README.md", OOD_FILE]:
         assert (swin_model_dir / name).is_file(), name
     config = json.loads((swin_model_dir / "config.json").read_text())
-    metrics = json.loads((swin_model_dir / "metrics.json").read_text())
+    metrics = read_metrics(swin_model_dir)
     assert config["model_type"] == "swin" and config["calibration_temperature"] == pytest.approx(
         metrics["calibration"]["temperature"]
     )

@@ -18,6 +18,7 @@ from cxr.labels import ID2LABEL
 from cxr.models import PRESETS, build_model
 from cxr.ood import OOD_FILE, OodDetector
 from cxr.predictor import classify, load_classifier
+from cxr.run_record import read_metrics
 from inputs import chest_like
 
 LABELS = ID2LABEL
@@ -115,7 +116,7 @@ def test_train_vit_writes_a_complete_calibrated_model_folder(trained_folder):
         assert (folder / name).is_file(), name
     assert not list(folder.glob("*.bin")), "weights must be safetensors only"
     config = json.loads((folder / "config.json").read_text())
-    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics = read_metrics(folder)
     assert config["model_type"] == family and config["calibration_temperature"] == pytest.approx(
         metrics["calibration"]["temperature"]
     )
@@ -131,7 +132,7 @@ def test_the_saved_head_is_the_best_checkpoints_divided_by_the_temperature(train
     from safetensors.torch import load_file
 
     family, folder = trained_folder
-    metrics = json.loads((folder / "metrics.json").read_text())
+    metrics = read_metrics(folder)
     final, chosen = (
         load_file(folder / "model.safetensors"),
         load_file(os.path.join(metrics["best_checkpoint"], "model.safetensors")),
@@ -149,7 +150,7 @@ def test_checkpoint_reload_restores_every_weight_and_batchnorm_statistic(trained
     from cxr.training import XrayTrainer
 
     family, folder = trained_folder
-    best = json.loads((folder / "metrics.json").read_text())["best_checkpoint"]
+    best = read_metrics(folder)["best_checkpoint"]
     fresh, _, _ = build_model(FAMILIES[family][0], LABELS)
     trainer = XrayTrainer(model=fresh, args=TrainingArguments(output_dir=str(tmp_path), report_to="none"))
     trainer._load_from_checkpoint(best)

@@ -14,6 +14,7 @@ from cxr.conformal import CONFORMAL_FILE, PredictionSets, class_threshold, descr
 from cxr.labels import ID2LABEL
 from cxr.metrics import softmax
 from cxr.predictor import classify, load_classifier
+from cxr.run_record import read_metrics
 from helpers import validation_images
 
 NAMES = list(ID2LABEL.values())
@@ -73,7 +74,7 @@ def test_train_vit_stores_the_thresholds_and_their_coverage(tiny_model_dir):
     assert set(stored["min_probability"]) == {"90%", "95%"} and all(
         len(values) == 3 for values in stored["min_probability"].values()
     )
-    metrics = json.loads((tiny_model_dir / "metrics.json").read_text())["prediction_sets"]
+    metrics = read_metrics(tiny_model_dir)["prediction_sets"]
     assert metrics["min_probability"] == stored["min_probability"]
     for report in (metrics["validation_held_out_children"], metrics["by_split"]["test"]):
         for level in ("90%", "95%"):

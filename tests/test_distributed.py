@@ -15,6 +15,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from benchmarks.common import free_port
+from cxr.run_record import read_metrics
 from helpers import tiny_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +80,7 @@ def test_two_processes_train_one_model_that_one_process_writes(tiny_model_dir, t
     assert len(classifier(image, top_k=3)) == 3
 
     # The same figures as one process, within noise (the two differ in data order and in how the loss is averaged).
-    summary, reference = (json.loads((folder / "metrics.json").read_text()) for folder in (output, tiny_model_dir))
+    summary, reference = (read_metrics(folder) for folder in (output, tiny_model_dir))
     assert summary["data"]["counts"] == reference["data"]["counts"]
     for split in ("validation", "test"):
         assert summary[split]["loss"] == pytest.approx(reference[split]["loss"], abs=0.1), split

@@ -10,6 +10,7 @@ from transformers import TrainingArguments, ViTModel
 import pretrain_mae
 import train_vit
 from cxr.models import build_model
+from cxr.run_record import read_metrics
 from helpers import prepared_data, tiny_run
 from hf_data.loading import DataArguments, prepare_and_load
 
@@ -140,7 +141,7 @@ def test_the_fine_tuned_model_says_how_its_encoder_was_pretrained(encoder_dir, t
             "16",
         ]
     )
-    summary = json.loads((tmp_path / "fine-tuned" / "metrics.json").read_text())
+    summary = read_metrics(tmp_path / "fine-tuned")
     assert "pretrained by masked autoencoding" in summary["model_origin"]["description"]
     card = (tmp_path / "fine-tuned" / "README.md").read_text()
     assert (

@@ -16,6 +16,7 @@ from cxr.features import forward_features
 from cxr.metrics import expected_calibration_error, softmax
 from cxr.ood import ACCEPT_RATE, OOD_FILE, SCORES, OodDetector, accept_threshold
 from cxr.predictor import classify, load_classifier
+from cxr.run_record import read_metrics
 from helpers import prepared_data
 
 
@@ -86,7 +87,7 @@ def test_folding_the_temperature_makes_plain_pipeline_give_softmax_of_logits_ove
 
 def test_a_fresh_model_folder_is_calibrated_and_says_so(tiny_model_dir):
     config = json.loads((tiny_model_dir / "config.json").read_text())
-    metrics = json.loads((tiny_model_dir / "metrics.json").read_text())
+    metrics = read_metrics(tiny_model_dir)
     calibration = metrics["calibration"]
     assert config["calibration_temperature"] == pytest.approx(calibration["temperature"])
     for split in ("validation", "test"):
@@ -138,9 +139,7 @@ def test_ood_statistics_are_saved_beside_the_weights_and_reloaded(tiny_model_dir
     precision = detector.precision["tokens"]
     assert precision == pytest.approx(precision.T, abs=1e-5) and np.linalg.eigvalsh(precision).min() > 0
     assert set(detector.thresholds) == set(SCORES) and detector.score_name == "mahalanobis"
-    assert detector.threshold == pytest.approx(
-        json.loads((tiny_model_dir / "metrics.json").read_text())["ood"]["threshold"]
-    )
+    assert detector.threshold == pytest.approx(read_metrics(tiny_model_dir)["ood"]["threshold"])
 
     detector.save(tmp_path)
     again = OodDetector.load(tmp_path / OOD_FILE)
@@ -173,31 +172,10 @@ def test_refit_in_place_from_the_command_line_does_not_stack_temperatures(tiny_m
     assert refitted.config.calibration_temperature == pytest.approx(temperature, rel=1e-3)
     assert refitted.classifier.weight.detach().numpy() == pytest.approx(head.numpy(), rel=1e-3, abs=1e-6)
     assert (folder / OOD_FILE).is_file()
-    assert json.loads((folder / "metrics.json").read_text())["calibration"]["temperature"] == pytest.approx(
-        temperature, rel=1e-3
-    )
+    assert read_metrics(folder)["calibration"]["temperature"] == pytest.approx(temperature, rel=1e-3)
     assert (folder / "README.md").read_text().count(
         "<!-- reliability -->"
     ) == 1  # the card's section replaced, not repeated
-
-
-def test_help_explains_the_command(capsys):
-    with pytest.raises(SystemExit) as exited:
-        calibrate.main(["--help"])
-    assert exited.value.code == 0
-    text = " ".join(capsys.readouterr().out.split())
-    for words in (
-        "model_dir",
-        "--data_dir",
-        "in place",
-        "without retraining",
-        "temperature",
-        OOD_FILE,
-        "metrics.json",
-        "--score",
-        "synthetic",
-    ):
-        assert words in text
 
 
 def test_the_old_seed_option_still_sets_the_split_seed_without_being_advertised(capsys):
