@@ -25,7 +25,7 @@ import app
 import train_vit
 from benchmarks.common import free_port
 from cxr.run_record import read_metrics, training_argv
-from helpers import TINY_RUN, folder_checksums
+from helpers import TINY_RUN, folder_checksums, prepared_data
 from hf_data import prepare_dataset
 from inputs import encode, png_claiming_size
 
@@ -117,9 +117,8 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint_to_the_same_resu
 
     assert figures(evaluations[0]) == figures(reference_evaluations[0])  # the epoch before the kill, exactly
 
-    assert [figures(entry) for entry in evaluations] == [
-        figures(entry) for entry in reference_evaluations
-    ]  # the resumed epoch too
+    # the resumed epoch too
+    assert [figures(entry) for entry in evaluations] == [figures(entry) for entry in reference_evaluations]
     final, reference = weights(output / "model.safetensors"), weights(tiny_model_dir / "model.safetensors")
     assert all(torch.equal(final[key], reference[key]) for key in reference), (
         "resumed: the same final weights, bit for bit"
@@ -213,9 +212,8 @@ def test_a_run_stopped_between_its_save_steps_leaves_the_old_model_folder_intact
 
     folder = make_distinct(shutil.copytree(tiny_model_dir, tmp_path / "model"))
     before, old_version = folder_bytes(folder), version_of(folder)
-    monkeypatch.chdir(
-        tiny_model_dir.parent
-    )  # its synthetic data and prepared tree, unchanged by a run with the same settings
+    # The fixture's working folder: its synthetic data and prepared tree, unchanged by a run with the same settings.
+    monkeypatch.chdir(tiny_model_dir.parent)
 
     def crash(*args, **kwargs):
         raise Crash(step)
@@ -246,16 +244,15 @@ def test_a_refit_stopped_midway_leaves_the_model_folder_intact(tiny_model_dir, t
 
     folder = make_distinct(shutil.copytree(tiny_model_dir, tmp_path / "model"))
     before = folder_bytes(folder)
-    prepared = tiny_model_dir.parent / "data" / "prepared" / "synthetic"
+    prepared = prepared_data(tiny_model_dir)
     monkeypatch.setattr(calibrate, "update_card", lambda *args: (_ for _ in ()).throw(Crash("card")))
     with pytest.raises(Crash):
         calibrate.main([str(folder), "--data_dir", str(prepared)])
     assert folder_bytes(folder) == before
     monkeypatch.undo()
     assert calibrate.main([str(folder), "--data_dir", str(prepared)]) == 0
-    assert version_of(folder)[1] == pytest.approx(
-        version_of(tiny_model_dir)[1], rel=1e-4
-    )  # refitted: statistics and metrics agree again
+    # Refitted: statistics and metrics agree again.
+    assert version_of(folder)[1] == pytest.approx(version_of(tiny_model_dir)[1], rel=1e-4)
 
 
 @pytest.mark.slow
