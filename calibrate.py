@@ -49,9 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--split_seed", type=int, default=42, help="As given to train_vit.py (raw --data_dir only; default 42)."
     )
-    parser.add_argument(
-        "--seed", dest="split_seed", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS
-    )  # the old spelling
+    # the old spelling
+    parser.add_argument("--seed", dest="split_seed", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     parser.add_argument(
         "--synthetic_images_per_class",
         type=int,

@@ -198,9 +198,8 @@ def plot_reconstructions(model: ViTMAEForPreTraining, pixel_values: torch.Tensor
     outputs = model(pixel_values)
     target = model.patchify(pixel_values)
     mean, std = target.mean(-1, keepdim=True), (target.var(-1, keepdim=True) + 1e-6) ** 0.5
-    predicted = (
-        outputs.logits * std + mean if model.config.norm_pix_loss else outputs.logits
-    )  # undo the per-patch normalisation
+    # undo the per-patch normalisation
+    predicted = outputs.logits * std + mean if model.config.norm_pix_loss else outputs.logits
     hidden = outputs.mask.unsqueeze(-1).bool()  # 1 where a patch was hidden
     seen = model.unpatchify(torch.where(hidden, torch.zeros_like(target), target))
     painted = model.unpatchify(torch.where(hidden, predicted, target))
@@ -209,9 +208,8 @@ def plot_reconstructions(model: ViTMAEForPreTraining, pixel_values: torch.Tensor
         for column, (image, title) in enumerate(
             zip(images, ("X-ray", f"seen ({1 - model.config.mask_ratio:.0%})", "painted back"), strict=True)
         ):
-            axes[row, column].imshow(
-                ((image[0] + 1) / 2).clamp(0, 1), cmap="gray", vmin=0, vmax=1
-            )  # [-1, 1] -> [0, 1], one channel
+            # [-1, 1] -> [0, 1], one channel
+            axes[row, column].imshow(((image[0] + 1) / 2).clamp(0, 1), cmap="gray", vmin=0, vmax=1)
             axes[row, column].set_title(title if row == 0 else "")
             axes[row, column].axis("off")
     figure.tight_layout()

@@ -181,10 +181,11 @@ def main(argv: list[str] | None = None) -> dict:
     from_command_line, given_argv = argv is None, sys.argv[1:] if argv is None else argv
     argv = with_recipe(given_argv)
     data_args, model_args, search_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    # Trainer never pushes: the finished folder is published at the end
     publish, training_args.push_to_hub = (
         training_args.push_to_hub,
         False,
-    )  # Trainer never pushes: the finished folder is published at the end
+    )
     set_seed(training_args.seed)
     output_dir = Path(training_args.output_dir)
     if training_args.should_save:
@@ -305,13 +306,11 @@ def main(argv: list[str] | None = None) -> dict:
                 title=f"{split} split ({len(split_dataset)} images)",
             )
 
-    trainer.save_model(
-        str(staging)
-    )  # model (safetensors, calibrated head) + image processor: what pipeline() and app.py load
+    # model (safetensors, calibrated head) + image processor: what pipeline() and app.py load
+    trainer.save_model(str(staging))
     if training_args.should_save:
-        (staging / "training_args.bin").unlink(
-            missing_ok=True
-        )  # a pickle; the model folder holds none (settings are in run.json)
+        # a pickle; the model folder holds none (settings are in run.json)
+        (staging / "training_args.bin").unlink(missing_ok=True)
     if not trainer.is_world_process_zero():
         if training_args.should_save:  # --save_on_each_node: this node's copy of the weights
             swap_in(staging, output_dir, replaced=MODEL_FILES)
@@ -359,9 +358,8 @@ def main(argv: list[str] | None = None) -> dict:
     save_reliability(staging, ood_detector, reliability)  # ood.safetensors and conformal.json
     card = render_model_card(record, summary)
     card.save(staging / "README.md")
-    swap_in(
-        staging, output_dir, replaced=MODEL_FILES
-    )  # the old model (if any) is replaced in one step, its checkpoints carried over
+    # the old model (if any) is replaced in one step, its checkpoints carried over
+    swap_in(staging, output_dir, replaced=MODEL_FILES)
     print(f"\nModel folder: {output_dir}  ({origin.describe()})")
     print(
         'Try it: python -c "from transformers import pipeline; '
@@ -471,9 +469,8 @@ def check_free_space(output_dir: Path, model, training_args: TrainingArguments) 
     """Exit with a clear message when the disk cannot hold this run's checkpoints and model folder (an estimate)."""
     weights = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
     checkpoint = 3 * weights  # the weights and AdamW's two moment estimates
-    kept = (
-        0 if training_args.save_strategy == "no" else (training_args.save_total_limit or 2) + 1
-    )  # +1: the newest, before old ones are rotated out
+    # +1: the newest, before old ones are rotated out
+    kept = 0 if training_args.save_strategy == "no" else (training_args.save_total_limit or 2) + 1
     needed = kept * checkpoint + weights + 100 * 2**20  # + the final model folder, plots and slack
     free = shutil.disk_usage(output_dir).free
     if free < needed:

@@ -130,9 +130,8 @@ def measure(candidate: Candidate, prepared_dir: str, args: argparse.Namespace) -
             batch = next(batches)
         data_seconds += time.perf_counter() - fetch
         step(batch)
-        if (
-            index == args.warmup_steps + args.train_steps - 1
-        ):  # the rate is over these steps; any later ones are pilot training
+        # the rate is over these steps; any later ones are pilot training
+        if index == args.warmup_steps + args.train_steps - 1:
             train_seconds, train_data_seconds = time.perf_counter() - start, data_seconds
     train_rate = args.train_steps * args.batch_size / train_seconds
 

@@ -299,9 +299,8 @@ def strategies(seeds: dict[str, bytes]):
 
     @st.composite
     def any_input(draw):
-        roll = draw(
-            st.integers(0, 99)
-        )  # mutate 55 %, header 15 %, dicom 20 %, magic 7 %, bomb 3 % (each costs a second)
+        # mutate 55 %, header 15 %, dicom 20 %, magic 7 %, bomb 3 % (each costs a second)
+        roll = draw(st.integers(0, 99))
         kind = (
             mutated()
             if roll < 55
@@ -631,9 +630,8 @@ def measure_worst_cases(runner: Runner, repeats: int, only: str = "") -> None:
         if only not in label and not legitimate:
             continue
         results = []
-        for _ in range(
-            repeats
-        ):  # a fresh worker each time: memory an earlier case left to malloc would hide this one's
+        # a fresh worker each time: memory an earlier case left to malloc would hide this one's
+        for _ in range(repeats):
             runner.restart()
             results.append(runner.run(data, suffix))
         outcome, message = results[0][0], results[0][3]
@@ -764,9 +762,8 @@ class Runner:
         self.process = self.context.Process(target=worker, args=(child, self.model), daemon=True)
         self.process.start()
         self.watch = psutil.Process(self.process.pid)
-        if (
-            not self.connection.poll(300) or self.connection.recv() != "ready"
-        ):  # imports (and the model) load outside the limits
+        # imports (and the model) load outside the limits
+        if not self.connection.poll(300) or self.connection.recv() != "ready":
             raise SystemExit("the fuzzing worker did not start")
 
     def run(self, data: bytes, suffix: str | None) -> tuple[str, float, float, str]:

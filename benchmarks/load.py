@@ -251,9 +251,8 @@ def main() -> None:
                 "run in this process\n"
             )
 
-            drive(
-                url, images[:3], 3, 1, 120, args.timeout, scratch / "downloads", args.verify_tls
-            )  # warm-up: first calls allocate and pick kernels
+            # warm-up: first calls allocate and pick kernels
+            drive(url, images[:3], 3, 1, 120, args.timeout, scratch / "downloads", args.verify_tls)
             start = time.perf_counter()
             single = drive(
                 url, images, args.single, 1, args.max_seconds, args.timeout, scratch / "downloads", args.verify_tls

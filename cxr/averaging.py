@@ -38,9 +38,8 @@ class WeightAveraging:
         return self.accelerator.unwrap_model(self.model)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(
-            resume_from_checkpoint, model
-        )  # the checkpoint's model: the average, where one was kept
+        # the checkpoint's model: the average, where one was kept
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
         training_weights = Path(resume_from_checkpoint) / TRAINING_WEIGHTS
         if self.weight_average_decay and training_weights.is_file():
             self.averaged_weights = {

@@ -47,9 +47,8 @@ def forward_features(model, pixel_values: torch.Tensor, saliency: bool = False) 
     model.eval()
     pixel_values = pixel_values.to(model.device, model.dtype)
     if saliency:
-        pixel_values = (
-            pixel_values.detach().requires_grad_()
-        )  # the graph then reaches every hidden state, whatever the weights
+        # the graph then reaches every hidden state, whatever the weights
+        pixel_values = pixel_values.detach().requires_grad_()
     _install_head_hook(model)
     recorded = []
     token = _HEAD_INPUTS.set(recorded)

@@ -112,9 +112,8 @@ def _read_bytes(source: str | os.PathLike | bytes) -> tuple[bytes, str]:
         name = _quote(path.name)
         try:
             info = path.stat()
-            if not stat.S_ISREG(
-                info.st_mode
-            ):  # a folder, a pipe (opening it would wait forever) or a device (/dev/zero never ends)
+            # a folder, a pipe (opening it would wait forever) or a device (/dev/zero never ends)
+            if not stat.S_ISREG(info.st_mode):
                 raise ImageLoadError(f"{name} is not a regular file.")
             if info.st_size > MAX_FILE_BYTES:
                 raise ImageLoadError(
@@ -305,9 +304,8 @@ def _decode_dicom(data: bytes, name: str) -> Image.Image:
         return Image.fromarray(_stretch_to_uint8(pixels))
     gray = _stretch_to_uint8(pixels, lambda chunk: _window(apply_modality_lut(chunk, dataset), dataset))
     if photometric == "MONOCHROME1":
-        np.subtract(
-            255, gray, out=gray
-        )  # MONOCHROME1 stores bone dark; X-ray viewers (and our model) expect bone bright
+        # MONOCHROME1 stores bone dark; X-ray viewers (and our model) expect bone bright
+        np.subtract(255, gray, out=gray)
     return Image.fromarray(gray, mode="L")
 
 
@@ -337,9 +335,8 @@ def _check_dicom_budget(dataset, name: str) -> None:
         from pydicom.pixels.utils import get_expected_length
 
         frames = max(1, _int_at([dataset.get("NumberOfFrames")], 0, 1))
-        needed = math.ceil(
-            get_expected_length(dataset, unit="bytes") / frames
-        )  # YBR_FULL_422 holds 2 samples a pixel, not 3
+        # YBR_FULL_422 holds 2 samples a pixel, not 3
+        needed = math.ceil(get_expected_length(dataset, unit="bytes") / frames)
         if len(pixel_data) < needed:
             raise ImageLoadError(
                 f"{name} is truncated: its first frame needs {needed:,} bytes of pixel data, "
@@ -423,9 +420,8 @@ def _window(values: np.ndarray, dataset) -> np.ndarray:
     from pydicom.pixels import apply_voi_lut
 
     width = dataset.get("WindowWidth")
-    if (
-        width is not None and not isinstance(width, (str, bytes)) and hasattr(width, "__len__")
-    ):  # several windows: pydicom uses the first
+    # several windows: pydicom uses the first
+    if width is not None and not isinstance(width, (str, bytes)) and hasattr(width, "__len__"):
         width = width[0] if len(width) else None
     if "VOILUTSequence" not in dataset and width is not None and not _positive(width):
         return values  # a window width <= 0 is invalid (PS3.3 C.11.2.1.2): fall back to the full range

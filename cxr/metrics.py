@@ -37,9 +37,8 @@ def load_metric():
     if _METRIC is None:
         import evaluate  # imported here: the app and predictor never need it
 
-        _METRIC = evaluate.load(
-            str(METRIC_DIR), keep_in_memory=True
-        )  # in memory: no cache files, no locks between runs
+        # in memory: no cache files, no locks between runs
+        _METRIC = evaluate.load(str(METRIC_DIR), keep_in_memory=True)
     return _METRIC
 
 

@@ -136,9 +136,8 @@ def export(model, image_size: int, int8: bool, key: str, path: Path) -> None:
         if int8:
             source = Path(scratch) / "int8.onnx"
             previous = logging.root.manager.disable
-            logging.disable(
-                logging.WARNING
-            )  # its advice to pre-process the graph first: tried, it changed neither speed nor error
+            # its advice to pre-process the graph first: tried, it changed neither speed nor error
+            logging.disable(logging.WARNING)
             try:
                 quantize_dynamic(float32, source, **QUANTIZATION)
             finally:
@@ -147,9 +146,8 @@ def export(model, image_size: int, int8: bool, key: str, path: Path) -> None:
         onnx.helper.set_model_props(graph, {FINGERPRINT_KEY: key})
         finished = Path(scratch) / "finished.onnx"
         onnx.save(graph, str(finished))
-        os.replace(
-            finished, path
-        )  # atomic: another process loading the folder reads the old file or the new one, never half of one
+        # atomic: another process loading the folder reads the old file or the new one, never half of one
+        os.replace(finished, path)
 
 
 def new_session(path: Path) -> ort.InferenceSession:

@@ -96,9 +96,8 @@ def _load_classifier(
         )
     except (OSError, ValueError) as error:
         raise ModelNotFoundError(f"Could not load the model '{model}': {error}\n{TRAIN_HINT}") from error
-    classifier.model.requires_grad_(
-        False
-    )  # inference only; Grad-CAM's gradients then reach no further back than they must
+    # inference only; Grad-CAM's gradients then reach no further back than they must
+    classifier.model.requires_grad_(False)
     classifier.onnx_features = None
     if onnx:
         from cxr.onnx_runtime import load_onnx_features  # imports onnxruntime only for those who ask for it
@@ -108,9 +107,8 @@ def _load_classifier(
         )
     elif int8:
         with warnings.catch_warnings():
-            warnings.simplefilter(
-                "ignore", UserWarning
-            )  # torch 2.13 flags its quantized tensors as deprecated; they still work
+            # torch 2.13 flags its quantized tensors as deprecated; they still work
+            warnings.simplefilter("ignore", UserWarning)
             classifier.model = torch.ao.quantization.quantize_dynamic(
                 classifier.model, {torch.nn.Linear}, dtype=torch.qint8
             )
@@ -304,9 +302,8 @@ def write_predictions(predictions: Iterable[Prediction], output: Path, top_k: in
             }
             for p in predictions
         ]
-        write_text_atomic(
-            output, json.dumps(rows, indent=2)
-        )  # the CSV below streams instead: rows written survive an interruption
+        # the CSV below streams instead: rows written survive an interruption
+        write_text_atomic(output, json.dumps(rows, indent=2))
         return (
             len(rows),
             sum(row["error"] is not None for row in rows),

@@ -68,9 +68,8 @@ def grad_cam(outputs: dict[str, torch.Tensor], class_indices: list[int]) -> np.n
     else:
         raise ValueError("the logits depend on no hidden state's grid: nothing for Grad-CAM to show")
     activations = feature_grid(hidden_state.detach())[0].float()
-    weights = grid_gradient.float().mean(
-        dim=(2, 3), keepdim=True
-    )  # one weight per channel, the gradient's spatial mean
+    # one weight per channel, the gradient's spatial mean
+    weights = grid_gradient.float().mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((activations * weights).sum(dim=1)).cpu().numpy()
     peak = cam.max(axis=(1, 2), keepdims=True)
     return np.divide(cam, peak, out=np.zeros_like(cam), where=peak > 0)

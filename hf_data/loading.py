@@ -117,13 +117,11 @@ def prepare_and_load(data_args: DataArguments, training_args: TrainingArguments)
                 keep_kaggle_val=data_args.keep_kaggle_val,
             )
             print(report.summary())
-        dataset = load_prepared(
-            prepared_dir
-        )  # image paths, decoded by the project's one loader (cxr.images.load_image)
+        # image paths, decoded by the project's one loader (cxr.images.load_image)
+        dataset = load_prepared(prepared_dir)
         if in_use is not None:
-            fcntl.flock(
-                in_use, fcntl.LOCK_SH
-            )  # shared while this run reads the tree: released when the data set is dropped
+            # shared while this run reads the tree: released when the data set is dropped
+            fcntl.flock(in_use, fcntl.LOCK_SH)
             weakref.finalize(dataset, in_use.close)
     for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
         if limit is not None and limit < len(dataset[split]):

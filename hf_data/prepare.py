@@ -162,9 +162,8 @@ def prepare_dataset(
         raise ValueError(f"The output folder {output} must be outside the source folder {source} (and not contain it).")
     if not 0 < validation_fraction <= 0.5:
         raise ValueError(f"validation_fraction must be in (0, 0.5], got {validation_fraction}.")
-    previous_output_files = files_written_by_previous_prepare(
-        output
-    )  # refuses a folder we did not write, before any work
+    # refuses a folder we did not write, before any work
+    previous_output_files = files_written_by_previous_prepare(output)
 
     class_folders, skipped = find_class_folders(source)
     candidates = []
@@ -199,11 +198,12 @@ def prepare_dataset(
 
     splits = assign_splits(images, validation_fraction, seed, keep_kaggle_val)
     rows = plan_output_files(images, splits)
+    # replaced, not deleted first
     planned = {output / row["file"] for row in rows} | {
         output / MANIFEST_NAME,
         output / SKIPPED_NAME,
         output / SETTINGS_NAME,
-    }  # replaced, not deleted first
+    }
     for path in previous_output_files:
         if path not in planned:
             path.unlink(missing_ok=True)
@@ -455,9 +455,8 @@ def read_damaged_manifest(path: Path) -> list[dict[str, str]] | None:
         return [] if header.startswith(text.rstrip("\r\n")) else None  # empty, or cut inside the header
     rows = list(csv.DictReader(io.StringIO(text, newline="")))
     whole = [row for row in (rows if text.endswith("\n") else rows[:-1]) if None not in row.values()]
-    listed = (prepared_settings(path.parent) or {}).get(
-        "images", len(rows)
-    )  # a cut at a row's end shows only in the count
+    # a cut at a row's end shows only in the count
+    listed = (prepared_settings(path.parent) or {}).get("images", len(rows))
     return whole if len(whole) != len(rows) or listed != len(rows) else None
 
 
@@ -526,9 +525,8 @@ def files_written_by_previous_prepare(output: Path) -> list[Path]:
             f"The output folder {output} holds {len(foreign)} file(s) that `prepare` did not write ({listed}); "
             "refusing to replace it. Move them away or choose another folder."
         )
-    return sorted(ours - {output / MANIFEST_NAME}) + [
-        output / MANIFEST_NAME
-    ]  # manifest last: an interrupted clean-up stays ours
+    # manifest last: an interrupted clean-up stays ours
+    return sorted(ours - {output / MANIFEST_NAME}) + [output / MANIFEST_NAME]
 
 
 def is_tree_entry(output: Path, path: Path) -> bool:

@@ -47,10 +47,11 @@ BAD = {  # file name -> (bytes, words the message must contain)
     "notes.txt": (lambda: b"this is a text file, not an X-ray\n" * 20, "not an image"),
     "disguised.png": (lambda: b"this is a text file, not an X-ray\n" * 20, "not an image"),
     "truncated.jpeg": (lambda: encode(Image.fromarray(chest_like(), "L"), "JPEG")[:600], "truncated"),
+    # under Pillow's own bomb limit
     "bomb.png": (
         lambda: png_claiming_size(6325, 6325),
         "6325 x 6325 px; images over 40 megapixels",
-    ),  # under Pillow's own bomb limit
+    ),
     "empty.png": (lambda: b"", "empty"),
     "broken.dcm": (lambda: b"\0" * 128 + b"DICM" + b"\x02\x00" * 40, "DICOM"),
 }
@@ -304,9 +305,8 @@ def test_model_comes_from_the_environment_then_the_default(monkeypatch):
     assert app.parse_args([]).model == "someone/vit-xray"
     assert app.parse_args(["--model", "elsewhere"]).model == "elsewhere"
     options = app.launch_options(app.parse_args([]))
-    assert (
-        options["server_name"] is None and options["server_port"] is None and options["share"] is False
-    )  # gradio reads GRADIO_SERVER_*
+    # gradio reads GRADIO_SERVER_*
+    assert options["server_name"] is None and options["server_port"] is None and options["share"] is False
 
 
 def test_description_names_the_model_its_origin_and_held_out_metrics(tiny_model_dir):
@@ -382,9 +382,8 @@ def test_the_file_picker_offers_images_and_dicom_and_the_preview_takes_a_paste(t
     demo = app.build_demo(str(tiny_model_dir))
     upload, seen = demo.input_components
     assert isinstance(upload, gr.File) and {".dcm", ".png", ".jpeg", ".jpg"} <= set(upload.file_types)
-    assert (
-        isinstance(seen, gr.Image) and "clipboard" in seen.sources and seen.image_mode is None
-    )  # handed over unconverted
+    # handed over unconverted
+    assert isinstance(seen, gr.Image) and "clipboard" in seen.sources and seen.image_mode is None
     assert [type(component) for component in demo.output_components] == [gr.Markdown, gr.Label, gr.Image, gr.JSON]
 
 
@@ -450,9 +449,8 @@ def test_a_pasted_image_is_classified_and_a_file_wins_over_it(served, tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(photo)
     _, pasted, _, pasted_check = client.predict(None, handle_file(str(photo)), api_name="/predict")
     _, both, _, both_check = client.predict(handle_file(str(normal_like)), handle_file(str(photo)), api_name="/predict")
-    _, alone, _, alone_check = client.predict(
-        handle_file(str(normal_like)), api_name="/predict"
-    )  # the one-input call still works
+    # the one-input call still works
+    _, alone, _, alone_check = client.predict(handle_file(str(normal_like)), api_name="/predict")
     assert {item["label"] for item in pasted["confidences"]} == LABELS
     assert both == alone and both_check == alone_check and pasted_check != alone_check
     preview = client.predict(handle_file(str(write(tmp_path, "scan.dcm", GOOD))), api_name="/preview")
@@ -493,9 +491,8 @@ def test_a_full_queue_refuses_the_next_request_at_once(tiny_model_dir, monkeypat
         with pytest.raises(Exception, match="(?i)queue is full"):
             one_more.result()
         release.set()
-        assert all(
-            job.result(timeout=60)[1]["label"] == "Normal" for job in running + waiting
-        )  # the accepted ones are answered
+        # the accepted ones are answered
+        assert all(job.result(timeout=60)[1]["label"] == "Normal" for job in running + waiting)
     finally:
         release.set()
         demo.close()

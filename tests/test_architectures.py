@@ -213,9 +213,8 @@ def test_train_vit_turns_a_swin_folder_into_a_complete_model_folder(swin_model_d
         metrics["calibration"]["temperature"]
     )
     assert 0.0 <= metrics["test"]["macro_f1"] <= 1.0
-    assert (
-        "A Swin Transformer (windowed attention)" in (swin_model_dir / "README.md").read_text()
-    )  # the card names the family
+    # the card names the family
+    assert "A Swin Transformer (windowed attention)" in (swin_model_dir / "README.md").read_text()
 
     image = Image.fromarray(chest_like(), "L").convert("RGB")
     result = pipeline("image-classification", model=str(swin_model_dir))(image, top_k=3)

@@ -76,9 +76,8 @@ def upload_and_submit(browser, path: Path):
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.find_element(By.CSS_SELECTOR, "#xray-file input[type=file]").send_keys(str(path))
-    WebDriverWait(browser, TIMEOUT).until(
-        lambda driver: path.stem in driver.find_element(By.ID, "xray-file").text
-    )  # stem and suffix are shown apart
+    # stem and suffix are shown apart
+    WebDriverWait(browser, TIMEOUT).until(lambda driver: path.stem in driver.find_element(By.ID, "xray-file").text)
     click_button(browser, "Submit")
 
 
@@ -226,15 +225,13 @@ def test_a_dicom_upload_shows_what_the_model_sees_before_submitting(browser, pag
 
     y, x = np.mgrid[0:160, 0:200]
     scan = tmp_path / "scan.dcm"
-    scan.write_bytes(
-        dicom_bytes(((x * 13 + y * 7) % 4096).astype(np.uint16))
-    )  # 12-bit values, no browser shows this file
+    # 12-bit values, no browser shows this file
+    scan.write_bytes(dicom_bytes(((x * 13 + y * 7) % 4096).astype(np.uint16)))
     open_page(browser, page_url)
     assert preview_width(browser) == 0
     browser.find_element(By.CSS_SELECTOR, "#xray-file input[type=file]").send_keys(str(scan))
-    WebDriverWait(browser, TIMEOUT).until(
-        lambda driver: preview_width(driver) == 200
-    )  # decoded by our loader, before any Submit
+    # decoded by our loader, before any Submit
+    WebDriverWait(browser, TIMEOUT).until(lambda driver: preview_width(driver) == 200)
     assert not label_names(browser)
     click_button(browser, "Submit")
     assert wait_for_result(browser) == LABELS
@@ -251,9 +248,8 @@ def test_a_shipped_example_is_a_thumbnail_that_runs_when_clicked(browser, page_u
         lambda driver: all(driver.execute_script("return arguments[0].naturalWidth", t) for t in thumbnails)
     )
     thumbnails[0].click()
-    WebDriverWait(browser, TIMEOUT).until(
-        lambda driver: preview_width(driver) == 1024
-    )  # the example, shown as the model gets it
+    # the example, shown as the model gets it
+    WebDriverWait(browser, TIMEOUT).until(lambda driver: preview_width(driver) == 1024)
     click_button(browser, "Submit")
     assert wait_for_result(browser) == LABELS
     WebDriverWait(browser, TIMEOUT).until(overlay_loaded)
@@ -279,7 +275,6 @@ def test_markup_in_a_decoder_message_is_shown_as_text_not_rendered(browser, page
         lambda driver: any("scan.dcm" in e.text for e in driver.find_elements(By.CSS_SELECTOR, toast))
     )
     texts = [e.text for e in browser.find_elements(By.CSS_SELECTOR, toast)]
-    assert any("MONO" in text and "<" not in text for text in texts), (
-        texts
-    )  # the loader turns markup characters into '?'
+    # the loader turns markup characters into '?'
+    assert any("MONO" in text and "<" not in text for text in texts), texts
     assert not browser.find_elements(By.CSS_SELECTOR, f"{toast} img, {toast} b")

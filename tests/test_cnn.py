@@ -68,9 +68,8 @@ def test_folding_the_temperature_scales_the_logits_and_keeps_the_argmax(name):
     torch.testing.assert_close(after, before / 2.5)
     assert torch.equal(after.argmax(dim=-1), before.argmax(dim=-1))
     assert model.config.calibration_temperature == pytest.approx(2.5)
-    assert classifier_head(model) is (
-        model.classifier[1] if name == "resnet" else model.classifier
-    )  # ResNet's head: Flatten + Linear
+    # ResNet's head: Flatten + Linear
+    assert classifier_head(model) is (model.classifier[1] if name == "resnet" else model.classifier)
 
 
 # ---- train_vit.py end to end: what every model folder holds and does, for the ViT and the ResNet run ------

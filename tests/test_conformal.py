@@ -53,9 +53,8 @@ def test_threshold_is_the_finite_sample_quantile():
     # (not the 8th, as n * 0.9 would give).
     assert class_threshold(probabilities, 0.90) == pytest.approx(0.1)
     assert class_threshold(probabilities, 0.80) == pytest.approx(0.2)  # rank ceil(10 * 0.8) = 8
-    assert (
-        class_threshold(probabilities[:5], 0.95) == 0.0
-    )  # rank 6 of 5: too few images, the class is always in the set
+    # rank 6 of 5: too few images, the class is always in the set
+    assert class_threshold(probabilities[:5], 0.95) == 0.0
 
 
 def test_the_line_beside_the_bars():
@@ -112,9 +111,8 @@ def test_classify_gives_the_sets_from_the_folders_thresholds(model_with_sets, ti
     sizes = set()
     for prediction in predictions:
         for level, labels in prediction.prediction_sets.items():
-            expected = [
-                label for label, score in prediction.scores.items() if score >= minimum[level][label]
-            ]  # scores: best first
+            # scores: best first
+            expected = [label for label, score in prediction.scores.items() if score >= minimum[level][label]]
             assert labels == expected
             sizes.add(len(labels))
         assert prediction.prediction_set == prediction.prediction_sets["95%"]

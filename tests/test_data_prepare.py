@@ -207,9 +207,8 @@ def test_bad_files_are_reported_never_mislabeled(kaggle, tmp_path):
     (normal / ".DS_Store").write_bytes(b"\0\0")  # hidden: ignored without a word
     os.symlink("self_loop.jpeg", normal / "self_loop.jpeg")
     os.symlink("..", pneumonia / "loop_folder")  # walking into it would never end
-    os.symlink(
-        source / "train" / "NORMAL" / "IM-0101-0001.jpeg", pneumonia / "person906_virus_1.jpeg"
-    )  # a good symlinked file
+    # a good symlinked file
+    os.symlink(source / "train" / "NORMAL" / "IM-0101-0001.jpeg", pneumonia / "person906_virus_1.jpeg")
 
     report = prepare_dataset(source, tmp_path / "prepared")
     skipped = dict(report.skipped)
@@ -370,9 +369,8 @@ def test_a_manifest_cut_short_is_rebuilt_not_refused(kaggle, tmp_path):
         assert folder_checksums(output) == before
 
     (output / "manifest.csv").write_text(whole[: len(whole) // 2], encoding="utf-8")
-    write_image(
-        output / "train" / "normal" / "by_hand.png"
-    )  # a real file where links go: prepare cannot tell it is its own
+    # a real file where links go: prepare cannot tell it is its own
+    write_image(output / "train" / "normal" / "by_hand.png")
     with pytest.raises(ValueError, match=r"manifest.csv was cut short.*by_hand.png.*delete it and run again"):
         prepare_dataset(source, output)
     assert (output / "train" / "normal" / "by_hand.png").is_file()
@@ -420,9 +418,8 @@ def test_runs_with_different_split_settings_each_get_their_own_tree(kaggle, tmp_
     for (dataset, sums), tree in zip(loaded, trees, strict=True):
         assert folder_checksums(tree) == sums  # untouched by the runs after it
         assert all(Path(item["path"]).is_file() for split in dataset.values() for item in split["image"])
-    prepare_and_load(
-        DataArguments(data_dir=str(source)), TrainingArguments(output_dir="out", report_to="none")
-    )  # the first settings again
+    # the first settings again
+    prepare_and_load(DataArguments(data_dir=str(source)), TrainingArguments(output_dir="out", report_to="none"))
     assert [folder_checksums(tree) for tree in trees] == [sums for _, sums in loaded]
 
 

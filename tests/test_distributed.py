@@ -68,9 +68,8 @@ def test_two_processes_train_one_model_that_one_process_writes(tiny_model_dir, t
         ).read_text()
     )
     assert state["train_batch_size"] == 8
-    assert (
-        state["global_step"] == reference_state["global_step"]
-    )  # 2 x 8 per step: as many steps as one process with 16
+    # 2 x 8 per step: as many steps as one process with 16
+    assert state["global_step"] == reference_state["global_step"]
     assert not list(output.glob("*.bin"))
 
     from transformers import pipeline

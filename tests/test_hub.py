@@ -106,10 +106,11 @@ def test_push_to_hub_publishes_exactly_the_finished_model_folder(tmp_path, monke
         ]
     )
 
+    # once, at the end; nothing during training
     assert [call[0] for call in hub_calls] == [
         "create_repo",
         "upload_folder",
-    ]  # once, at the end; nothing during training
+    ]
     assert hub_calls[0][1] == "test-org/x" and hub_calls[0][2]["private"] is True
     upload = hub_calls[1][2]
     assert hub_calls[1][1] == "test-org/x"
@@ -246,11 +247,12 @@ def test_the_card_follows_the_hubs_conventions_and_its_model_index_reads_back(ti
         round(summary["recall_viral_pneumonia"], 4),
     )
     hub_ids = {"accuracy", "f1", "roc_auc", "precision", "recall"}
+    # the named custom ones
     assert {r.metric_type for r in results} - hub_ids == {
         "sensitivity",
         "specificity",
         "expected_calibration_error",
-    }  # the named custom ones
+    }
     assert all(r.dataset_split == "test" and r.task_type == "image-classification" for r in results)
 
 

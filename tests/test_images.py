@@ -109,9 +109,8 @@ def test_pixel_limit_is_the_projects_below_pillows_own():
 
 
 def test_a_file_over_the_byte_limit_is_refused_as_bytes_and_as_a_path(tmp_path):
-    too_big = (
-        encode(Image.fromarray(chest_like(), "L"), "PNG") + b"\0" * MAX_FILE_BYTES
-    )  # a valid PNG, padded past the cap
+    # a valid PNG, padded past the cap
+    too_big = encode(Image.fromarray(chest_like(), "L"), "PNG") + b"\0" * MAX_FILE_BYTES
     with pytest.raises(ImageLoadError, match="the limit is 64 MiB"):
         load_image(too_big)
     path = tmp_path / "big.png"
@@ -169,9 +168,8 @@ def test_rle_rgb_at_the_pixel_limit_is_over_the_decode_budget():
     # 6300 x 6300 is under 40 megapixels, but 3 samples of 16 bits decode to 227 MiB, over the 153 MiB budget.
     from pydicom.uid import RLELossless
 
-    header = struct.pack(
-        "<16I", 6, *[64] * 6, *[0] * 9
-    )  # six segments, as RGB 16-bit needs; their bytes are never read
+    # six segments, as RGB 16-bit needs; their bytes are never read
+    header = struct.pack("<16I", 6, *[64] * 6, *[0] * 9)
     with pytest.raises(ImageLoadError, match="would take 227 MiB to decode"):
         load_image(
             encapsulated_dicom([header + b"\x81\x00" * 64], RLELossless, rows=6300, columns=6300, samples=3, bits=16)
@@ -230,9 +228,8 @@ def test_jpeg_baseline_and_12_bit_dicom_decode():
 
     jpeg = encode(Image.fromarray(chest_like(), "L"), "JPEG", quality=95)
     assert load_image(encapsulated_dicom([jpeg], JPEGBaseline8Bit, rows=240, columns=300)).size == (300, 240)
-    extended = os.path.join(
-        os.path.dirname(pydicom.__file__), "data", "test_files", "JPGExtended.dcm"
-    )  # shipped with pydicom
+    # shipped with pydicom
+    extended = os.path.join(os.path.dirname(pydicom.__file__), "data", "test_files", "JPGExtended.dcm")
     assert load_image(extended).size == (256, 1024)
 
 
@@ -285,9 +282,8 @@ def test_isolated_decode_is_stopped_at_the_time_cap(monkeypatch):
     import cxr.images
 
     monkeypatch.setattr(cxr.images, "DECODE_SECONDS", 0.5)
-    monkeypatch.setattr(
-        cxr.images, "_decode_file", lambda *args: time.sleep(20) or Image.new("L", (64, 64))
-    )  # a decoder stuck
+    # a decoder stuck
+    monkeypatch.setattr(cxr.images, "_decode_file", lambda *args: time.sleep(20) or Image.new("L", (64, 64)))
     started = time.monotonic()
     with pytest.raises(ImageLoadError, match="took longer than 0.5 s"):
         load_image(encode(Image.fromarray(chest_like(), "L"), "PNG"), isolate=True)
@@ -298,9 +294,8 @@ def test_isolated_decode_is_refused_over_the_memory_cap(monkeypatch):
     import cxr.images
 
     monkeypatch.setattr(cxr.images, "DECODE_MEMORY", 64 * 2**20)
-    monkeypatch.setattr(
-        cxr.images, "_decode_file", lambda *args: Image.fromarray(np.ones((16384, 16384), np.uint8))
-    )  # 256 MiB
+    # 256 MiB
+    monkeypatch.setattr(cxr.images, "_decode_file", lambda *args: Image.fromarray(np.ones((16384, 16384), np.uint8)))
     with pytest.raises(ImageLoadError, match="needs more than 64 MiB"):
         load_image(encode(Image.fromarray(chest_like(), "L"), "PNG"), isolate=True)
 
@@ -311,8 +306,7 @@ def test_isolated_decoder_crash_is_a_clear_error(monkeypatch):
 
     import cxr.images
 
-    monkeypatch.setattr(
-        cxr.images, "_decode_file", lambda *args: os.kill(os.getpid(), signal.SIGKILL)
-    )  # as the kernel kills for memory
+    # as the kernel kills for memory
+    monkeypatch.setattr(cxr.images, "_decode_file", lambda *args: os.kill(os.getpid(), signal.SIGKILL))
     with pytest.raises(ImageLoadError, match="stopped its decoder"):
         load_image(encode(Image.fromarray(chest_like(), "L"), "PNG"), isolate=True)

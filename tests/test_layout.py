@@ -88,9 +88,8 @@ def test_the_guards_see_an_import_inside_a_function():
 
 def test_no_import_cycle_between_modules_or_packages():
     graph = import_graph(ROOT)
-    assert {"cxr.features", "cxr.reliability", "hf_data.loading", "train_vit", "calibrate"} <= set(
-        graph
-    )  # the walk found the tree
+    # the walk found the tree
+    assert {"cxr.features", "cxr.reliability", "hf_data.loading", "train_vit", "calibrate"} <= set(graph)
     assert find_cycle(graph) is None
     packages = {}
     for module, imported in graph.items():

@@ -117,9 +117,8 @@ def test_the_encoder_is_a_plain_vit_that_fine_tuning_starts_from(encoder_dir):
     encoder = ViTModel.from_pretrained(encoder_dir, add_pooling_layer=False).state_dict()
     started = model.vit.state_dict()
     assert set(started) == set(encoder)
-    assert all(
-        torch.equal(started[name], encoder[name]) for name in encoder
-    )  # every encoder weight, only the head is new
+    # every encoder weight, only the head is new
+    assert all(torch.equal(started[name], encoder[name]) for name in encoder)
     assert origin.pretraining and "masked autoencoding" in origin.describe()
 
 

@@ -90,9 +90,8 @@ def test_cached_graph_is_reused_until_the_weights_change(model_dir, monkeypatch)
 
 def test_without_a_writable_folder_nothing_is_cached(model_dir):
     classifier = load_classifier(model_dir)
-    features = load_onnx_features(
-        classifier.model, classifier.model.config.image_size, int8=False, folder=None
-    )  # as for a Hub id
+    # as for a Hub id
+    features = load_onnx_features(classifier.model, classifier.model.config.image_size, int8=False, folder=None)
     assert FINGERPRINT_KEY in features.session.get_modelmeta().custom_metadata_map
     assert not any(model_dir.glob("*.onnx"))
 
@@ -126,9 +125,7 @@ def test_an_architecture_the_exporter_cannot_write_is_a_clear_error(xrays, tmp_p
     output = tmp_path / "predictions.csv"
     assert predict.main([str(xrays[0]), "--model", str(folder), "--output", str(output), "--onnx"]) == 1
     assert "cannot be exported to ONNX" in capsys.readouterr().err and not output.exists()
-    assert not list(folder.glob("*.onnx")) and not list(
-        folder.glob(".onnx-export-*")
-    )  # nothing half-written left behind
-    assert (
-        predict.main([str(xrays[0]), "--model", str(folder), "--output", str(output)]) == 0
-    )  # PyTorch still serves it
+    # nothing half-written left behind
+    assert not list(folder.glob("*.onnx")) and not list(folder.glob(".onnx-export-*"))
+    # PyTorch still serves it
+    assert predict.main([str(xrays[0]), "--model", str(folder), "--output", str(output)]) == 0

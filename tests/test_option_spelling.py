@@ -44,9 +44,8 @@ def test_each_option_is_spelled_with_underscores_and_the_dashed_spelling_still_w
         dest = option.removeprefix("--")
         assert defaults[dest] != parsed, "pick a test value other than the default"
         assert parse(parser, words, option, value)[dest] == parsed
-        assert parse(parser, words, old, value) == parse(
-            parser, words, option, value
-        )  # the same namespace, nothing more
+        # the same namespace, nothing more
+        assert parse(parser, words, old, value) == parse(parser, words, option, value)
 
 
 @pytest.mark.parametrize("command", COMMANDS)

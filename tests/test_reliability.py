@@ -57,9 +57,8 @@ NOT_XRAYS = {
 def test_fit_temperature_recovers_a_known_temperature_and_lowers_the_calibration_error():
     generator = np.random.default_rng(0)
     true_logits = generator.normal(0.0, 1.5, (4000, 3))
-    labels = (generator.random(4000)[:, None] > np.cumsum(softmax(true_logits), axis=1)).sum(
-        axis=1
-    )  # drawn from the true probabilities
+    # drawn from the true probabilities
+    labels = (generator.random(4000)[:, None] > np.cumsum(softmax(true_logits), axis=1)).sum(axis=1)
     overconfident = true_logits * 2.5  # a model whose logits are 2.5 times too large
     temperature = fit_temperature(overconfident, labels)
     assert temperature == pytest.approx(2.5, rel=0.08)
@@ -145,9 +144,8 @@ def test_ood_statistics_are_saved_beside_the_weights_and_reloaded(tiny_model_dir
     again = OodDetector.load(tmp_path / OOD_FILE)
     assert again.thresholds == detector.thresholds and again.score_name == detector.score_name
     assert again.precision["cls"] == pytest.approx(detector.precision["cls"])
-    assert (
-        load_classifier(tiny_model_dir).ood_detector.thresholds == detector.thresholds
-    )  # what the app and predict.py get
+    # what the app and predict.py get
+    assert load_classifier(tiny_model_dir).ood_detector.thresholds == detector.thresholds
 
 
 def test_non_xrays_are_flagged_and_validation_images_accepted(tiny_model_dir):

@@ -35,9 +35,8 @@ def test_run_json_holds_the_command_and_every_resolved_option(tiny_model_dir):
         3e-3,
         2,
     )
-    assert (
-        record["training"]["eval_strategy"] == "epoch" and record["training"]["hub_token"] == "<HUB_TOKEN>"
-    )  # enums as values, no secret
+    # enums as values, no secret
+    assert record["training"]["eval_strategy"] == "epoch" and record["training"]["hub_token"] == "<HUB_TOKEN>"
     assert (record["data"]["split_seed"], record["data"]["validation_fraction"], record["data"]["synthetic"]) == (
         42,
         0.1,

@@ -189,9 +189,8 @@ def test_a_recipe_supplies_options_and_the_command_line_overrides_them(tmp_path,
 
 def test_a_recipe_can_build_on_another_and_never_on_itself(tmp_path, monkeypatch):
     options = train_vit.with_recipe(["--recipe", "vit-distil", "--seed", "7"])
-    assert (
-        options.index("--weight_average_decay") < options.index("--teacher") < options.index("--seed")
-    )  # vit-offline's, then its own, then the command line's
+    # vit-offline's, then its own, then the command line's
+    assert options.index("--weight_average_decay") < options.index("--teacher") < options.index("--seed")
     monkeypatch.setattr(train_vit, "RECIPES", tmp_path)
     (tmp_path / "a.args").write_text("--recipe b\n")
     (tmp_path / "b.args").write_text("--seed 1\n--recipe a\n")
@@ -206,6 +205,7 @@ def test_gradient_accumulation_takes_the_same_step_as_one_big_batch(tmp_path, mo
     from safetensors.torch import load_file
 
     monkeypatch.chdir(tmp_path)
+    # SGD: the update is the gradient itself
     common = [
         "--data_dir",
         "synthetic",
@@ -228,7 +228,7 @@ def test_gradient_accumulation_takes_the_same_step_as_one_big_batch(tmp_path, mo
         "0",
         "--optim",
         "sgd",
-    ]  # SGD: the update is the gradient itself
+    ]
     train_vit.main([*common, "--output_dir", "big", "--per_device_train_batch_size", "16"])
     train_vit.main(
         [
@@ -241,10 +241,11 @@ def test_gradient_accumulation_takes_the_same_step_as_one_big_batch(tmp_path, mo
             "2",
         ]
     )
+    # calibration rescales the head differently per run; compare the body
     head = {
         "classifier.weight",
         "classifier.bias",
-    }  # calibration rescales the head differently per run; compare the body
+    }
     big, accumulated = (
         load_file(tmp_path / "big" / "model.safetensors"),
         load_file(tmp_path / "accumulated" / "model.safetensors"),
@@ -291,10 +292,11 @@ def test_with_a_teacher_the_loss_also_counts_the_teachers_label_for_the_same_vie
     assert loss_with(0.0) == pytest.approx(true_loss, rel=1e-5)
     assert loss_with(1.0) == pytest.approx(teacher_loss, rel=1e-5)
     assert loss_with(0.3) == pytest.approx(0.7 * true_loss + 0.3 * teacher_loss, rel=1e-5)
+    # no teacher view: the true labels alone
     evaluation_batch = {
         "pixel_values": inputs["pixel_values"],
         "labels": inputs["labels"],
-    }  # no teacher view: the true labels alone
+    }
     assert XrayTrainer(
         model=student, args=args, compute_loss_func=weighted_loss(weights), teacher=teacher
     ).compute_loss(student, evaluation_batch).item() == pytest.approx(true_loss, rel=1e-5)
@@ -324,13 +326,11 @@ def test_a_student_learns_from_a_teacher_trained_on_the_same_split_and_no_other(
         f"predictions of the trained model `{cnn_model_dir}` (distillation)"
         in (tmp_path / "student" / "README.md").read_text()
     )
-    assert (
-        pipeline("image-classification", model=str(tmp_path / "student")).model.config.model_type == "vit"
-    )  # the student alone is saved
+    # the student alone is saved
+    assert pipeline("image-classification", model=str(tmp_path / "student")).model.config.model_type == "vit"
 
-    with pytest.raises(
-        SystemExit, match="trained on other splits"
-    ):  # it may have trained on this run's validation images
+    # it may have trained on this run's validation images
+    with pytest.raises(SystemExit, match="trained on other splits"):
         train_vit.main(
             [
                 "--data_dir",
