@@ -54,20 +54,21 @@ def run_record(*, given: list[str], expanded: list[str], program: str = "train_v
     }
 
 
-def write_run(folder: str | Path, record: dict) -> Path:
-    path = Path(folder) / RUN_FILE
-    write_text_atomic(path, json.dumps(json_safe(record), indent=2))
-    return path
-
-
-def write_metrics(folder: str | Path, summary: dict) -> Path:
-    path = Path(folder) / METRICS_FILE
-    write_text_atomic(path, json.dumps(json_safe(summary), indent=2))
+def _write(path: Path, content: dict) -> Path:
+    write_text_atomic(path, json.dumps(json_safe(content), indent=2))
     return path
 
 
 def _read(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_run(folder: str | Path, record: dict) -> Path:
+    return _write(Path(folder) / RUN_FILE, record)
+
+
+def write_metrics(folder: str | Path, summary: dict) -> Path:
+    return _write(Path(folder) / METRICS_FILE, summary)
 
 
 def read_run(folder: str | Path) -> dict:
@@ -134,5 +135,5 @@ def warn_if_other_split(model_dir: Path, dataset) -> None:
         print(
             f"Warning: these splits ({now}) differ from the ones the model was trained with ({before}). "
             "If validation images were training images, the temperature and threshold are fitted on seen data: "
-            "use the same data, --validation_fraction and --seed."
+            "use the same data, --validation_fraction and --split_seed."
         )
