@@ -70,7 +70,7 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "A named set of options from recipes/NAME.args "
-            "(e.g. vit-offline: the offline real-data recipe in the README); "
+            "(e.g. pvt-offline: the offline real-data recipe in the README); "
             "options given on the command line override the recipe's."
         },
     )
