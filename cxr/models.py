@@ -20,6 +20,7 @@ from transformers import (
     AutoImageProcessor,
     AutoModelForImageClassification,
     CvtConfig,
+    LevitConfig,
     MobileViTV2Config,
     PretrainedConfig,
     PvtV2Config,
@@ -124,6 +125,20 @@ PRESETS: dict[str, tuple[type[PretrainedConfig], dict]] = {
     # 128 px.
     # CvtConfig has no image_size field; as for the ResNet, it is kept in config.json as a record of the input size.
     "scratch-cvt": (CvtConfig, dict(image_size=128, embed_dim=[32, 96, 192], num_heads=[1, 2, 3], depth=[1, 2, 4])),
+    # LeViT (a four-convolution stem, then attention stages that shrink the grid): LeViT-128S of Graham et al. 2021 at
+    # 160 px (10 x 10, 5 x 5 and 3 x 3 tokens). LeViT has two classification heads; `architectures` picks the plain one,
+    # which a fresh config cannot choose by itself.
+    "scratch-levit": (
+        LevitConfig,
+        dict(
+            image_size=160,
+            hidden_sizes=[128, 256, 384],
+            depths=[2, 3, 4],
+            num_attention_heads=[4, 6, 8],
+            key_dim=[16, 16, 16],
+            architectures=["LevitForImageClassification"],
+        ),
+    ),
 }
 
 
