@@ -25,6 +25,7 @@ NETWORKS = {
     "pvt_v2": ("A Pyramid Vision Transformer v2 (PVTv2)", "PVTv2"),
     "mobilevitv2": ("A MobileViT V2 (convolution-transformer hybrid)", "MobileViT"),
     "cvt": ("A Convolutional vision Transformer (CvT)", "CvT"),
+    "levit": ("A LeViT (convolutional stem, attention on shrinking grids)", "LeViT"),
 }
 
 HEADLINE = [

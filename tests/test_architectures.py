@@ -1,5 +1,5 @@
 """One feature path for every architecture: the chest X-ray check's features, Grad-CAM and the ONNX export read a
-ViT, a Swin, a ResNet, a ConvNeXt, a PVTv2 and a CvT (each built tiny from its config) through the same code, and
+ViT, a Swin, a ResNet, a ConvNeXt, a PVTv2, a CvT and a LeViT (each built tiny from its config) through the same code, and
 train_vit.py turns a Swin folder into a complete model folder that pipeline() loads."""
 
 import copy
@@ -9,7 +9,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModelForImageClassification, ConvNextConfig, CvtConfig, PvtV2Config, SwinConfig, pipeline
+from transformers import (
+    AutoModelForImageClassification,
+    ConvNextConfig,
+    CvtConfig,
+    LevitConfig,
+    PvtV2Config,
+    SwinConfig,
+    pipeline,
+)
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
 from cxr.calibration import fold_temperature
@@ -87,11 +95,37 @@ def tiny_convnext_config():
     )
 
 
+# LeViT's stem always divides the side by 16: 128 px gives an 8 x 8 grid, then 4 x 4 after its one subsampling.
+LEVIT_SIZE = 128
+
+
+def tiny_levit_config():
+    return LevitConfig(
+        image_size=LEVIT_SIZE,
+        hidden_sizes=[16, 32],
+        depths=[1, 1],
+        num_attention_heads=[2, 2],
+        key_dim=[8, 8],
+        mlp_ratio=[2, 2],
+        attention_ratio=[2, 2],
+        down_ops=[["Subsample", 8, 2, 4, 2, 2], [""]],
+        architectures=["LevitForImageClassification"],  # LeViT has two heads; a fresh config names no choice
+        num_labels=3,
+        id2label=LABELS,
+        label2id=LABEL_IDS,
+    )
+
+
+def input_side(family: str) -> int:
+    return LEVIT_SIZE if family == "levit" else SIZE
+
+
 TINY_CONFIGS = {
     "swin": tiny_swin_config,
     "convnext": tiny_convnext_config,
     "pvt_v2": tiny_pvt_config,
     "cvt": tiny_cvt_config,
+    "levit": tiny_levit_config,
 }
 
 
@@ -116,6 +150,7 @@ FAMILIES = {
     # The head reads the last stage's class token; that stage's 2 x 2 grid reaches it only through the token, so
     # Grad-CAM takes the second stage's 4 x 4 grid (as a ViT's, one block earlier).
     "cvt": (4, 32, 2 * 32),
+    "levit": (4, 32, 2 * 32),  # the last stage's 4 x 4 tokens, mean-pooled (through a BatchNorm) by the head
 }
 EARLIER_GRID = ("vit", "cvt")  # families whose last grid reaches the logits only through a class token
 CONVOLUTIONAL = ("resnet", "convnext")  # their hidden states are feature maps already
@@ -125,7 +160,8 @@ CONVOLUTIONAL = ("resnet", "convnext")  # their hidden states are feature maps a
 def test_features_are_the_models_own_logits_and_the_heads_input(family):
     model = build(family)
     side, width, tokens = FAMILIES[family]
-    pixel_values = torch.randn(5, 3, SIZE, SIZE)
+    pixels = input_side(family)
+    pixel_values = torch.randn(5, 3, pixels, pixels)
     with torch.no_grad():
         expected = model(pixel_values=pixel_values).logits
         head_input = []
@@ -146,7 +182,7 @@ def test_features_are_the_models_own_logits_and_the_heads_input(family):
         assert with_saliency["hidden_states"][-1].shape == (5, width, side, side)
     assert torch.isfinite(outputs["tokens"]).all()
     # The out-of-distribution check fits and scores on these features, whatever the family.
-    train = {name: value.numpy() for name, value in forward_features(model, torch.randn(60, 3, SIZE, SIZE)).items()}
+    train = {name: value.numpy() for name, value in forward_features(model, torch.randn(60, 3, pixels, pixels)).items()}
     detector = OodDetector.fit(train, np.arange(60) % 3, train)
     scores, accepted = detector.check(outputs)
     assert scores.shape == (5,) and np.isfinite(scores).all() and accepted.dtype == bool
@@ -155,8 +191,8 @@ def test_features_are_the_models_own_logits_and_the_heads_input(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_grad_cam_reads_the_last_grid_the_logits_depend_on_and_overlays_it(family):
     model = build(family)
-    side = FAMILIES[family][0]
-    pixel_values = torch.randn(3, 3, SIZE, SIZE)
+    side, pixels = FAMILIES[family][0], input_side(family)
+    pixel_values = torch.randn(3, 3, pixels, pixels)
     classes = [0, 1, 2]
     outputs = forward_features(model, pixel_values, saliency=True)
     heat = grad_cam(outputs, classes)
@@ -170,7 +206,8 @@ def test_grad_cam_reads_the_last_grid_the_logits_depend_on_and_overlays_it(famil
     (gradient,) = torch.autograd.grad(states.logits[torch.arange(3), torch.tensor(classes)].sum(), state)
     grid, gradient_grid = feature_grid(state.detach())[0], feature_grid(gradient)[0]
     cam = torch.relu((grid * gradient_grid.mean(dim=(2, 3), keepdim=True)).sum(dim=1)).numpy()
-    np.testing.assert_allclose(heat, cam / cam.max(axis=(1, 2), keepdims=True), atol=1e-5)
+    peak = cam.max(axis=(1, 2), keepdims=True)  # an image with no positive evidence has an all-zero map
+    np.testing.assert_allclose(heat, np.divide(cam, peak, out=np.zeros_like(cam), where=peak > 0), atol=1e-5)
 
     image = Image.fromarray(chest_like(), "L").convert("RGB")
     overlay = np.asarray(saliency_overlay(image, heat[0]))
@@ -181,11 +218,12 @@ def test_grad_cam_reads_the_last_grid_the_logits_depend_on_and_overlays_it(famil
 def test_onnx_export_runs_and_agrees_with_torch(family, tmp_path):
     model = build(family)
     fold_temperature(model, 1.5)  # the exported head is the calibrated one, as in a model folder
-    session = load_onnx_features(model, SIZE, int8=False, folder=tmp_path)
+    pixels = input_side(family)
+    session = load_onnx_features(model, pixels, int8=False, folder=tmp_path)
     assert (tmp_path / "model.onnx").is_file()
     for batch in (1, 4):  # the batch axis is dynamic
-        pixels = torch.randn(batch, 3, SIZE, SIZE)
-        expected, actual = forward_features(model, pixels), session(pixels)
+        pixel_values = torch.randn(batch, 3, pixels, pixels)
+        expected, actual = forward_features(model, pixel_values), session(pixel_values)
         for name in OUTPUTS:
             torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=1e-4)
 
@@ -243,8 +281,17 @@ def test_a_config_folder_is_trained_from_scratch_and_saved_weights_are_not_calle
     assert "pretrained weights" not in description and "does not record how they were made" in description
 
 
-@pytest.mark.parametrize("preset", ["scratch-swin", "scratch-pvt", "scratch-mobilevit", "scratch-cvt"])
-def test_comparison_presets_build_at_the_size_their_processor_resizes_to(preset):
+@pytest.mark.parametrize(
+    "preset, most_parameters",
+    [
+        ("scratch-swin", 4e6),
+        ("scratch-pvt", 4e6),
+        ("scratch-mobilevit", 4e6),
+        ("scratch-cvt", 4e6),
+        ("scratch-levit", 8e6),  # LeViT-128S: more weights, but fewer operations per image than the ViT
+    ],
+)
+def test_comparison_presets_build_at_the_size_their_processor_resizes_to(preset, most_parameters):
     model, processor, origin = build_model(preset, LABELS)
     assert config_image_size(model.config) == input_size(processor) == PRESETS[preset][1]["image_size"]
-    assert 1e6 < model.num_parameters() < 4e6 and not origin.pretrained  # about the size of the ViT it is compared with
+    assert 1e6 < model.num_parameters() < most_parameters and not origin.pretrained
