@@ -1,6 +1,6 @@
 """One feature path for every architecture: the chest X-ray check's features, Grad-CAM and the ONNX export read a
-ViT, a Swin, a ResNet, a ConvNeXt, a PVTv2, a CvT and a LeViT (each built tiny from its config) through the same code, and
-train_vit.py turns a Swin folder into a complete model folder that pipeline() loads."""
+ViT, a Swin, a ResNet, a ConvNeXt, a PVTv2, a CvT and a LeViT (each built tiny from its config) through the same
+code, and train_vit.py turns a Swin folder into a complete model folder that pipeline() loads."""
 
 import copy
 import json
