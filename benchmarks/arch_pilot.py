@@ -37,7 +37,15 @@ from multiprocessing import get_context
 from pathlib import Path
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray"
-COMPARISON = ["scratch-small-p8", "scratch-resnet", "scratch-swin", "scratch-pvt", "scratch-mobilevit", "scratch-cvt"]
+COMPARISON = [
+    "scratch-small-p8",
+    "scratch-resnet",
+    "scratch-swin",
+    "scratch-pvt",
+    "scratch-mobilevit",
+    "scratch-cvt",
+    "scratch-levit",
+]
 EPOCHS = 15  # vit-offline's budget, against which each rate is turned into minutes
 PILOT_LEARNING_RATE = 3e-4  # vit-offline's
 
