@@ -25,6 +25,7 @@ from transformers import (
     PretrainedConfig,
     PvtV2Config,
     ResNetConfig,
+    SwiftFormerConfig,
     SwinConfig,
     ViTConfig,
 )
@@ -139,6 +140,9 @@ PRESETS: dict[str, tuple[type[PretrainedConfig], dict]] = {
             architectures=["LevitForImageClassification"],
         ),
     ),
+    # SwiftFormer (a convolution-transformer hybrid: depthwise-convolution blocks with batch norm, and one efficient
+    # additive-attention block closing each of its four stages): SwiftFormer-XS of Shaker et al. 2023 at 128 px.
+    "scratch-swiftformer": (SwiftFormerConfig, dict(image_size=128)),
 }
 
 
