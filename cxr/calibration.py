@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cxr.features import classifier_head
+from cxr.features import classifier_heads
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -37,13 +37,14 @@ def nll(logits: np.ndarray, labels: np.ndarray) -> float:
 
 @torch.no_grad()
 def fold_temperature(model, temperature: float) -> None:
-    """Divide the classifier head by `temperature`, so the model's own logits are the calibrated ones.
+    """Divide the classifier head(s) by `temperature`, so the model's own logits are the calibrated ones.
 
     The applied total is kept in `model.config.calibration_temperature` (saved in config.json), so a later
     refit starts from the uncalibrated head instead of stacking temperatures."""
-    head = classifier_head(model)
-    head.weight.div_(temperature)
-    head.bias.div_(temperature)
+    for head in classifier_heads(model):  # all of them where the logits average several (SwiftFormer)
+        head.weight.div_(temperature)
+        if head.bias is not None:
+            head.bias.div_(temperature)
     model.config.calibration_temperature = current_temperature(model) * temperature
 
 

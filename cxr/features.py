@@ -97,7 +97,7 @@ def feature_grid(hidden_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 def classifier_module(model) -> torch.nn.Module:
     """The module that turns the pooled features into logits: `model.classifier` (ViT, Swin, ResNet, ConvNeXt, PVTv2,
-    MobileViT, CvT, ...) or `model.head`."""
+    MobileViT, CvT, ...) or `model.head` (SwiftFormer)."""
     for name in ("classifier", "head"):
         module = getattr(model, name, None)
         if isinstance(module, torch.nn.Module):
@@ -151,10 +151,20 @@ def embed_split(
     )
 
 
-def classifier_head(model) -> torch.nn.Linear:
-    """The Linear layer that gives the logits: the classifier module itself (ViT, Swin, ConvNeXt) or its last Linear
-    (ResNet's is Flatten + Linear)."""
-    return [module for module in classifier_module(model).modules() if isinstance(module, torch.nn.Linear)][-1]
+def classifier_heads(model) -> list[torch.nn.Linear]:
+    """The Linear layers that give the logits: the classifier module's last Linear (a ViT's, Swin's or ConvNeXt's
+    classifier itself; a ResNet's Flatten + Linear), then any other head beside the backbone whose output the model
+    averages into the logits (SwiftFormer's distillation head), in the model's module order."""
+    heads = []
+    for child in model.children():
+        if child is model.base_model:
+            continue
+        linears = [module for module in child.modules() if isinstance(module, torch.nn.Linear)]
+        if linears and linears[-1].out_features == model.config.num_labels:
+            heads.append(linears[-1])
+    if not heads:
+        raise TypeError(f"{type(model).__name__} has no Linear head giving its {model.config.num_labels} logits")
+    return heads
 
 
 def _numpy(values) -> np.ndarray:

@@ -1,6 +1,6 @@
 """One feature path for every architecture: the chest X-ray check's features, Grad-CAM and the ONNX export read a
-ViT, a Swin, a ResNet, a ConvNeXt, a PVTv2, a CvT and a LeViT (each built tiny from its config) through the same
-code, and train_vit.py turns a Swin folder into a complete model folder that pipeline() loads."""
+ViT, a Swin, a ResNet, a ConvNeXt, a PVTv2, a CvT, a LeViT and a SwiftFormer (each built tiny from its config)
+through the same code, and train_vit.py turns a Swin folder into a complete model folder that pipeline() loads."""
 
 import copy
 import json
@@ -15,13 +15,14 @@ from transformers import (
     CvtConfig,
     LevitConfig,
     PvtV2Config,
+    SwiftFormerConfig,
     SwinConfig,
     pipeline,
 )
 from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPil
 
 from cxr.calibration import fold_temperature
-from cxr.features import classifier_head, feature_grid, forward_features
+from cxr.features import classifier_heads, feature_grid, forward_features
 from cxr.labels import ID2LABEL
 from cxr.models import PRESETS, build_model, config_image_size, input_size
 from cxr.onnx_runtime import OUTPUTS, load_onnx_features
@@ -116,6 +117,21 @@ def tiny_levit_config():
     )
 
 
+def tiny_swiftformer_config():
+    # Stem stride 4 at 32 px, then one downsampling: an 8 x 8 map (a convolution block, then the attention block),
+    # then a 4 x 4 map of 16 channels. Its logits average two Linear heads on the same pooled features.
+    return SwiftFormerConfig(
+        image_size=SIZE,
+        depths=[2, 1],
+        embed_dims=[8, 16],
+        downsamples=[True, True],
+        mlp_ratio=2,
+        num_labels=3,
+        id2label=LABELS,
+        label2id=LABEL_IDS,
+    )
+
+
 def input_side(family: str) -> int:
     return LEVIT_SIZE if family == "levit" else SIZE
 
@@ -126,6 +142,7 @@ TINY_CONFIGS = {
     "pvt_v2": tiny_pvt_config,
     "cvt": tiny_cvt_config,
     "levit": tiny_levit_config,
+    "swiftformer": tiny_swiftformer_config,
 }
 
 
@@ -151,9 +168,10 @@ FAMILIES = {
     # Grad-CAM takes the second stage's 4 x 4 grid (as a ViT's, one block earlier).
     "cvt": (4, 32, 2 * 32),
     "levit": (4, 32, 2 * 32),  # the last stage's 4 x 4 tokens, mean-pooled (through a BatchNorm) by the head
+    "swiftformer": (4, 16, 2 * 16),  # the last stage's 4 x 4 map of 16 channels, batch-normed and mean-pooled
 }
 EARLIER_GRID = ("vit", "cvt")  # families whose last grid reaches the logits only through a class token
-CONVOLUTIONAL = ("resnet", "convnext")  # their hidden states are feature maps already
+CONVOLUTIONAL = ("resnet", "convnext", "swiftformer")  # their hidden states are feature maps already
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -165,7 +183,7 @@ def test_features_are_the_models_own_logits_and_the_heads_input(family):
     with torch.no_grad():
         expected = model(pixel_values=pixel_values).logits
         head_input = []
-        hook = classifier_head(model).register_forward_pre_hook(
+        hook = classifier_heads(model)[0].register_forward_pre_hook(
             lambda module, args: head_input.append(args[0]) and None
         )
         model(pixel_values=pixel_values)
@@ -212,6 +230,17 @@ def test_grad_cam_reads_the_last_grid_the_logits_depend_on_and_overlays_it(famil
     image = Image.fromarray(chest_like(), "L").convert("RGB")
     overlay = np.asarray(saliency_overlay(image, heat[0]))
     assert overlay.shape == (410, 512, 3) and overlay.dtype == np.uint8 and overlay.max() > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_folding_the_temperature_divides_the_logits_whatever_the_head(family):
+    # SwiftFormer averages two heads into its logits: dividing only one would change the argmax, not calibrate.
+    model = build(family)
+    pixels = input_side(family)
+    pixel_values = torch.randn(6, 3, pixels, pixels)
+    before = forward_features(model, pixel_values)["logits"]
+    fold_temperature(model, 2.5)
+    torch.testing.assert_close(forward_features(model, pixel_values)["logits"], before / 2.5)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -289,6 +318,7 @@ def test_a_config_folder_is_trained_from_scratch_and_saved_weights_are_not_calle
         ("scratch-mobilevit", 4e6),
         ("scratch-cvt", 4e6),
         ("scratch-levit", 8e6),  # LeViT-128S: more weights, but fewer operations per image than the ViT
+        ("scratch-swiftformer", 4e6),
     ],
 )
 def test_comparison_presets_build_at_the_size_their_processor_resizes_to(preset, most_parameters):

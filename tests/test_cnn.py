@@ -13,7 +13,7 @@ from PIL import Image
 from transformers import AutoModelForImageClassification, ConvNextConfig, TrainingArguments, pipeline
 
 from cxr.calibration import fold_temperature
-from cxr.features import classifier_head, forward_features
+from cxr.features import classifier_heads, forward_features
 from cxr.labels import ID2LABEL
 from cxr.models import PRESETS, build_model
 from cxr.ood import OOD_FILE, OodDetector
@@ -69,7 +69,7 @@ def test_folding_the_temperature_scales_the_logits_and_keeps_the_argmax(name):
     assert torch.equal(after.argmax(dim=-1), before.argmax(dim=-1))
     assert model.config.calibration_temperature == pytest.approx(2.5)
     # ResNet's head: Flatten + Linear
-    assert classifier_head(model) is (model.classifier[1] if name == "resnet" else model.classifier)
+    assert classifier_heads(model) == [model.classifier[1] if name == "resnet" else model.classifier]
 
 
 # ---- train_vit.py end to end: what every model folder holds and does, for the ViT and the ResNet run ------
