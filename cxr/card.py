@@ -26,6 +26,7 @@ NETWORKS = {
     "mobilevitv2": ("A MobileViT V2 (convolution-transformer hybrid)", "MobileViT"),
     "cvt": ("A Convolutional vision Transformer (CvT)", "CvT"),
     "levit": ("A LeViT (convolutional stem, attention on shrinking grids)", "LeViT"),
+    "swiftformer": ("A SwiftFormer (convolution-transformer hybrid, additive attention)", "SwiftFormer"),
 }
 
 HEADLINE = [

@@ -1,12 +1,12 @@
 """Which network to train: a pretrained checkpoint (Hub id or local folder) or a preset built from a config.
 
 Offline, no weights can be downloaded, so the presets below build a network with random weights from a config
-alone: Vision Transformers (`ViTConfig`), transformers with built-in locality (Swin, PVTv2, MobileViT V2, CvT) and,
-for comparison, small ResNets (`ResNetConfig`), all through `AutoModelForImageClassification` and the same image
-processor; a folder holding only a config.json is built the same way. `build_model` always says which (pretrained,
-preset, config, or weights of unrecorded origin) it did, so the outputs can be honest; a folder written by
-`pretrain_mae.py` (a ViT pretrained on the X-rays themselves, no downloads) says so in its pretraining.json, and that
-goes into the description too.
+alone: Vision Transformers (`ViTConfig`), transformers with built-in locality (Swin, PVTv2, MobileViT V2, CvT, LeViT,
+SwiftFormer) and, for comparison, small ResNets (`ResNetConfig`), all through `AutoModelForImageClassification` and
+the same image processor; a folder holding only a config.json is built the same way. `build_model` always says which
+(pretrained, preset, config, or weights of unrecorded origin) it did, so the outputs can be honest; a folder written
+by `pretrain_mae.py` (a ViT pretrained on the X-rays themselves, no downloads) says so in its pretraining.json, and
+that goes into the description too.
 """
 
 from __future__ import annotations
