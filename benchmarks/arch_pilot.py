@@ -45,6 +45,7 @@ COMPARISON = [
     "scratch-mobilevit",
     "scratch-cvt",
     "scratch-levit",
+    "scratch-swiftformer",
 ]
 EPOCHS = 15  # vit-offline's budget, against which each rate is turned into minutes
 PILOT_LEARNING_RATE = 3e-4  # vit-offline's
