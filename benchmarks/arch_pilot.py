@@ -4,9 +4,11 @@ an hour.
     python -m benchmarks.arch_pilot                                   # every comparison preset at its own resolution
     python -m benchmarks.arch_pilot --candidates scratch-swin scratch-swin@128:window_size=8 --threads 2
     python -m benchmarks.arch_pilot --candidates scratch-pvt --pilot_steps 40   # plus macro-F1 after 40 steps
+    python -m benchmarks.arch_pilot --candidates scratch-pvt scratch-pvt+bf16   # float32 against bfloat16
 
 A candidate is a preset of cxr/models.py (`--model` of train_vit.py), optionally `@SIZE` for another input side in
-pixels and `:key=value` for other config arguments (values as Python literals, e.g. `:depths=[2,2,4]`).
+pixels, `+bf16` to run it under CPU bfloat16 autocast (as train_vit.py --bf16 --use_cpu does) and `:key=value` for
+other config arguments (values as Python literals, e.g. `:depths=[2,2,4]`).
 
 For each candidate, in a fresh process (so its peak memory is its own), with `--threads` torch threads:
 - parameters;
@@ -53,13 +55,17 @@ PILOT_LEARNING_RATE = 3e-4  # vit-offline's
 
 @dataclass
 class Candidate:
-    spec: str  # as given: preset[@size][:key=value...]
+    spec: str  # as given: preset[@size][+bf16][:key=value...]
     preset: str
     overrides: dict
+    bf16: bool = False
 
     @classmethod
     def parse(cls, spec: str) -> Candidate:
         head, *pairs = spec.split(":")
+        head, _, precision = head.partition("+")
+        if precision not in ("", "bf16"):
+            raise argparse.ArgumentTypeError(f"'+{precision}' in '{spec}': the only precision suffix is +bf16")
         preset, _, size = head.partition("@")
         overrides = {"image_size": int(size)} if size else {}
         for pair in pairs:
@@ -71,7 +77,7 @@ class Candidate:
 
         if preset not in PRESETS:
             raise argparse.ArgumentTypeError(f"No preset '{preset}'. Presets: {', '.join(PRESETS)}.")
-        return cls(spec, preset, overrides)
+        return cls(spec, preset, overrides, bf16=precision == "bf16")
 
 
 @dataclass
@@ -118,8 +124,12 @@ def measure(candidate: Candidate, prepared_dir: str, args: argparse.Namespace) -
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=PILOT_LEARNING_RATE, weight_decay=0.05)
 
+    def precision():  # the loss too, as Trainer computes it inside the same autocast as the forward pass
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=candidate.bf16)
+
     def step(batch) -> None:
-        loss = loss_fn(model(pixel_values=batch["pixel_values"]), batch["labels"])
+        with precision():
+            loss = loss_fn(model(pixel_values=batch["pixel_values"]), batch["labels"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -153,7 +163,8 @@ def measure(candidate: Candidate, prepared_dir: str, args: argparse.Namespace) -
             if not args.pilot_steps and index >= args.infer_batches + 1:
                 break
             began = time.perf_counter()
-            logits = model(pixel_values=batch["pixel_values"]).logits
+            with precision():
+                logits = model(pixel_values=batch["pixel_values"]).logits
             if index > 0:  # the first batch is a warm-up
                 infer_seconds += time.perf_counter() - began
                 infer_images += len(logits)
@@ -240,7 +251,7 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
         nargs="+",
         type=Candidate.parse,
         default=None,
-        metavar="PRESET[@SIZE][:KEY=VALUE]",
+        metavar="PRESET[@SIZE][+bf16][:KEY=VALUE]",
         help=f"What to measure (default: {' '.join(COMPARISON)}).",
     )
     parser.add_argument(
