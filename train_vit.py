@@ -33,6 +33,7 @@ import torch
 from transformers import EarlyStoppingCallback, HfArgumentParser, TrainingArguments, set_seed
 
 from cxr.card import hardware, render_model_card
+from cxr.distillation import DISTILLATION_KINDS
 from cxr.folders import staging_folder, staging_path, swap_in
 from cxr.hub import publish_model_folder
 from cxr.labels import DISPLAY_NAMES
@@ -101,15 +102,27 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "A model folder trained by this script on the same data and split (e.g. --model scratch-resnet) "
-            "to distil from: the loss also counts the teacher's top label for each augmented training image "
-            "(DeiT's hard distillation). Only the student is evaluated and saved."
+            "to distil from: the loss also counts what the teacher says of each augmented training image "
+            "(--distillation). Only the student is evaluated and saved."
         },
     )
     distillation_weight: float = field(
         default=0.5,
         metadata={
-            "help": "With --teacher: the share of the loss given to the teacher's labels (the rest to the true ones)."
+            "help": "With --teacher: the share of the loss given to the teacher (the rest to the true labels)."
         },
+    )
+    distillation: str = field(
+        default="hard",
+        metadata={
+            "help": "With --teacher: 'hard' learns the teacher's top label (DeiT); 'soft' its probabilities, by KL "
+            "divergence at --distillation_temperature (Hinton et al.), so its doubt between classes is learnt too.",
+            "choices": list(DISTILLATION_KINDS),
+        },
+    )
+    distillation_temperature: float = field(
+        default=1.0,
+        metadata={"help": "With --distillation soft: divides both networks' logits first; above 1 softens them."},
     )
 
 
@@ -238,6 +251,8 @@ def main(argv: list[str] | None = None) -> dict:
         weight_average_decay=model_args.weight_average_decay,
         teacher=teacher,
         distillation_weight=model_args.distillation_weight,
+        distillation=model_args.distillation,
+        distillation_temperature=model_args.distillation_temperature,
     )
     search = None
     if search_args.search_trials and not model_args.resume:

@@ -302,6 +302,60 @@ def test_with_a_teacher_the_loss_also_counts_the_teachers_label_for_the_same_vie
     ).compute_loss(student, evaluation_batch).item() == pytest.approx(true_loss, rel=1e-5)
 
 
+def test_soft_distillation_pulls_the_student_towards_the_teachers_probabilities_at_its_temperature():
+    """--distillation soft: the teacher's part of the loss is T² x KL(teacher || student) of the logits divided by T,
+    averaged over the images; zero when the student already says what the teacher says."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import TrainingArguments
+
+    from cxr.distillation import soft_distillation_loss
+    from cxr.training import XrayTrainer, weighted_loss
+
+    torch.manual_seed(0)
+    student = build_model("scratch-tiny", ID2LABEL)[0].eval()
+    teacher = build_model("scratch-tiny-resnet", ID2LABEL)[0]
+    with torch.no_grad():
+        teacher.classifier[-1].bias.copy_(torch.tensor([1.0, 0.0, 2.0]))
+    inputs = {
+        "pixel_values": torch.randn(4, 3, 32, 32),
+        "teacher_pixel_values": torch.randn(4, 3, 32, 32),
+        "labels": torch.zeros(4, dtype=torch.long),
+    }
+    args = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True)
+    student_logits = student(pixel_values=inputs["pixel_values"]).logits.detach()
+    teacher_logits = teacher.eval()(pixel_values=inputs["teacher_pixel_values"]).logits.detach()
+
+    def by_hand(temperature):
+        teacher_probabilities = F.softmax(teacher_logits / temperature, dim=-1)
+        student_log_probabilities = F.log_softmax(student_logits / temperature, dim=-1)
+        kl = (teacher_probabilities * (teacher_probabilities.log() - student_log_probabilities)).sum(dim=-1)
+        return temperature**2 * kl.mean().item()
+
+    def loss_with(temperature):
+        trainer = XrayTrainer(
+            model=student,
+            args=args,
+            compute_loss_func=weighted_loss(torch.ones(3)),
+            teacher=teacher,
+            distillation_weight=1.0,
+            distillation="soft",
+            distillation_temperature=temperature,
+        )
+        return trainer.compute_loss(student, dict(inputs)).item()
+
+    assert by_hand(1.0) > 0.01 and by_hand(1.0) != pytest.approx(by_hand(4.0), rel=1e-2)
+    assert loss_with(1.0) == pytest.approx(by_hand(1.0), rel=1e-4)
+    assert loss_with(4.0) == pytest.approx(by_hand(4.0), rel=1e-4)
+    assert soft_distillation_loss(teacher_logits, teacher_logits, 2.0).item() == pytest.approx(0.0, abs=1e-6)
+    # divided by the images of the whole accumulated step, like the true-label loss
+    assert soft_distillation_loss(student_logits, teacher_logits, 1.0, num_items_in_batch=8).item() == pytest.approx(
+        by_hand(1.0) / 2, rel=1e-4
+    )
+    with pytest.raises(ValueError, match="distillation must be one of"):
+        XrayTrainer(model=student, args=args, teacher=teacher, distillation="medium")
+
+
 @pytest.mark.slow
 def test_a_student_learns_from_a_teacher_trained_on_the_same_split_and_no_other(tmp_path, monkeypatch, cnn_model_dir):
     import shutil
