@@ -360,6 +360,15 @@ def test_soft_distillation_pulls_the_student_towards_the_teachers_probabilities_
 def test_a_student_learns_from_a_teacher_trained_on_the_same_split_and_no_other(tmp_path, monkeypatch, cnn_model_dir):
     import shutil
 
+    import cxr.distillation
+
+    soft_losses = []
+    soft_distillation_loss = cxr.distillation.soft_distillation_loss
+    monkeypatch.setattr(
+        cxr.distillation,
+        "soft_distillation_loss",
+        lambda *args, **kwargs: soft_losses.append(soft_distillation_loss(*args, **kwargs)) or soft_losses[-1],
+    )
     monkeypatch.chdir(tmp_path)
     train_vit.main(
         [
@@ -370,10 +379,13 @@ def test_a_student_learns_from_a_teacher_trained_on_the_same_split_and_no_other(
             "1",
             "--teacher",
             str(cnn_model_dir),
+            "--distillation",
+            "soft",
             "--output_dir",
             "student",
         ]
     )
+    assert soft_losses, "--distillation soft did not reach the trainer"
     summary = read_metrics(tmp_path / "student")
     assert summary["model_origin"]["teacher"] == str(cnn_model_dir)
     assert (
