@@ -354,6 +354,8 @@ def test_soft_distillation_pulls_the_student_towards_the_teachers_probabilities_
     )
     with pytest.raises(ValueError, match="distillation must be one of"):
         XrayTrainer(model=student, args=args, teacher=teacher, distillation="medium")
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        XrayTrainer(model=student, args=args, teacher=teacher, distillation="soft", distillation_temperature=0)
 
 
 @pytest.mark.slow
