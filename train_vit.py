@@ -108,9 +108,7 @@ class ModelArguments:
     )
     distillation_weight: float = field(
         default=0.5,
-        metadata={
-            "help": "With --teacher: the share of the loss given to the teacher (the rest to the true labels)."
-        },
+        metadata={"help": "With --teacher: the share of the loss given to the teacher (the rest to the true labels)."},
     )
     distillation: str = field(
         default="hard",
