@@ -181,14 +181,15 @@ class XrayTrainingArguments(TrainingArguments):
     )
 
 
+ARGUMENT_CLASSES = (DataArguments, ModelArguments, SearchArguments, XrayTrainingArguments)  # main() parses into these
+
+
 def main(argv: list[str] | None = None) -> dict:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         # Launched as several processes (torchrun, accelerate launch) on a machine without a GPU: join them as CPU
         # workers over gloo. Without this, accelerate treats each process as a separate run, all writing one folder.
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-    parser = HfArgumentParser(
-        (DataArguments, ModelArguments, SearchArguments, XrayTrainingArguments), description=__doc__.split("\n")[0]
-    )
+    parser = HfArgumentParser(ARGUMENT_CLASSES, description=__doc__.split("\n")[0])
     from_command_line, given_argv = argv is None, sys.argv[1:] if argv is None else argv
     argv = with_recipe(given_argv)
     data_args, model_args, search_args, training_args = parser.parse_args_into_dataclasses(args=argv)

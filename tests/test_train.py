@@ -6,7 +6,7 @@ import os
 import re
 
 import pytest
-from transformers import pipeline
+from transformers import HfArgumentParser, pipeline
 
 import train_vit
 from cxr.labels import ID2LABEL
@@ -185,6 +185,16 @@ def test_a_recipe_supplies_options_and_the_command_line_overrides_them(tmp_path,
     ) == ("cosine", 0.1, "scratch-tiny")
     with pytest.raises(SystemExit, match="No recipe 'no-such'.*vit-offline"):
         train_vit.main(["--data_dir", "synthetic", "--recipe", "no-such"])
+
+
+@pytest.mark.parametrize("recipe", sorted(path.stem for path in train_vit.RECIPES.glob("*.args")))
+def test_every_shipped_recipe_parses(recipe):
+    # a misspelt option or value in a recipe would otherwise surface only when a user runs it
+    parser = HfArgumentParser(train_vit.ARGUMENT_CLASSES)
+    data_args, *_ = parser.parse_args_into_dataclasses(
+        args=train_vit.with_recipe(["--data_dir", "synthetic", "--recipe", recipe])
+    )
+    assert data_args.data_dir == "synthetic"
 
 
 def test_a_recipe_can_build_on_another_and_never_on_itself(tmp_path, monkeypatch):
