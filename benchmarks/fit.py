@@ -7,6 +7,9 @@ A model that scores no better on its own training images than on unseen ones is 
 (epochs, width, resolution), and more regularisation would not help. One that scores far better there is overfitting.
 The images go through the evaluation path (`cxr.features.embed_split`: the project's loader and the model's own
 image processor); the data is prepared with the same patient-grouped split as train_vit.py (`--split_seed`).
+
+With `--average`, a last pair of rows scores the folders' probabilities averaged: whether an ensemble of them would
+be the stronger teacher for `train_vit.py --teacher`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from cxr.features import embed_split
@@ -44,7 +48,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--split_seed", type=int, default=42, help="As given to train_vit.py (default 42).")
     parser.add_argument("--batch_size", type=int, default=64, help="Images per forward pass (default 64).")
+    parser.add_argument(
+        "--average",
+        action="store_true",
+        help="Also score the average of the folders' probabilities (an ensemble of them), on both splits.",
+    )
     args = parser.parse_args(argv)
+    if args.average and len(args.folders) < 2:
+        parser.error("--average needs two or more model folders.")
 
     dataset = load_model_data(
         args.data_dir,
@@ -55,6 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     class_keys = dataset["train"].features["label"].names
     rows = []
+    probabilities = {"train": [], "validation": []}
+    labels_of = {}
     for folder in args.folders:
         warn_if_other_split(folder, dataset)
         model = AutoModelForImageClassification.from_pretrained(folder, use_safetensors=True)
@@ -63,15 +76,23 @@ def main(argv: list[str] | None = None) -> None:
             features, labels = embed_split(
                 model, processor, dataset[split], batch_size=args.batch_size, desc=f"{folder.name}: {split}"
             )
-            figures = classification_metrics(labels, softmax(features["logits"]), class_keys)
-            rows.append(
-                f"| `{folder.name}` | {split} ({len(labels)} images) | "
-                + " | ".join(f"{figures[key]:.3f}" for key, _ in FIGURES)
-                + " |"
-            )
+            probabilities[split].append(softmax(features["logits"]))
+            labels_of[split] = labels
+            rows.append(figure_row(f"`{folder.name}`", split, labels, probabilities[split][-1], class_keys))
+    if args.average:
+        for split in ("train", "validation"):
+            average = np.mean(probabilities[split], axis=0)
+            rows.append(figure_row(f"average of the {len(args.folders)}", split, labels_of[split], average, class_keys))
     print("| model folder | split | " + " | ".join(title for _, title in FIGURES) + " |")
     print("|---|---|" + "---:|" * len(FIGURES))
     print("\n".join(rows))
+
+
+def figure_row(name: str, split: str, labels, probabilities, class_keys) -> str:
+    figures = classification_metrics(labels, probabilities, class_keys)
+    return (
+        f"| {name} | {split} ({len(labels)} images) | " + " | ".join(f"{figures[key]:.3f}" for key, _ in FIGURES) + " |"
+    )
 
 
 if __name__ == "__main__":
