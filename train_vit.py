@@ -122,6 +122,14 @@ class ModelArguments:
         default=1.0,
         metadata={"help": "With --distillation soft: divides both networks' logits first; above 1 softens them."},
     )
+    mixup_alpha: float = field(
+        default=0.0,
+        metadata={
+            "help": "Blend each training image with another of its batch, and their labels alike (mixup, Zhang et "
+            "al.), by a share drawn from Beta(alpha, alpha); a --teacher sees the same blend (function matching, "
+            "Beyer et al.). 0 disables; 0.2 to 1 are usual."
+        },
+    )
 
 
 @dataclass
@@ -252,6 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
         distillation_weight=model_args.distillation_weight,
         distillation=model_args.distillation,
         distillation_temperature=model_args.distillation_temperature,
+        mixup_alpha=model_args.mixup_alpha,
     )
     search = None
     if search_args.search_trials and not model_args.resume:

@@ -19,6 +19,7 @@ from transformers import Trainer
 
 from cxr.averaging import TRAINING_WEIGHTS, WeightAveraging  # noqa: F401 (TRAINING_WEIGHTS: where checkpoints keep the trained weights)
 from cxr.distillation import Distillation
+from cxr.mixup import Mixup
 from cxr.workarounds import CheckpointReloadFix
 
 
@@ -30,7 +31,8 @@ def class_weights(labels, num_classes: int) -> torch.Tensor:
 
 
 def weighted_loss(weights: torch.Tensor, label_smoothing: float = 0.0):
-    """A `compute_loss_func` for `Trainer`: cross-entropy with per-class weights, averaged over the images of a step."""
+    """A `compute_loss_func` for `Trainer`: cross-entropy with per-class weights, averaged over the images of a step.
+    `labels` are class indices, or class probabilities per image (mixed batches, `cxr.mixup`)."""
 
     def compute_loss(outputs, labels, num_items_in_batch=None):
         logits = outputs["logits"]
@@ -45,9 +47,10 @@ def weighted_loss(weights: torch.Tensor, label_smoothing: float = 0.0):
     return compute_loss
 
 
-class XrayTrainer(WeightAveraging, Distillation, CheckpointReloadFix, Trainer):
+class XrayTrainer(WeightAveraging, Mixup, Distillation, CheckpointReloadFix, Trainer):
     """`Trainer` with checkpoint reloads that restore every weight (`cxr.workarounds`), optional weight averaging
-    (`cxr.averaging`, `weight_average_decay`) and optional distillation from a teacher (`cxr.distillation`, `teacher`,
+    (`cxr.averaging`, `weight_average_decay`), optional mixup (`cxr.mixup`, `mixup_alpha`: before distillation, so
+    the teacher sees the blend too) and optional distillation from a teacher (`cxr.distillation`, `teacher`,
     `distillation_weight`)."""
 
 

@@ -373,13 +373,17 @@ def test_a_student_learns_from_a_teacher_trained_on_the_same_split_and_no_other(
     import shutil
 
     import cxr.distillation
+    import cxr.mixup
 
-    soft_losses = []
-    soft_distillation_loss = cxr.distillation.soft_distillation_loss
+    soft_losses, mixed_batches = [], []
+    soft_distillation_loss, mix_batch = cxr.distillation.soft_distillation_loss, cxr.mixup.mix_batch
     monkeypatch.setattr(
         cxr.distillation,
         "soft_distillation_loss",
         lambda *args, **kwargs: soft_losses.append(soft_distillation_loss(*args, **kwargs)) or soft_losses[-1],
+    )
+    monkeypatch.setattr(
+        cxr.mixup, "mix_batch", lambda inputs, *args: mixed_batches.append(set(inputs)) or mix_batch(inputs, *args)
     )
     monkeypatch.chdir(tmp_path)
     train_vit.main(
@@ -393,11 +397,14 @@ def test_a_student_learns_from_a_teacher_trained_on_the_same_split_and_no_other(
             str(cnn_model_dir),
             "--distillation",
             "soft",
+            "--mixup_alpha",
+            "0.4",
             "--output_dir",
             "student",
         ]
     )
     assert soft_losses, "--distillation soft did not reach the trainer"
+    assert mixed_batches and "teacher_pixel_values" in mixed_batches[0], "--mixup_alpha did not reach the trainer"
     summary = read_metrics(tmp_path / "student")
     assert summary["model_origin"]["teacher"] == str(cnn_model_dir)
     assert (
