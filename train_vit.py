@@ -40,7 +40,7 @@ from cxr.labels import DISPLAY_NAMES
 from cxr.metrics import plot_confusion_matrix, plot_training_curves, softmax, trainer_metrics
 from cxr.models import DEFAULT_CHECKPOINT, DEFAULT_MODEL_DIR, PRESETS, build_model, input_size, load_teacher
 from cxr.reliability import describe_reliability, fit_reliability, save_reliability
-from cxr.run_record import calibrated_parts, options_of, run_record, write_metrics, write_run
+from cxr.run_record import calibrated_parts, options_of, run_record, split_sizes, write_metrics, write_run
 from cxr.training import (
     XrayTrainer,
     check_writable,
@@ -229,9 +229,8 @@ def main(argv: list[str] | None = None) -> dict:
     model, processor, origin = build_model(model_args.model, id2label)
     teacher, teacher_processor = None, None
     if model_args.teacher:
-        teacher, teacher_processor = load_teacher(
-            model_args.teacher, id2label, {split: len(dataset[split]) for split in dataset}
-        )
+        # the prepared splits, as the teacher's metrics.json records them: --max_*_samples subsets of one split match
+        teacher, teacher_processor = load_teacher(model_args.teacher, id2label, split_sizes(report.counts))
         origin.teacher = model_args.teacher
     print(f"Model: {type(model).__name__}, {model.num_parameters() / 1e6:.1f} M parameters, {origin.describe()}.")
 

@@ -120,11 +120,15 @@ def update_metrics(folder: str | Path, **parts) -> dict:
     return summary
 
 
-def trained_split_sizes(model_dir: str | Path) -> dict[str, int]:
-    """{split: number of images} of the data a model folder was trained and evaluated on, from the counts in its
-    metrics.json; empty when the folder has none."""
-    counts = read_metrics(model_dir).get("data", {}).get("counts", {})
+def split_sizes(counts: dict[str, dict[str, int]]) -> dict[str, int]:
+    """{split: number of images} from {split: {class: number}}, the prepared tree's counts that metrics.json keeps."""
     return {split: sum(per_class.values()) for split, per_class in counts.items()}
+
+
+def trained_split_sizes(model_dir: str | Path) -> dict[str, int]:
+    """{split: number of images} of the prepared data a model folder was trained and evaluated on, from the counts in
+    its metrics.json (before --max_train_samples / --max_eval_samples); empty when the folder has none."""
+    return split_sizes(read_metrics(model_dir).get("data", {}).get("counts", {}))
 
 
 def warn_if_other_split(model_dir: Path, dataset) -> None:

@@ -414,6 +414,26 @@ def test_a_student_learns_from_a_teacher_trained_on_the_same_split_and_no_other(
     # the student alone is saved
     assert pipeline("image-classification", model=str(tmp_path / "student")).model.config.model_type == "vit"
 
+    # a smoke run on part of the same split (--max_*_samples) is the same split
+    train_vit.main(
+        [
+            "--data_dir",
+            "synthetic",
+            *TINY,
+            "--max_train_samples",
+            "32",
+            "--max_eval_samples",
+            "16",
+            "--max_steps",
+            "1",
+            "--teacher",
+            str(cnn_model_dir),
+            "--output_dir",
+            "smoke",
+        ]
+    )
+    assert read_metrics(tmp_path / "smoke")["model_origin"]["teacher"] == str(cnn_model_dir)
+
     # it may have trained on this run's validation images
     with pytest.raises(SystemExit, match="trained on other splits"):
         train_vit.main(
