@@ -34,7 +34,7 @@ from PIL import Image
 from transformers import Pipeline
 
 from cxr.conformal import LEVELS, describe_set, level_name
-from cxr.images import IMAGE_SUFFIXES, MAX_FILE_BYTES, ImageLoadError, load_image
+from cxr.images import IMAGE_SUFFIXES, MAX_FILE_BYTES, ImageLoadError, load_image, start_decode_workers
 from cxr.models import DEFAULT_MODEL_DIR, input_size
 from cxr.predictor import ModelNotFoundError, classify, load_classifier, model_summary
 from cxr.saliency import saliency_overlay
@@ -206,6 +206,7 @@ def build_demo(model: str = DEFAULT_MODEL_DIR, examples: str | Path | None = EXA
     """The Interface for `model` (a local folder or Hub id), loaded once here, with its queue limits (CONCURRENCY_LIMIT,
     QUEUE_SIZE) and upload clean-up (DELETE_CACHE); raises ModelNotFoundError if the model is absent."""
     install_gradio_cache_patch()  # identical answers share one cached overlay: write it whole (cxr.workarounds)
+    start_decode_workers(CONCURRENCY_LIMIT)  # before the model loads: fresh interpreters, never a fork of this one
     classifier = load_classifier(model)
 
     def classify_xray(

@@ -39,6 +39,7 @@ from cxr.hub import publish_model_folder
 from cxr.labels import DISPLAY_NAMES
 from cxr.metrics import plot_confusion_matrix, plot_training_curves, softmax, trainer_metrics
 from cxr.models import DEFAULT_CHECKPOINT, DEFAULT_MODEL_DIR, PRESETS, build_model, input_size, load_teacher
+from cxr.precision import PRECISIONS, describe, resolve_precision
 from cxr.reliability import describe_reliability, fit_reliability, save_reliability
 from cxr.run_record import calibrated_parts, options_of, run_record, split_sizes, write_metrics, write_run
 from cxr.training import (
@@ -177,6 +178,15 @@ class XrayTrainingArguments(TrainingArguments):
     )
     weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay."})
     logging_steps: float = field(default=10, metadata={"help": "Log the training loss every this many steps."})
+    precision: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: bfloat16 autocast where the GPU or CPU computes it natively (AVX-512 BF16 or AMX on x86), "
+            "float32 elsewhere; the choice and its reason are printed and saved in run.json. bf16 or fp32 insist "
+            "(a plain --bf16 stops on hardware without native bfloat16, where it would be many times slower).",
+            "choices": list(PRECISIONS),
+        },
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Must stay False: the image column is decoded on the fly."}
     )
@@ -199,7 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     parser = HfArgumentParser(ARGUMENT_CLASSES, description=__doc__.split("\n")[0])
     from_command_line, given_argv = argv is None, sys.argv[1:] if argv is None else argv
-    argv = with_recipe(given_argv)
+    argv, precision = resolve_precision(with_recipe(given_argv))
+    print(describe(precision), flush=True)
     data_args, model_args, search_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     # Trainer never pushes: the finished folder is published at the end
     publish, training_args.push_to_hub = (
@@ -374,6 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
         },
         search=search_args,
         training=options_of(training_args) | {"push_to_hub": publish},
+        precision=precision,
     )
     write_run(staging, record)
     write_metrics(staging, summary)

@@ -180,12 +180,17 @@ def render_model_card(record: dict, summary: dict) -> ModelCard:
 
 
 def hardware() -> str:
-    """What trained the model, for the card: the GPU's name, or the CPU and torch's thread count."""
-    return (
-        torch.cuda.get_device_name(0)
-        if torch.cuda.is_available()
-        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    )
+    """What trained the model, for the card: the GPU's name, or the CPU's model, vector unit and torch's threads."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    name = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        models = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
+        name = models[0] if models else name
+    return f"CPU ({name}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads)"
 
 
 SECTION_START, SECTION_END = "<!-- reliability -->", "<!-- /reliability -->"

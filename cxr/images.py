@@ -16,17 +16,30 @@ person, never a bare Pillow traceback; values taken from the file are quoted and
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import io
 import math
 import os
+import queue
 import re
+import select
 import stat
 import struct
+import subprocess
+import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no pipe sizes to set (and no isolated decoding)
+    fcntl = None
 
 # Real chest X-rays are at most ~3,000 x 3,000 px (9 MP); DICOM detectors reach ~4,300 x 4,300.
 # Anything far beyond that is a mistake or a decompression bomb, refused before decoding.
@@ -76,9 +89,9 @@ def load_image(source: ImageSource, draft_size: int | None = None, isolate: bool
     else:
         data, name = _read_bytes(source)
         if isolate:
-            return _decode_in_worker(data, _is_dicom(data, source), name, draft_size)
+            return _to_rgb(_decode_in_worker(data, _is_dicom(data, source), name, draft_size))
         image = _decode_file(data, _is_dicom(data, source), name, draft_size)
-    return _finish(image, _name_of(source))
+    return _to_rgb(_finish(image, _name_of(source)))
 
 
 def _decode_file(data: bytes, dicom: bool, name: str, draft_size: int | None) -> Image.Image:
@@ -86,10 +99,15 @@ def _decode_file(data: bytes, dicom: bool, name: str, draft_size: int | None) ->
 
 
 def _finish(image: Image.Image, name: str) -> Image.Image:
+    """The decoded frame upright, as 8-bit grey ("L") or RGB: the last step, to RGB, is `_to_rgb`'s."""
     _check_size(image.size, name)
     if image.getexif().get(0x0112, 1) != 1:  # exif_transpose copies even an upright image: 160 MB at 40 MP in RGB
         image = ImageOps.exif_transpose(image)
-    return _to_rgb(image)
+    return _to_gray_or_rgb(image)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
 
 
 def _quote(value: object, limit: int = 80) -> str:
@@ -465,9 +483,12 @@ def _stretch_to_uint8(pixels: np.ndarray, transform=None) -> np.ndarray:
     return out
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def _to_gray_or_rgb(image: Image.Image) -> Image.Image:
+    """8-bit grey stays grey (a third of the bytes to move), everything else becomes 8-bit RGB."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        return Image.fromarray(_stretch_to_uint8(np.asarray(image)), mode="L").convert("RGB")
+        return Image.fromarray(_stretch_to_uint8(np.asarray(image)), mode="L")
+    if image.mode in ("L", "1"):
+        return image if image.mode == "L" else image.convert("L")
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
@@ -479,74 +500,229 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         rgb = image.convert("RGB")
         rgb.paste((0, 0, 0), mask=transparency)
         return rgb
-    return image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
-# ---- isolate=True: the decode in a forked child process, capped in time and memory ----------------------------------
-# A fork, not multiprocessing: spawn and forkserver re-import the app's __main__ (gradio, torch) in every worker.
-# The child uses only this module's decoders and exits with os._exit; a child that deadlocks is stopped at the time cap.
+# ---- isolate=True: the decode in a worker process, capped in time and memory -----------------------------------------
+# Workers are fresh interpreters (`subprocess`, fork+exec), started once and reused: a fork of the server itself would
+# copy the locks its other threads hold inside torch (OpenMP, allocator), and a child or the parent could wait on them
+# for good. A worker imports this module's decoders only (numpy, Pillow, pydicom; never torch or gradio), sets its own
+# memory cap (RLIMIT_AS) and is killed and replaced when it overruns the time cap, dies or answers out of protocol.
+#
+# What crosses the boundary cannot run code in the server: fixed binary headers and raw bytes, never a pickle.
+#   request  server -> worker: REQUEST (magic, DICOM flag, draft size, name length, data length), the name (UTF-8),
+#            the file's bytes
+#   reply    worker -> server: REPLY (magic, kind, channels, width, height, body length), the body (8-bit pixels row
+#            by row for an image, UTF-8 text for an error), then REPLY_END
+# The server checks the reply's header against its own limits (kind, channels, sides, pixels, decode budget, body
+# length) before it allocates the body; anything else is refused like a file that cannot be decoded.
 
 DECODE_SECONDS = 10.0  # wall time one isolated decode may take
-DECODE_MEMORY = 4 * MAX_DECODE_BYTES  # address space the child may add to the parent's
+DECODE_MEMORY = 4 * MAX_DECODE_BYTES  # address space a worker may add to what it holds once its decoders are imported
+WORKER_START_SECONDS = 60.0  # a fresh worker's imports, paid once, outside any upload's time cap
+WORKER_READY = b"CXRW"
+REQUEST = struct.Struct("<4sBxxxIII")  # magic, DICOM flag, draft size (0: none), name length, data length
+REQUEST_MAGIC = b"CXRQ"
+REPLY = struct.Struct("<4sBBxxIIQ")  # magic, kind, channels, width, height, body length
+REPLY_MAGIC, REPLY_END = b"CXRA", b"CXRE"
+REPLY_IMAGE, REPLY_ERROR = 0, 1
+MAX_ERROR_BYTES = 4096
+_MODES = {1: "L", 3: "RGB"}
+_CRASHED = "{name} stopped its decoder (out of memory or a crash); it cannot be read."
+
+
+def _worker_command(memory: int) -> list[str]:
+    return [sys.executable, "-c", f"from cxr.images import serve_decodes; serve_decodes({int(memory)})"]
+
+
+class DecodeWorkers:
+    """A pool of decode workers, started now; `decode` takes a free one (waiting while all are busy)."""
+
+    def __init__(self, size: int = 2, memory: int | None = None, command: list[str] | None = None):
+        self.command = command or _worker_command(DECODE_MEMORY if memory is None else memory)
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
+        self._workers: set = set()
+        self._lock = threading.Lock()
+        for _ in range(size):
+            self._idle.put(self._start())
+
+    def _start(self) -> subprocess.Popen:
+        # Between the decodes: one thread, and big buffers handed back to the system, so the memory cap stays a cap.
+        env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_="131072")
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+        worker = subprocess.Popen(
+            self.command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env
+        )
+        os.set_blocking(worker.stdin.fileno(), False)
+        for pipe in (worker.stdin, worker.stdout):  # fewer round trips for a 40-megapixel answer
+            with contextlib.suppress(OSError, AttributeError):  # Linux only; 1 MiB: the unprivileged maximum
+                fcntl.fcntl(pipe.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
+        worker.ready = False
+        with self._lock:
+            self._workers.add(worker)
+        return worker
+
+    def _retire(self, worker: subprocess.Popen) -> None:
+        with self._lock:
+            self._workers.discard(worker)
+        worker.kill()
+        worker.wait()
+        for pipe in (worker.stdin, worker.stdout):
+            pipe.close()
+
+    def decode(self, data: bytes, dicom: bool, name: str, draft_size: int | None) -> Image.Image:
+        worker = self._idle.get()
+        keep = False
+        try:
+            if worker.poll() is not None:  # died while idle: its replacement takes the request
+                self._retire(worker)
+                worker = self._start()
+            if not worker.ready:
+                _receive(worker, len(WORKER_READY), time.monotonic() + WORKER_START_SECONDS, name, exact=WORKER_READY)
+                worker.ready = True
+            image = _exchange(worker, data, dicom, name, draft_size)
+            keep = True
+            return image
+        except _ErrorReply as reply:  # the worker answered in protocol: it stays
+            keep = True
+            raise ImageLoadError(str(reply)) from None
+        finally:
+            if not keep:
+                self._retire(worker)
+                worker = self._start()
+            self._idle.put(worker)
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [worker.pid for worker in self._workers]
+
+    def close(self) -> None:
+        with self._lock:
+            workers = list(self._workers)
+        for worker in workers:
+            self._retire(worker)
+
+
+class _ErrorReply(Exception):
+    """A well-formed error answer from a worker: the file's fault, not the worker's."""
+
+
+def _exchange(worker: subprocess.Popen, data: bytes, dicom: bool, name: str, draft_size: int | None) -> Image.Image:
+    deadline = time.monotonic() + DECODE_SECONDS
+    label = name.encode("utf-8")
+    _send(worker, REQUEST.pack(REQUEST_MAGIC, int(dicom), draft_size or 0, len(label), len(data)), deadline, name)
+    _send(worker, label + data, deadline, name)
+    magic, kind, channels, width, height, length = REPLY.unpack(_receive(worker, REPLY.size, deadline, name))
+    refused = _check_reply(magic, kind, channels, width, height, length)
+    if refused:
+        raise ImageLoadError(f"{name} cannot be decoded: its decoder's answer was refused ({refused}).")
+    body = _receive(worker, length, deadline, name)
+    _receive(worker, len(REPLY_END), deadline, name, exact=REPLY_END)
+    if kind == REPLY_ERROR:
+        raise _ErrorReply(body.decode("utf-8", "replace"))
+    mode = _MODES[channels]
+    return Image.frombuffer(mode, (width, height), body, "raw", mode, 0, 1)
+
+
+def _check_reply(magic: bytes, kind: int, channels: int, width: int, height: int, length: int) -> str:
+    """Why a reply header is refused, before anything is allocated for its body; '' if it is within the limits."""
+    if magic != REPLY_MAGIC:
+        return "not a decoder reply"
+    if kind == REPLY_ERROR:
+        return "" if length <= MAX_ERROR_BYTES else f"an error message of {length:,} bytes"
+    if kind != REPLY_IMAGE or channels not in _MODES:
+        return f"kind {kind} with {channels} channels"
+    if min(width, height) < MIN_SIDE or width * height > MAX_PIXELS or width * height * channels > MAX_DECODE_BYTES:
+        return f"{width} x {height} px, outside the limits"
+    if length != width * height * channels:
+        return f"{length:,} bytes of pixels where {width} x {height} x {channels} needs {width * height * channels:,}"
+    return ""
+
+
+def _send(worker: subprocess.Popen, data: bytes, deadline: float, name: str) -> None:
+    view, fd = memoryview(data), worker.stdin.fileno()
+    while view:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([], [fd], [], left)[1]:
+            raise ImageLoadError(f"{name} took longer than {DECODE_SECONDS:g} s to decode and was stopped.")
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            continue
+        except OSError as error:  # the worker is gone
+            raise ImageLoadError(
+                f"{name} stopped its decoder (out of memory or a crash); it cannot be read."
+            ) from error
+
+
+def _receive(worker: subprocess.Popen, size: int, deadline: float, name: str, exact: bytes | None = None) -> bytearray:
+    """`size` bytes from the worker (`exact` ones, if given) before `deadline`, or an ImageLoadError."""
+    buffer, fd, got = bytearray(size), worker.stdout.fileno(), 0
+    view = memoryview(buffer)
+    while got < size:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise ImageLoadError(f"{name} took longer than {DECODE_SECONDS:g} s to decode and was stopped.")
+        count = os.readv(fd, [view[got:]])
+        if not count:  # the worker died mid-answer: killed for memory, or a decoder crashed
+            raise ImageLoadError(_CRASHED.format(name=name))
+        got += count
+    if exact is not None and buffer != exact:
+        raise ImageLoadError(f"{name} cannot be decoded: its decoder's answer was refused (out of protocol).")
+    return buffer
+
+
+_pool: DecodeWorkers | None = None
+_pool_lock = threading.Lock()
+
+
+def start_decode_workers(size: int) -> DecodeWorkers:
+    """Start the pool `load_image(..., isolate=True)` uses, `size` workers (the app: one per concurrent prediction);
+    call it at start-up, so no upload waits for an interpreter. Later calls return the running pool."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = DecodeWorkers(size)
+            atexit.register(_pool.close)
+        return _pool
 
 
 def _decode_in_worker(data: bytes, dicom: bool, name: str, draft_size: int | None) -> Image.Image:
-    import pickle
-    import select
-    import signal
-    import time
-
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns
-        os.close(read_end)
-        try:
-            _worker(write_end, data, dicom, name, draft_size)
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    deadline, received = time.monotonic() + DECODE_SECONDS, bytearray()
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([read_end], [], [], left)[0]:
-                raise ImageLoadError(f"{name} took longer than {DECODE_SECONDS:g} s to decode and was stopped.")
-            chunk = os.read(read_end, 1 << 20)
-            if not chunk:
-                break
-            received += chunk
-    finally:
-        os.close(read_end)
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-    if len(received) < 8:  # the child died without a word: killed for memory, or a decoder crashed
-        raise ImageLoadError(f"{name} stopped its decoder (out of memory or a crash); it cannot be read.")
-    header_length = int.from_bytes(received[:8], "little")
-    kind, *detail = pickle.loads(received[8 : 8 + header_length])  # our own child's header
-    if kind == "error":
-        raise ImageLoadError(detail[0])
-    mode, size = detail
-    return Image.frombuffer(mode, size, memoryview(received)[8 + header_length :], "raw", mode, 0, 1).copy()
+    return start_decode_workers(2).decode(data, dicom, name, draft_size)
 
 
-def _worker(out: int, data: bytes, dicom: bool, name: str, draft_size: int | None) -> None:
-    import pickle
+def serve_decodes(memory: int = DECODE_MEMORY) -> None:
+    """A worker's loop: decode requests from stdin, answer on stdout, until stdin closes. Its own address space is
+    capped at what it holds now plus `memory`."""
     import resource
 
-    def send(header: tuple, body: bytes = b"") -> None:
-        header_bytes = pickle.dumps(header)
-        view = memoryview(len(header_bytes).to_bytes(8, "little") + header_bytes + body)
-        while view:
-            view = view[os.write(out, view) :]
+    import pydicom.pixels  # noqa: F401 (paid at start-up, not on the first DICOM upload)
 
-    try:
-        in_use = int(Path("/proc/self/status").read_text().split("VmSize:")[1].split()[0]) * 1024
-        resource.setrlimit(resource.RLIMIT_AS, (in_use + DECODE_MEMORY, in_use + DECODE_MEMORY))
-        image = _finish(_decode_file(data, dicom, name, draft_size), name)
-        send(("image", image.mode, image.size), image.tobytes())
-    except ImageLoadError as error:
-        send(("error", str(error)))
-    except MemoryError:
-        send(("error", f"{name} needs more than {DECODE_MEMORY / 2**20:,.0f} MiB to decode; it is refused."))
-    except Exception as error:  # noqa: BLE001 - whatever a decoder raises, the caller gets a message
-        send(("error", f"{name} cannot be decoded ({_quote(error)})."))
+    requests, replies = sys.stdin.buffer, sys.stdout.buffer
+    in_use = int(Path("/proc/self/status").read_text().split("VmSize:")[1].split()[0]) * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (in_use + memory, in_use + memory))
+    replies.write(WORKER_READY)
+    replies.flush()
+    while header := requests.read(REQUEST.size):
+        magic, dicom, draft_size, name_length, data_length = REQUEST.unpack(header)
+        if magic != REQUEST_MAGIC:
+            return
+        name = requests.read(name_length).decode("utf-8", "replace")
+        data = requests.read(data_length)
+        try:
+            image = _finish(_decode_file(data, bool(dicom), name, draft_size or None), name)
+            kind, channels, size, body = REPLY_IMAGE, len(image.getbands()), image.size, image.tobytes()
+        except ImageLoadError as error:
+            kind, channels, size, body = REPLY_ERROR, 0, (0, 0), str(error).encode()[:MAX_ERROR_BYTES]
+        except MemoryError:
+            message = f"{name} needs more than {memory / 2**20:,.0f} MiB to decode; it is refused."
+            kind, channels, size, body = REPLY_ERROR, 0, (0, 0), message.encode()[:MAX_ERROR_BYTES]
+        except Exception as error:  # noqa: BLE001 - whatever a decoder raises, the server gets a message
+            message = f"{name} cannot be decoded ({_quote(error)})."
+            kind, channels, size, body = REPLY_ERROR, 0, (0, 0), message.encode()[:MAX_ERROR_BYTES]
+        image = None
+        replies.write(REPLY.pack(REPLY_MAGIC, kind, channels, *size, len(body)))
+        replies.write(body)
+        replies.write(REPLY_END)
+        replies.flush()
