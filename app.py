@@ -1,8 +1,9 @@
 """Gradio demo: upload a pediatric chest X-ray, get Normal / Bacterial pneumonia / Viral pneumonia probabilities.
 
-    python app.py                                   # serves outputs/vit-xray (what train_vit.py writes)
+    python app.py                                   # serves the model that ships with the code (models/)
+    python app.py --model outputs/swiftformer-xray  # a model you trained with train_vit.py
     python app.py --model outputs/quick --examples ~/xrays   # another model folder, with example files
-    XRAY_MODEL=your-name/vit-xray python app.py     # a model on the Hugging Face Hub (e.g. in a Space)
+    XRAY_MODEL=your-name/swiftformer-xray python app.py   # a model on the Hugging Face Hub (e.g. in a Space)
 
 A research demo, not a medical device. This file is the Interface only: every upload goes through the
 project's one image loader (`cxr.images.load_image`), the model folder is loaded once by
@@ -35,7 +36,7 @@ from transformers import Pipeline
 
 from cxr.conformal import LEVELS, describe_set, level_name
 from cxr.images import IMAGE_SUFFIXES, MAX_FILE_BYTES, ImageLoadError, load_image, start_decode_workers
-from cxr.models import DEFAULT_MODEL_DIR, input_size
+from cxr.models import SHIPPED_MODEL_DIR, input_size
 from cxr.predictor import ModelNotFoundError, classify, load_classifier, model_summary
 from cxr.saliency import saliency_overlay
 from cxr.workarounds import install_gradio_cache_patch
@@ -202,7 +203,7 @@ def find_examples(folder: str | Path | None) -> list[list[str | None]]:
     return [[str(file), None] if file.suffix.lower() in DICOM_SUFFIXES else [None, str(file)] for file in files]
 
 
-def build_demo(model: str = DEFAULT_MODEL_DIR, examples: str | Path | None = EXAMPLES_DIR) -> gr.Interface:
+def build_demo(model: str | Path = SHIPPED_MODEL_DIR, examples: str | Path | None = EXAMPLES_DIR) -> gr.Interface:
     """The Interface for `model` (a local folder or Hub id), loaded once here, with its queue limits (CONCURRENCY_LIMIT,
     QUEUE_SIZE) and upload clean-up (DELETE_CACHE); raises ModelNotFoundError if the model is absent."""
     install_gradio_cache_patch()  # identical answers share one cached overlay: write it whole (cxr.workarounds)
@@ -317,10 +318,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--model",
-        default=os.environ.get("XRAY_MODEL") or space_model() or DEFAULT_MODEL_DIR,
+        default=os.environ.get("XRAY_MODEL") or space_model() or str(SHIPPED_MODEL_DIR),
         help="Model folder written by train_vit.py, or a Hugging Face Hub id (owner/name). Default: the XRAY_MODEL "
         "environment variable, else the first of `models` in a Space's README.md beside app.py, "
-        f"else {DEFAULT_MODEL_DIR}.",
+        f"else the model that ships with the code ({SHIPPED_MODEL_DIR.relative_to(APP_DIR)}). A model you trained: "
+        "--model outputs/swiftformer-xray (the folder train_vit.py printed).",
     )
     parser.add_argument(
         "--examples",

@@ -1,6 +1,6 @@
 """Batch prediction: the top three labels for every X-ray in folders or file lists, written to CSV or JSON.
 
-    python predict.py path/to/xrays/ more.jpeg --model outputs/vit-xray --output predictions.csv
+    python predict.py path/to/xrays/ more.jpeg --output predictions.csv   # the shipped model; --model for yours
 
 Each row also holds the conformal prediction sets (`set_90`, `set_95`: the labels that together contain the true one
 for 90 % / 95 % of X-rays of each class; see cxr/conformal.py) and says whether the image looks like a pediatric
@@ -19,7 +19,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep instead of spinning: see app.py
 
 from cxr.features import OnnxExportError
-from cxr.models import DEFAULT_MODEL_DIR
+from cxr.models import SHIPPED_MODEL_DIR
 from cxr.predictor import ModelNotFoundError, find_image_files, load_classifier, predict_files, write_predictions
 
 
@@ -30,7 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "inputs", nargs="+", help="Image files and/or folders (searched recursively for JPEG, PNG, DICOM, ...)."
     )
-    parser.add_argument("--model", default=DEFAULT_MODEL_DIR, help="Model folder written by train_vit.py, or a Hub id.")
+    parser.add_argument(
+        "--model",
+        default=str(SHIPPED_MODEL_DIR),
+        help="Model folder written by train_vit.py (e.g. outputs/swiftformer-xray), or a Hub id. "
+        "Default: the model that ships with the code (models/swiftformer-xray).",
+    )
     parser.add_argument(
         "--output", type=Path, default=Path("predictions.csv"), help="Where to write the results: .csv or .json."
     )

@@ -20,6 +20,7 @@ prepared once, by the process that saves, while the others wait; only that proce
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import shlex
@@ -38,7 +39,7 @@ from cxr.folders import staging_folder, staging_path, swap_in
 from cxr.hub import publish_model_folder
 from cxr.labels import DISPLAY_NAMES
 from cxr.metrics import plot_confusion_matrix, plot_training_curves, softmax, trainer_metrics
-from cxr.models import DEFAULT_CHECKPOINT, DEFAULT_MODEL_DIR, PRESETS, build_model, input_size, load_teacher
+from cxr.models import DEFAULT_CHECKPOINT, PRESETS, build_model, default_output_dir, input_size, load_teacher
 from cxr.precision import PRECISIONS, describe, resolve_precision
 from cxr.reliability import describe_reliability, fit_reliability, save_reliability
 from cxr.run_record import calibrated_parts, options_of, run_record, split_sizes, write_metrics, write_run
@@ -156,8 +157,12 @@ class SearchArguments:
 class XrayTrainingArguments(TrainingArguments):
     """`TrainingArguments` with defaults suited to this task; every standard option still works."""
 
-    output_dir: str = field(
-        default=DEFAULT_MODEL_DIR, metadata={"help": "The model folder to write (and its checkpoints)."}
+    output_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "The model folder to write (and its checkpoints). Default: outputs/<architecture family>-xray, "
+            "after --model (outputs/swiftformer-xray, outputs/resnet-xray, outputs/vit-xray)."
+        },
     )
     eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate on the validation split."})
     save_strategy: str = field(default="epoch", metadata={"help": "When to save a checkpoint."})
@@ -209,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     parser = HfArgumentParser(ARGUMENT_CLASSES, description=__doc__.split("\n")[0])
     from_command_line, given_argv = argv is None, sys.argv[1:] if argv is None else argv
-    argv, precision = resolve_precision(with_recipe(given_argv))
+    argv, precision = resolve_precision(with_default_output_dir(with_recipe(given_argv)))
     print(describe(precision), flush=True)
     data_args, model_args, search_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     # Trainer never pushes: the finished folder is published at the end
@@ -428,6 +433,15 @@ def with_recipe(argv: list[str], expanding: tuple[str, ...] = ()) -> list[str]:
             raise SystemExit(f"Recipe '{name}' names itself, through {' -> '.join(expanding)}.")
         recipe_args += with_recipe(shlex.split(path.read_text(), comments=True), (*expanding, name))
     return recipe_args + argv
+
+
+def with_default_output_dir(argv: list[str]) -> list[str]:
+    """`argv` with `--output_dir outputs/<family>-xray` added where none is given (cxr.models.default_output_dir)."""
+    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    probe.add_argument("--output_dir", "--output-dir", default=None)
+    probe.add_argument("--model", default=DEFAULT_CHECKPOINT)
+    given, _ = probe.parse_known_args(argv)
+    return argv if given.output_dir else [*argv, "--output_dir", default_output_dir(given.model)]
 
 
 def search_hyperparameters(

@@ -98,6 +98,9 @@ def main() -> None:
 
         load_classifier(args.model)
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    from cxr.images import start_decode_workers
+
+    pool = start_decode_workers(1)  # one worker: --worst reads its peak memory
     load_image(uploads(args.draft_size)[0][1], isolate=True)  # the workers start once, outside the figures
     print(f"{'upload':<50} {'in-process ms':>14} {'isolated ms':>12} {'added ms':>9}")
     for label, data, draft in uploads(args.draft_size):
@@ -105,11 +108,8 @@ def main() -> None:
         print(f"{label:<50} {inline:>14.0f} {isolated:>12.0f} {isolated - inline:>+9.0f}")
     if not args.worst:
         return
-    from cxr.images import start_decode_workers
-
-    pool = start_decode_workers(1)
     print(f"\n{'worst case (isolated)':<72} {'seconds':>8} {'worker peak MiB':>16}  answer")
-    for label, data, suffix, _legitimate in worst_cases():
+    for label, data, _suffix, _legitimate in worst_cases():
         [pid] = pool.pids()
         Path(f"/proc/{pid}/clear_refs").write_text("5")  # resets the peak (VmHWM) to what the worker holds now
         started = time.perf_counter()

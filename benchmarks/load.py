@@ -1,6 +1,6 @@
 """Load test: the served app under many concurrent clients, on loopback only, bounded in requests and time.
 
-    python -m benchmarks.load --model outputs/vit-xray --requests 500 --clients 20
+    python -m benchmarks.load --requests 500 --clients 20          # the shipped model; --model for another
 
 Starts `python app.py --model M --host 127.0.0.1 --port P` as a subprocess (with its own gradio cache folder) and
 drives it through gradio_client, as a script or a notebook would (over loopback HTTP, without gradio_client's
@@ -37,6 +37,7 @@ import httpx
 import psutil
 
 from benchmarks.common import add_old_spelling, free_port, sample_benchmark_images
+from cxr.models import SHIPPED_MODEL_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -174,7 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--model", default="outputs/vit-xray", help="Model folder (or Hub id) app.py serves.")
+    parser.add_argument(
+        "--model",
+        default=str(SHIPPED_MODEL_DIR),
+        help="Model folder (or Hub id) app.py serves (default: the shipped one).",
+    )
     parser.add_argument("--requests", type=int, default=500, help="Requests in the load phase.")
     parser.add_argument("--clients", type=int, default=20, help="Concurrent clients in the load phase.")
     parser.add_argument("--single", type=int, default=20, help="Requests sent one at a time before the load.")

@@ -1,6 +1,6 @@
 """Out-of-distribution check: how well each candidate score tells real chest X-rays from everything else.
 
-    python -m benchmarks.ood                                    # outputs/vit-xray with data/prepared/chest_xray
+    python -m benchmarks.ood                                    # the shipped model with data/prepared/chest_xray
     python -m benchmarks.ood --model outputs/quick --data_dir data/prepared/synthetic
 
 The model folder must hold the statistics `python calibrate.py` (or train_vit.py) writes; every threshold
@@ -36,7 +36,7 @@ from sklearn.metrics import roc_auc_score
 
 from cxr.features import embed_split, forward_features
 from cxr.images import load_image
-from cxr.models import input_size
+from cxr.models import SHIPPED_MODEL_DIR, input_size
 from cxr.ood import ACCEPT_RATE, SCORES, accept_threshold
 from cxr.predictor import load_classifier
 
@@ -194,8 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--model",
-        default="outputs/vit-xray",
-        help="Model folder with ood.safetensors (run python calibrate.py on it first).",
+        default=str(SHIPPED_MODEL_DIR),
+        help="Model folder with ood.safetensors (run python calibrate.py on it first). Default: the shipped model.",
     )
     parser.add_argument(
         "--data_dir",

@@ -1,6 +1,6 @@
 """Start the assembled Space as Hugging Face Spaces starts it, in a fresh virtual environment, and time it.
 
-    python -m benchmarks.space_start --model_dir outputs/vit-xray
+    python -m benchmarks.space_start                     # the shipped model
 
 Steps: assemble the Space for a Hub id (`python -m cxr.space`), lay the model folder into a Hugging Face cache
 under that id as `preload_from_hub` leaves it, create a virtual environment with only the Space's
@@ -25,6 +25,7 @@ import urllib.parse
 from pathlib import Path
 
 from benchmarks.common import free_port
+from cxr.models import SHIPPED_MODEL_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,7 +113,7 @@ def install(venv: Path, requirements: Path) -> tuple[float, str]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--model_dir", type=Path, default=REPO / "outputs" / "vit-xray", help="A model folder train_vit.py wrote."
+        "--model_dir", type=Path, default=SHIPPED_MODEL_DIR, help="A model folder (default: the shipped model)."
     )
     parser.add_argument(
         "--model_id", default="test-org/vit-xray", help="The Hub id it is served under (only in the local cache)."

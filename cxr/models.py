@@ -34,7 +34,9 @@ from transformers.models.vit.image_processing_pil_vit import ViTImageProcessorPi
 from cxr.run_record import trained_split_sizes
 
 DEFAULT_CHECKPOINT = "google/vit-base-patch16-224-in21k"
-DEFAULT_MODEL_DIR = "outputs/vit-xray"  # where train_vit.py writes and app.py reads, unless told otherwise
+# The model that ships with the code (its card: models/swiftformer-xray/README.md): what app.py, predict.py, a
+# Space and the benchmarks read unless told otherwise. Training never writes there unless told to.
+SHIPPED_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "swiftformer-xray"
 DEFAULT_ENCODER_DIR = "outputs/mae-encoder"  # where pretrain_mae.py writes and --recipe vit-mae reads
 
 # Architectures trained from scratch (random init): name -> (config class, its arguments). Keys are what `--model`
@@ -281,11 +283,26 @@ def is_local_path(name: str) -> bool:
     default folders, a path starting with . / or ~, any other number of slashes, or a path whose first folder exists
     here."""
     return (
-        name in (DEFAULT_MODEL_DIR, DEFAULT_ENCODER_DIR)
+        name in (str(SHIPPED_MODEL_DIR), DEFAULT_ENCODER_DIR)
         or name.startswith((".", "/", "~"))
         or name.count("/") != 1
         or Path(name).expanduser().parent.exists()
     )
+
+
+def default_output_dir(model: str) -> str:
+    """Where train_vit.py writes when no --output_dir is given: outputs/<architecture family>-xray, after what --model
+    builds (outputs/swiftformer-xray, outputs/resnet-xray; outputs/vit-xray for the default ViT, as before)."""
+    if model in PRESETS:
+        family = PRESETS[model][0].model_type
+    elif model == DEFAULT_CHECKPOINT:
+        family = "vit"
+    else:
+        try:
+            family = AutoConfig.from_pretrained(model).model_type
+        except (OSError, ValueError):  # offline and not cached, or not a model: its own name says it best
+            family = Path(model).name
+    return f"outputs/{family.replace('_', '-')}-xray"
 
 
 def build_preset(name: str, id2label: dict[int, str], **overrides):

@@ -300,7 +300,7 @@ def test_no_model_exits_with_the_training_command_and_no_traceback(tmp_path):
 
 def test_model_comes_from_the_environment_then_the_default(monkeypatch):
     monkeypatch.delenv("XRAY_MODEL", raising=False)
-    assert app.parse_args([]).model == "outputs/vit-xray"
+    assert app.parse_args([]).model == str(Path(app.__file__).resolve().parent / "models" / "swiftformer-xray")
     monkeypatch.setenv("XRAY_MODEL", "someone/vit-xray")
     assert app.parse_args([]).model == "someone/vit-xray"
     assert app.parse_args(["--model", "elsewhere"]).model == "elsewhere"
