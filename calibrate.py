@@ -16,7 +16,7 @@ from cxr.card import replace_reliability_section
 from cxr.folders import staging_folder, swap_in, write_text_atomic
 from cxr.ood import DEFAULT_SCORE, OOD_FILE, SCORES
 from cxr.reliability import describe_reliability, fit_reliability, save_reliability
-from cxr.run_record import calibrated_parts, read_metrics, update_metrics, warn_if_other_split
+from cxr.run_record import calibrated_parts, read_metrics, update_metrics, warn_if_other_split, write_checksums
 from hf_data.loading import load_model_data, validation_patient_ids
 
 
@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     save_reliability(staging, detector, summary)
     update_metrics(staging, **calibrated_parts(read_metrics(staging), summary))
     update_card(staging, summary)
+    write_checksums(staging)
     swap_in(staging, args.model_dir, replaced=("*.onnx",))
     print(describe_reliability(summary))
     print(

@@ -23,7 +23,7 @@ from cxr.models import SHIPPED_MODEL_DIR
 from cxr.predictor import ModelNotFoundError, find_image_files, load_classifier, predict_files, write_predictions
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         "compares them). The model is exported on first use into the model folder (model.onnx / model.int8.onnx; "
         "a temporary copy for a Hub id or a read-only folder) and exported again whenever its weights change.",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     paths = find_image_files(args.inputs)

@@ -100,11 +100,16 @@ class MaeTrainingArguments(TrainingArguments):
     )
 
 
-def main(argv: list[str] | None = None) -> Path:
-    parser = HfArgumentParser(
+def build_parser() -> HfArgumentParser:
+    return HfArgumentParser(
         (DataArguments, MaeArguments, MaeTrainingArguments), description=__doc__.split("\n\n")[0].replace("\n", " ")
     )
-    data_args, mae_args, training_args = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    data_args, mae_args, training_args = build_parser().parse_args_into_dataclasses(
+        args=sys.argv[1:] if argv is None else argv
+    )
     if mae_args.model not in VIT_PRESETS:
         raise SystemExit(f"--model must be a ViT preset ({', '.join(VIT_PRESETS)}), not '{mae_args.model}'.")
     set_seed(training_args.seed)

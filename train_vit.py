@@ -42,7 +42,15 @@ from cxr.metrics import plot_confusion_matrix, plot_training_curves, softmax, tr
 from cxr.models import DEFAULT_CHECKPOINT, PRESETS, build_model, default_output_dir, input_size, load_teacher
 from cxr.precision import PRECISIONS, describe, resolve_precision
 from cxr.reliability import describe_reliability, fit_reliability, save_reliability
-from cxr.run_record import calibrated_parts, options_of, run_record, split_sizes, write_metrics, write_run
+from cxr.run_record import (
+    calibrated_parts,
+    options_of,
+    run_record,
+    split_sizes,
+    write_checksums,
+    write_metrics,
+    write_run,
+)
 from cxr.training import (
     XrayTrainer,
     check_writable,
@@ -73,7 +81,7 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "A named set of options from recipes/NAME.args "
-            "(e.g. pvt-offline: the offline real-data recipe in the README); "
+            "(e.g. swiftformer-distil: the README's offline recipe, the one behind the shipped model); "
             "options given on the command line override the recipe's."
         },
     )
@@ -207,14 +215,19 @@ class XrayTrainingArguments(TrainingArguments):
 ARGUMENT_CLASSES = (DataArguments, ModelArguments, SearchArguments, XrayTrainingArguments)  # main() parses into these
 
 
+def build_parser() -> HfArgumentParser:
+    return HfArgumentParser(ARGUMENT_CLASSES, description=__doc__.split("\n")[0])
+
+
 def main(argv: list[str] | None = None) -> dict:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         # Launched as several processes (torchrun, accelerate launch) on a machine without a GPU: join them as CPU
         # workers over gloo. Without this, accelerate treats each process as a separate run, all writing one folder.
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-    parser = HfArgumentParser(ARGUMENT_CLASSES, description=__doc__.split("\n")[0])
+    parser = build_parser()
     from_command_line, given_argv = argv is None, sys.argv[1:] if argv is None else argv
-    argv, precision = resolve_precision(with_default_output_dir(with_recipe(given_argv)))
+    expanded_argv = with_recipe(given_argv)  # what run.json and the card show; the hardware's choices are recorded apart
+    argv, precision = resolve_precision(with_default_output_dir(expanded_argv))
     print(describe(precision), flush=True)
     data_args, model_args, search_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     # Trainer never pushes: the finished folder is published at the end
@@ -379,7 +392,7 @@ def main(argv: list[str] | None = None) -> dict:
     # run.json: the options as typed, with any --recipe expanded (the card shows every option), and as resolved.
     record = run_record(
         given=given_argv,
-        expanded=argv,
+        expanded=expanded_argv,
         program=Path(sys.argv[0]).name if from_command_line else "train_vit.py",
         model=model_args,
         data=options_of(data_args)
@@ -397,6 +410,7 @@ def main(argv: list[str] | None = None) -> dict:
     save_reliability(staging, ood_detector, reliability)  # ood.safetensors and conformal.json
     card = render_model_card(record, summary)
     card.save(staging / "README.md")
+    write_checksums(staging)  # last: every file above, as this run wrote it
     # the old model (if any) is replaced in one step, its checkpoints carried over
     swap_in(staging, output_dir, replaced=MODEL_FILES)
     print(f"\nModel folder: {output_dir}  ({origin.describe()})")

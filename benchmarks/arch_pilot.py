@@ -240,7 +240,7 @@ def table(rows: list[Measurement], reference: Measurement | None, args: argparse
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> list[Measurement]:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=" ".join(__doc__.split("\n\n", 1)[0].split()),  # the first paragraph, on one line
         epilog="\n" + __doc__.split("\n\n", 1)[1],
@@ -284,6 +284,11 @@ def main(argv: list[str] | None = None) -> list[Measurement]:
         help="If > 0: train this many steps in all, then score macro-F1 on the whole validation split.",
     )
     parser.add_argument("--json", type=Path, default=None, help="Also write the measurements here.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[Measurement]:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.pilot_steps and args.pilot_steps < args.warmup_steps + args.train_steps:
         parser.error("--pilot_steps must be at least --warmup_steps + --train_steps")

@@ -83,13 +83,17 @@ def worker_peak_mib(pid: int) -> float:
     return float("nan")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="Model folder to load first, as the app does (default: none).")
     parser.add_argument("--repeats", type=int, default=3, help="Decodes per file; the best is printed.")
     parser.add_argument("--draft_size", type=int, default=128, help="The model's input size (the app's draft).")
     parser.add_argument("--worst", action="store_true", help="Also run the fuzz benchmark's worst cases, isolated.")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     import torch
 

@@ -33,7 +33,7 @@ FIGURES = [
 ]
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", type=Path, help="Model folders written by train_vit.py on this data.")
     parser.add_argument(
@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="Also score the average of the folders' probabilities (an ensemble of them), on both splits.",
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.average and len(args.folders) < 2:
         parser.error("--average needs two or more model folders.")

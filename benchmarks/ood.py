@@ -190,7 +190,7 @@ def score_files(classifier, files: dict[str, bytes], batch_size: int = 32) -> di
     return classifier.ood_detector.scores({key: torch.cat([batch[key] for batch in batches]) for key in batches[0]})
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--model",
@@ -205,7 +205,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--originals", type=Path, default=ORIGINALS, help="Full-resolution real X-rays (JPEG/PNG/DICOM)."
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     from hf_data import load_prepared
 

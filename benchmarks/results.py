@@ -52,10 +52,14 @@ def wall_minutes(summary: dict) -> str:
     return minutes
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", type=Path, help="Model folders written by train_vit.py.")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     print("| model folder | split | " + " | ".join(title for _, title in COLUMNS) + " | wall time | peak memory |")
     print("|---|---|" + "---:|" * (len(COLUMNS) + 2))
     summaries = {folder: read_metrics(folder) for folder in args.folders}

@@ -110,7 +110,7 @@ def install(venv: Path, requirements: Path) -> tuple[float, str]:
     return time.monotonic() - began, note
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--model_dir", type=Path, default=SHIPPED_MODEL_DIR, help="A model folder (default: the shipped model)."
@@ -127,7 +127,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--python", default=None, help="Start with this Python instead of a fresh environment (what the CI test does)."
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if not (args.model_dir / "config.json").is_file():
         raise SystemExit(f"--model_dir: no model folder at {args.model_dir} (train one: see the README).")
 

@@ -214,7 +214,7 @@ def app_latency(
             server.wait()
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
@@ -252,7 +252,11 @@ def main() -> None:
         ),
     )
     parser.add_argument("--worker", nargs=2, metavar=("MODEL_DIR", "PATH"), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     images = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png")) * args.repeat
     if not images:

@@ -97,7 +97,7 @@ def trainer_loop(
     return steps * batch_size / (times[warmup + steps] - times[warmup])
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
@@ -105,7 +105,11 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=30, help="Timed optimizer steps per loop.")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps first.")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     with tempfile.TemporaryDirectory() as workdir:
         source, train = training_data(Path(workdir))

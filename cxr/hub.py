@@ -73,14 +73,18 @@ def publish_model_folder(
     return str(repo), files
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="Publish a model folder written by train_vit.py to the Hugging Face Hub."
     )
     parser.add_argument("folder", help="The model folder, e.g. outputs/vit-xray.")
     parser.add_argument("repo_id", help="The model repo, e.g. your-name/vit-xray (created if it does not exist).")
     parser.add_argument("--private", action="store_true", help="Create the repo private.")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     url, files = publish_model_folder(args.folder, args.repo_id, private=args.private or None)
     print(f"Published {len(files)} files to {url}: {', '.join(files)}")
 

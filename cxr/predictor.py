@@ -36,7 +36,7 @@ from cxr.folders import folder_identity, write_text_atomic
 from cxr.images import IMAGE_SUFFIXES, ImageLoadError, ImageSource, load_image
 from cxr.models import input_size, is_local_path
 from cxr.ood import OOD_FILE, OodDetector
-from cxr.run_record import read_metrics
+from cxr.run_record import check_checksums, read_metrics
 from cxr.saliency import grad_cam
 
 TRAIN_HINT = (
@@ -44,6 +44,20 @@ TRAIN_HINT = (
     "    python train_vit.py --data_dir synthetic --model scratch-small --learning_rate 1e-3 --num_train_epochs 8\n"
     "or on the Kaggle chest X-ray download (see README)."
 )
+
+
+# What inference reads from a model folder: these must be the files one run wrote together (checksums.json).
+INFERENCE_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", OOD_FILE, CONFORMAL_FILE)
+
+
+# The inference paths `load_classifier` offers, by the names predict.py's --runtime and benchmarks.speed use:
+# name -> its keyword arguments.
+RUNTIMES = {
+    "torch": dict(onnx=False, int8=False),
+    "torch-int8": dict(onnx=False, int8=True),
+    "onnx": dict(onnx=True, int8=False),
+    "onnx-int8": dict(onnx=True, int8=True),
+}
 
 
 class ModelNotFoundError(RuntimeError):
@@ -86,6 +100,12 @@ def _load_classifier(
     looks_local = is_local_path(model)
     if looks_local and not (path / "config.json").is_file():
         raise ModelNotFoundError(f"No trained model at '{model}' (no config.json there).\n{TRAIN_HINT}")
+    mixed = check_checksums(path, INFERENCE_FILES) if looks_local else []
+    if mixed:
+        raise ModelNotFoundError(
+            f"The model folder '{model}' mixes versions: {', '.join(mixed)} differ from what the run that wrote it "
+            "recorded (checksums.json). Copy the folder whole, or retrain or recalibrate it."
+        )
     try:
         classifier = pipeline(
             "image-classification",

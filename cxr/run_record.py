@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 import json
 import os
 import re
@@ -16,6 +17,7 @@ from cxr.folders import write_text_atomic
 
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.json"
+CHECKSUMS_FILE = "checksums.json"  # sha256 of every file a writer put in the folder, written last
 
 
 def json_safe(value):
@@ -141,3 +143,31 @@ def warn_if_other_split(model_dir: Path, dataset) -> None:
             "If validation images were training images, the temperature and threshold are fitted on seen data: "
             "use the same data, --validation_fraction and --split_seed."
         )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: str | Path) -> Path:
+    """Record the sha256 of every file at the top of a finished model folder (before it is swapped in), so a reader
+    can tell one version's files from a mix (a partial retrain, a hand copy): `check_checksums`."""
+    folder = Path(folder)
+    files = sorted(path for path in folder.iterdir() if path.is_file() and path.name != CHECKSUMS_FILE)
+    return _write(folder / CHECKSUMS_FILE, {path.name: _sha256(path) for path in files})
+
+
+def check_checksums(folder: str | Path, names: tuple[str, ...] | None = None) -> list[str]:
+    """The recorded files (of `names`, if given) that are missing or changed since `write_checksums`; empty when all
+    agree or there is no record. Files added later (checkpoints, ONNX exports) are not the record's business."""
+    folder = Path(folder).expanduser()
+    recorded = _read(folder / CHECKSUMS_FILE)
+    return [
+        name
+        for name, digest in recorded.items()
+        if (names is None or name in names) and (not (folder / name).is_file() or _sha256(folder / name) != digest)
+    ]

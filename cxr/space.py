@@ -143,7 +143,7 @@ def assemble(model_id: str, output_dir: Path, overwrite: bool = False) -> list[P
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_id", required=True, help="The Hub id of the model the Space serves (owner/name).")
     parser.add_argument(
@@ -152,7 +152,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--overwrite", action="store_true", help="Remove what the output folder holds (except .git*) first."
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     files = assemble(args.model_id, args.output_dir, args.overwrite)
     print(f"Space for {args.model_id} in {args.output_dir}/ ({len(files)} files):")
     for path in files:

@@ -108,3 +108,24 @@ def test_training_argv_reads_run_json_and_falls_back_to_an_older_folders_card(tm
     made_with = training_argv(older, leave_out=("--output_dir", "--seed"))
     assert made_with == ["--model", "scratch-pvt", "--report_to", "none"]
     assert training_argv(tmp_path) is None
+
+
+def test_a_folder_that_mixes_versions_is_refused_at_load(tiny_model_dir, tmp_path):
+    """checksums.json records every file the run wrote; a folder with one file from elsewhere (a partial retrain, a
+    hand copy) is refused with a message instead of serving weights beside another run's X-ray check."""
+    import shutil
+
+    from cxr.predictor import ModelNotFoundError, load_classifier
+    from cxr.run_record import CHECKSUMS_FILE, check_checksums
+
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    recorded = json.loads((folder / CHECKSUMS_FILE).read_text())
+    assert {"model.safetensors", "ood.safetensors", "conformal.json", "metrics.json", "run.json"} <= set(recorded)
+    assert check_checksums(folder) == []
+    load_classifier(folder)
+    conformal = json.loads((folder / "conformal.json").read_text())
+    conformal["thresholds"] = {key: 0.5 for key in conformal.get("thresholds", {})} or {"x": 1}
+    (folder / "conformal.json").write_text(json.dumps(conformal))
+    assert check_checksums(folder) == ["conformal.json"]
+    with pytest.raises(ModelNotFoundError, match="mixes versions: conformal.json"):
+        load_classifier(folder)
