@@ -45,6 +45,8 @@ from cxr.reliability import describe_reliability, fit_reliability, save_reliabil
 from cxr.run_record import (
     calibrated_parts,
     options_of,
+    read_metrics,
+    read_run,
     run_record,
     split_sizes,
     write_checksums,
@@ -225,10 +227,11 @@ def main(argv: list[str] | None = None) -> dict:
         # workers over gloo. Without this, accelerate treats each process as a separate run, all writing one folder.
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     parser = build_parser()
+    started = time.monotonic()
     from_command_line, given_argv = argv is None, sys.argv[1:] if argv is None else argv
-    expanded_argv = with_recipe(given_argv)  # what run.json and the card show; the hardware's choices are recorded apart
+    expanded_argv = with_recipe(given_argv)  # what run.json and the card show; the hardware's choices come apart
     argv, precision = resolve_precision(with_default_output_dir(expanded_argv))
-    print(describe(precision), flush=True)
+    print(f"Precision: {describe(precision)}.", flush=True)
     data_args, model_args, search_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     # Trainer never pushes: the finished folder is published at the end
     publish, training_args.push_to_hub = (
@@ -261,6 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
         # the prepared splits, as the teacher's metrics.json records them: --max_*_samples subsets of one split match
         teacher, teacher_processor = load_teacher(model_args.teacher, id2label, split_sizes(report.counts))
         origin.teacher = model_args.teacher
+        origin.teacher_command, origin.teacher_figures = teacher_record(model_args.teacher)
     print(f"Model: {type(model).__name__}, {model.num_parameters() / 1e6:.1f} M parameters, {origin.describe()}.")
 
     train_dataset = dataset["train"].with_transform(
@@ -383,7 +387,8 @@ def main(argv: list[str] | None = None) -> dict:
             "counts": report.counts,
             "skipped": len(report.skipped),
         },
-        "train": train_result.metrics | {"peak_memory_mib": peak_memory_mib(), "hardware": hardware()},
+        "train": train_result.metrics
+        | {"peak_memory_mib": peak_memory_mib(), "hardware": hardware(), "wall_seconds": time.monotonic() - started},
         "best_checkpoint": trainer.state.best_model_checkpoint,
         **({"search": search} if search else {}),
         **results,
@@ -428,6 +433,19 @@ def main(argv: list[str] | None = None) -> dict:
         )
         print(f"Published to {url}: {', '.join(files)}")
     return results
+
+
+def teacher_record(folder: str) -> tuple[str | None, str | None]:
+    """The command that trained a teacher and its validation figures, from its run.json and metrics.json."""
+    validation = read_metrics(folder).get("validation", {})
+    figures = ", ".join(
+        f"{name} {validation[key]:.3f}"
+        for key, name in (("macro_f1", "validation macro-F1"), ("pneumonia_specificity", "specificity"))
+        if key in validation
+    )
+    wall = read_metrics(folder).get("train", {}).get("wall_seconds")
+    figures += f", {wall / 60:.1f} minutes" if wall else ""
+    return read_run(folder).get("command"), figures or None
 
 
 def with_recipe(argv: list[str], expanding: tuple[str, ...] = ()) -> list[str]:

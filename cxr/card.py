@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from cxr.precision import describe as describe_precision
+
 TEMPLATE = Path(__file__).resolve().parent.parent / "model_card.md"
 
 # What the card calls the network, by `config.model_type`: (opening words, short name); others by their class name.
@@ -168,7 +170,15 @@ def render_model_card(record: dict, summary: dict) -> ModelCard:
         image_size=network_facts["image_size"],
         data_description=data_description,
         recipe=recipe,
-        train_runtime=f"{summary['train'].get('train_runtime', 0.0) / 60:.1f} minutes",
+        train_runtime=run_time(summary["train"]),
+        precision=describe_precision(record["precision"]) if record.get("precision") else "float32",
+        split_description=(
+            f"{data.get('validation_fraction', 0):.0%} of the children held out for validation, grouped by patient "
+            f"(--split_seed {data.get('split_seed')}); training seed {training.get('seed')}."
+        ),
+        given_command=record.get("command", record["expanded_command"]),
+        teacher_command=origin.get("teacher_command"),
+        teacher_figures=origin.get("teacher_figures"),
         hardware=summary["train"]["hardware"],
         command=record["expanded_command"],
         eval_split=eval_split,
@@ -177,6 +187,12 @@ def render_model_card(record: dict, summary: dict) -> ModelCard:
         per_class=per_class,
         reliability=reliability_section(summary if "calibration" in summary else None),
     )
+
+
+def run_time(train: dict) -> str:
+    """ "31.5 minutes of training (38.2 for the whole command)": Trainer's own time, then the run's wall time."""
+    text = f"{train.get('train_runtime', 0.0) / 60:.1f} minutes of training"
+    return text + (f" ({train['wall_seconds'] / 60:.1f} for the whole command)" if train.get("wall_seconds") else "")
 
 
 def hardware() -> str:

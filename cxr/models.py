@@ -159,6 +159,8 @@ class ModelOrigin:
     pretrained: bool
     pretraining: str | None = None  # for a pretrain_mae.py folder: how its weights were made (in-domain, no downloads)
     teacher: str | None = None  # with --teacher: the trained model whose predictions it also learned from
+    teacher_command: str | None = None  # the command that trained the teacher (its run.json), for the card
+    teacher_figures: str | None = None  # the teacher's own validation figures, for the card
     base_model: str | None = (
         None  # the Hub id it was fine-tuned from (None for presets and local folders): the card's `base_model`
     )

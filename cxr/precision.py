@@ -22,11 +22,17 @@ def native_bf16() -> tuple[bool, str]:
         return False, f"GPU {name} has no native bfloat16"
     capability = torch.backends.cpu.get_cpu_capability()
     if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-        instructions = "AVX-512 BF16 or AMX"
+        found = [
+            name
+            for name, has in (
+                ("AVX-512 BF16", torch.cpu._is_avx512_bf16_supported()),
+                ("AMX", torch.cpu._is_amx_tile_supported()),
+            )
+            if has
+        ]
+        native, instructions = bool(found), " and ".join(found) or "AVX-512 BF16 or AMX"
     else:  # Arm and the rest: oneDNN says whether the CPU has bfloat16 instructions
-        native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        instructions = "bfloat16 instructions"
+        native, instructions = torch.ops.mkldnn._is_mkldnn_bf16_supported(), "bfloat16 instructions"
     if native:
         return True, f"CPU ({capability}) has {instructions}"
     return False, f"CPU ({capability}) has no {instructions}: bfloat16 would be emulated, many times slower"
@@ -68,4 +74,4 @@ def resolve_precision(argv: list[str]) -> tuple[list[str], dict]:
 
 def describe(choice: dict) -> str:
     names = {"bf16": "bfloat16 autocast", "fp32": "float32", "fp16": "float16 autocast"}
-    return f"Precision: {names[choice['precision']]} ({choice['reason']})."
+    return f"{names[choice['precision']]} ({choice['reason']})"
