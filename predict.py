@@ -20,7 +20,18 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep 
 
 from cxr.features import OnnxExportError
 from cxr.models import SHIPPED_MODEL_DIR
-from cxr.predictor import ModelNotFoundError, find_image_files, load_classifier, predict_files, write_predictions
+from cxr.predictor import (
+    RUNTIMES,
+    ModelNotFoundError,
+    find_image_files,
+    load_classifier,
+    predict_files,
+    write_predictions,
+)
+
+# The runtime predict.py uses unless told otherwise. Another becomes the default only where `python -m benchmarks.speed`
+# on the shipped model shows that it clears the bar there (benchmarks.speed.DEFAULT_BAR; docs/onnx.md).
+DEFAULT_RUNTIME = "torch"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,18 +52,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch_size", type=int, default=16, help="Images per forward pass.")
     parser.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default=DEFAULT_RUNTIME,
+        help="What runs the model: PyTorch or ONNX Runtime (CPU), in float32 or with int8 weights "
+        "(python -m benchmarks.speed measures each one's speed and agreement with float32; docs/onnx.md).",
+    )
+    parser.add_argument(
         "--int8",
         action="store_true",
-        help="Quantize the model's Linear layers to int8: faster on CPU, slightly different scores "
-        "(and the X-ray check, fitted in float32, flags a few more real X-rays: docs/reliability.md).",
+        help="Quantize the model's Linear layers to int8 (--runtime torch-int8, or onnx-int8 with --onnx): faster on "
+        "CPU, slightly different scores (and the X-ray check, fitted in float32, flags a few more real X-rays: "
+        "docs/reliability.md).",
     )
     parser.add_argument(
         "--onnx",
         action="store_true",
-        help="Run the model with ONNX Runtime (CPU) instead of PyTorch. With --int8, ONNX Runtime's own int8 "
-        "quantization: as fast as PyTorch's or faster, and closer to the float32 scores (python -m benchmarks.speed "
-        "compares them). The model is exported on first use into the model folder (model.onnx / model.int8.onnx; "
-        "a temporary copy for a Hub id or a read-only folder) and exported again whenever its weights change.",
+        help="Run the model with ONNX Runtime (CPU) instead of PyTorch (--runtime onnx). With --int8, ONNX Runtime's "
+        "own int8 quantization. The model is exported on first use into the model folder (model.onnx / "
+        "model.int8.onnx; a temporary copy for a Hub id or a read-only folder) and exported again whenever its "
+        "weights change.",
     )
     return parser
 
@@ -60,12 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # --int8 and --onnx add to the runtime chosen
+    runtime = {name: value or getattr(args, name) for name, value in RUNTIMES[args.runtime].items()}
 
     paths = find_image_files(args.inputs)
     if not paths:
         parser.error(f"no image files found in {' '.join(args.inputs)}")
     try:
-        classifier = load_classifier(args.model, int8=args.int8, onnx=args.onnx)
+        classifier = load_classifier(args.model, **runtime)
     except (ModelNotFoundError, OnnxExportError) as error:
         print(error, file=sys.stderr)
         return 1
