@@ -70,7 +70,9 @@ class ImageLoadError(ValueError):
     """An input that is not a usable image; the message is plain text, safe to show to a user."""
 
 
-def load_image(source: ImageSource, draft_size: int | None = None, isolate: bool = False) -> Image.Image:
+def load_image(
+    source: ImageSource, draft_size: int | None = None, isolate: bool = False, file_name: str | None = None
+) -> Image.Image:
     """Decode `source` into an RGB image, or raise `ImageLoadError` saying why not.
 
     `source` is a file path, the raw bytes of a file, a PIL image or a numpy array.
@@ -78,6 +80,8 @@ def load_image(source: ImageSource, draft_size: int | None = None, isolate: bool
     `draft_size` pixels on each side (much cheaper, and invisible after resizing to the model's input).
     `isolate=True` (for uploads from strangers) decodes a file in a worker process capped at `DECODE_SECONDS` and
     `DECODE_MEMORY`, bounding what no header tells; training and batch prediction of one's own files do without.
+    `file_name`, for raw bytes, is the file they were read from (cxr.cluster reads files as bytes): messages name it,
+    and its suffix marks DICOM, exactly as for the path itself.
     """
     if isinstance(source, Image.Image):
         image = source
@@ -87,11 +91,12 @@ def load_image(source: ImageSource, draft_size: int | None = None, isolate: bool
         except (TypeError, ValueError) as error:
             raise ImageLoadError(f"Array of shape {source.shape} and dtype {source.dtype} is not an image.") from error
     else:
-        data, name = _read_bytes(source)
+        data, name = _read_bytes(source, file_name)
+        dicom = _is_dicom(data, file_name or source)
         if isolate:
-            return _to_rgb(_decode_in_worker(data, _is_dicom(data, source), name, draft_size))
-        image = _decode_file(data, _is_dicom(data, source), name, draft_size)
-    return _to_rgb(_finish(image, _name_of(source)))
+            return _to_rgb(_decode_in_worker(data, dicom, name, draft_size))
+        image = _decode_file(data, dicom, name, draft_size)
+    return _to_rgb(_finish(image, _name_of(file_name or source)))
 
 
 def _decode_file(data: bytes, dicom: bool, name: str, draft_size: int | None) -> Image.Image:
@@ -122,9 +127,9 @@ def _name_of(source: ImageSource) -> str:
     return "The upload"
 
 
-def _read_bytes(source: str | os.PathLike | bytes) -> tuple[bytes, str]:
+def _read_bytes(source: str | os.PathLike | bytes, file_name: str | None = None) -> tuple[bytes, str]:
     if isinstance(source, (bytes, bytearray)):
-        data, name = bytes(source), "The upload"
+        data, name = bytes(source), _name_of(file_name)
     else:
         path = Path(source)
         name = _quote(path.name)

@@ -60,6 +60,22 @@ def test_file_path_and_bytes_give_the_same_pixels(tmp_path):
     assert np.array_equal(np.asarray(load_image(path)), np.asarray(load_image(data)))
 
 
+def test_bytes_with_their_file_name_read_exactly_as_the_file(tmp_path):
+    # what the Ray scorer does: bytes read elsewhere, named by their path; no preamble, so only the suffix says DICOM
+    headerless = tmp_path / "headerless.dcm"
+    headerless.write_bytes(dicom_bytes(chest_like(200, 160).astype(np.uint16) * 16)[132:])
+    as_bytes = load_image(headerless.read_bytes(), file_name=str(headerless))
+    assert np.array_equal(np.asarray(as_bytes), np.asarray(load_image(headerless)))
+    cut = tmp_path / "cut.jpeg"
+    cut.write_bytes(encode(Image.fromarray(chest_like(), "L"), "JPEG")[:600])
+    messages = []
+    for source, file_name in ((cut, None), (cut.read_bytes(), str(cut))):
+        with pytest.raises(ImageLoadError) as error:
+            load_image(source, file_name=file_name)
+        messages.append(str(error.value))
+    assert messages[0] == messages[1] and messages[0].startswith("'cut.jpeg' is damaged")
+
+
 def test_draft_decodes_large_jpegs_smaller_but_not_below_the_requested_size():
     data = encode(Image.fromarray(chest_like(2000, 1600), "L"), "JPEG")
     image = load_image(data, draft_size=224)
