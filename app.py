@@ -72,6 +72,10 @@ X-rays (temperature scaling); they always sum to 100 %, even for an image that i
 So every upload is also checked against the training X-rays (the distance of the model's internal features to
 them): an upload that does not look like a pediatric chest X-ray gets a warning above the bars, and its bars
 mean nothing. The check lets through 97 % of the validation X-rays, so a few real ones are flagged too.
+The heading above the bars is the 95 % prediction set: the labels that together contain the true one for 95 % of
+X-rays of each class, for X-rays like the ones the sets were fitted on (the model card says which). At another
+hospital or with other equipment that promise may not hold until the model is checked and recalibrated there
+(`site_check.py`, `calibrate.py --site_dir`).
 The overlay is Grad-CAM: a coarse map (one value per image patch) of where the evidence for the top class came
 from. It is not an outline of a lesion; a model that learned a shortcut (a text marker, the image border) shows that \
 shortcut.
