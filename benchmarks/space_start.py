@@ -1,12 +1,14 @@
 """Start the assembled Space as Hugging Face Spaces starts it, in a fresh virtual environment, and time it.
 
-    python -m benchmarks.space_start                     # the shipped model
+    python -m benchmarks.space_start                                  # the shipped model, bundled in the Space
+    python -m benchmarks.space_start --model_id test-org/swiftformer-xray # the same folder served as a Hub model
 
-Steps: assemble the Space for a Hub id (`python -m cxr.space`), lay the model folder into a Hugging Face cache
-under that id as `preload_from_hub` leaves it, create a virtual environment with only the Space's
-requirements.txt, run `python app.py` from the Space folder with the environment a Space gets (HF_HUB_OFFLINE=1,
-HF_HUB_CACHE, XRAY_MODEL, GRADIO_SERVER_NAME / GRADIO_SERVER_PORT), then ask it for one prediction with
-gradio_client. Prints the install time, the start time (process start to the page answering) and the first answer.
+Steps: assemble the Space (`python -m cxr.space`: the shipped model bundled, or with --model_id a Hub id whose model
+folder is laid into a Hugging Face cache as `preload_from_hub` leaves it), create a virtual environment with only the
+Space's requirements.txt, run the front matter's app_file from the Space folder with the environment a Space gets
+(HF_HUB_OFFLINE=1, HF_HUB_CACHE, GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, no XRAY_MODEL), then ask it for each
+example with gradio_client. Prints the install time, the start time (process start to the page answering) and the
+answers.
 Where the requirements name a package index this machine cannot reach (PyTorch's CPU index), the same pins are
 installed from the indexes pip is configured with, and the output says so. tests/test_space.py runs the same
 start with the test environment's Python in CI; this script adds the fresh environment.
@@ -40,15 +42,13 @@ def reachable(url: str, timeout: float = 3.0) -> bool:
         return False
 
 
-def space_environment(
-    model_id: str, hub_cache: Path, port: int, temp_dir: Path, host: str = "127.0.0.1"
-) -> dict[str, str]:
-    """The environment a Space's app gets (its variables, the cache preload_from_hub filled), offline."""
+def space_environment(hub_cache: Path, port: int, temp_dir: Path, host: str = "127.0.0.1") -> dict[str, str]:
+    """The environment a Space's app gets (the cache preload_from_hub filled, no XRAY_MODEL: the model comes from the
+    front matter or the bundled folder), offline."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("GRADIO_", "XRAY_", "HF_"))}
     return env | {
         "HF_HUB_OFFLINE": "1",
         "HF_HUB_CACHE": str(hub_cache),
-        "XRAY_MODEL": model_id,
         "GRADIO_SERVER_NAME": host,
         "GRADIO_SERVER_PORT": str(port),
         "GRADIO_TEMP_DIR": str(temp_dir),
@@ -60,14 +60,20 @@ def space_environment(
 def start_space(
     python: str, space_dir: Path, env: dict[str, str], log: Path, timeout: float = 300
 ) -> tuple[subprocess.Popen, float]:
-    """`python app.py` in `space_dir` (no arguments: a Space passes none); returns the process once its page answers,
-    and the seconds that took. Raises RuntimeError with the log's tail if it exits or does not answer in time."""
+    """`python APP_FILE` in `space_dir`, the app_file its README's front matter names (no arguments: a Space passes
+    none); returns the process once its page answers, and the seconds that took. Raises RuntimeError with the log's
+    tail if it exits or does not answer in time."""
     import httpx
+    from huggingface_hub import metadata_load
 
     url = f"http://127.0.0.1:{env['GRADIO_SERVER_PORT']}/"
     began = time.monotonic()
     server = subprocess.Popen(
-        [python, "app.py"], cwd=space_dir, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT
+        [python, metadata_load(space_dir / "README.md")["app_file"]],
+        cwd=space_dir,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
     )
     while time.monotonic() - began < timeout:
         if server.poll() is not None:
@@ -113,10 +119,12 @@ def install(venv: Path, requirements: Path) -> tuple[float, str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--model_dir", type=Path, default=SHIPPED_MODEL_DIR, help="A model folder (default: the shipped model)."
+        "--model_dir", type=Path, default=SHIPPED_MODEL_DIR, help="With --model_id: the folder served under that id."
     )
     parser.add_argument(
-        "--model_id", default="test-org/vit-xray", help="The Hub id it is served under (only in the local cache)."
+        "--model_id",
+        default=None,
+        help="Serve --model_dir as this Hub id (only in the local cache). Default: the shipped model, bundled.",
     )
     parser.add_argument(
         "--work_dir",
@@ -144,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     space = work / "space"
     files = assemble(args.model_id, space, overwrite=True)
+    served = args.model_id or "the bundled model"
     print(f"Space folder {space}: {len(files)} files; requirements:")
     print(
         "  "
@@ -151,7 +160,8 @@ def main(argv: list[str] | None = None) -> None:
             line for line in (space / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")
         )
     )
-    fill_hub_cache(work / "hub", args.model_id, args.model_dir)
+    if args.model_id:
+        fill_hub_cache(work / "hub", args.model_id, args.model_dir)
 
     python = args.python
     if python is None:
@@ -161,21 +171,25 @@ def main(argv: list[str] | None = None) -> None:
         python = str(venv / "bin" / "python")
     temp_dir = work / "gradio-tmp"
     temp_dir.mkdir(exist_ok=True)
-    env = space_environment(args.model_id, work / "hub", free_port(), temp_dir)
+    env = space_environment(work / "hub", free_port(), temp_dir)
     server, seconds = start_space(python, space, env, work / "app.log")
     try:
         print(
-            f"Start: {seconds:.1f} s from `python app.py` to the page answering (XRAY_MODEL={args.model_id}, "
-            "HF_HUB_OFFLINE=1)."
+            f"Start: {seconds:.1f} s from `python app.py` to the page answering ({served}, HF_HUB_OFFLINE=1, "
+            "no XRAY_MODEL)."
         )
-        example = sorted((space / "examples").glob("*.jpeg"))[0]
         client = Client(f"http://127.0.0.1:{env['GRADIO_SERVER_PORT']}/", verbose=False, ssl_verify=False)
-        began = time.monotonic()
-        warning, label, _, check = client.predict(handle_file(str(example)), api_name="/predict")
-        answer = ", ".join(f"{item['label']} {item['confidence']:.3f}" for item in label["confidences"])
-        print(f"First answer ({time.monotonic() - began:.2f} s) for {example.name}: {answer}; check: {check}")
-        if warning:
-            print("  with the warning: " + warning.splitlines()[0])
+        for example in sorted((space / "examples").glob("*.jpeg")):
+            began = time.monotonic()
+            warning, label, _, check = client.predict(handle_file(str(example)), api_name="/predict")
+            answer = ", ".join(f"{item['label']} {item['confidence']:.3f}" for item in label["confidences"])
+            sets = (check.get("prediction_sets") or {}).get("95%")
+            print(
+                f"{example.name} ({time.monotonic() - began:.2f} s): {answer}; looks like a chest X-ray: "
+                f"{check['looks_like_chest_xray']}; 95% set: {sets}"
+            )
+            if warning:
+                print("  with the warning: " + warning.splitlines()[0])
     finally:
         stop(server)
 

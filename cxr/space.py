@@ -1,12 +1,15 @@
-"""Assemble a folder ready to `git push` to a Hugging Face Space that serves a model from the Hub.
+"""Assemble a folder ready to `git push` to a Hugging Face Space.
 
-    python -m cxr.space --model_id your-name/vit-xray --output_dir build/space
+    python -m cxr.space --output_dir build/space                                 # the shipped model, bundled
+    python -m cxr.space --model_id your-name/swiftformer-xray --output_dir build/space   # a model on the Hub
 
 It copies app.py, the local modules app.py imports (found by reading their import statements), the example
 X-rays and LICENSE, and writes README.md (the Space's front matter) and requirements.txt from the templates in
-`space/`, each package pinned as in the repository's requirements.txt. The output folder must be empty or a fresh
-clone of the Space (only `.git*` entries); `--overwrite` first removes everything else in it.
-See docs/deployment.md for the whole route (push the model, assemble, push the Space).
+`space/`, each package pinned as in the repository's requirements.txt. Without --model_id it also copies the model
+that ships with the code into the Space (models/..., its weights tracked by Git LFS through .gitattributes), so
+pushing that folder alone makes a working Space; with --model_id the Space loads that Hub model instead, fetched when
+the Space is built (`preload_from_hub`). The output folder must be empty or a fresh clone of the Space (only `.git*`
+entries); `--overwrite` first removes everything else in it. See docs/deployment.md for the whole route.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import shutil
 import sys
 from pathlib import Path
 from string import Template
+
+from cxr.models import SHIPPED_MODEL_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO / "space"
@@ -104,14 +109,36 @@ def requirements_text(template: Path = TEMPLATES / "requirements.txt", pinned: d
     return "\n".join(lines) + "\n"
 
 
-def readme_text(model_id: str, template: Path = TEMPLATES / "README.md", pinned: dict[str, str] | None = None) -> str:
+def readme_text(
+    model_id: str | None, template: Path = TEMPLATES / "README.md", pinned: dict[str, str] | None = None
+) -> str:
+    """The Space's README.md: for a Hub model, front matter that names it (`models`, `preload_from_hub`); for the
+    bundled one, none (app.py then serves the folder beside it)."""
     pinned = pins() if pinned is None else pinned
-    return Template(template.read_text()).substitute(model_id=model_id, gradio_version=pinned["gradio"])
+    bundled = SHIPPED_MODEL_DIR.relative_to(REPO).as_posix()
+    if model_id:
+        model_lines = f"models:\n  - {model_id}\npreload_from_hub:\n  - {model_id}\n"
+        model_text = (
+            f"the model [`{model_id}`](https://huggingface.co/{model_id}), loaded from the Space's copy of it "
+            "(`preload_from_hub`); set the Space variable `XRAY_MODEL` to serve another"
+        )
+    else:
+        model_lines = ""
+        model_text = f"the model in `{bundled}/` (its card is `{bundled}/README.md`), bundled with the Space"
+    return Template(template.read_text()).substitute(
+        model_lines=model_lines,
+        model_text=model_text,
+        command=f"python -m cxr.space{f' --model_id {model_id}' if model_id else ''}",
+        gradio_version=pinned["gradio"],
+    )
 
 
-def assemble(model_id: str, output_dir: Path, overwrite: bool = False) -> list[Path]:
-    """Write the Space folder for `model_id` into `output_dir`; return its files (relative), sorted."""
-    if not HUB_ID.match(model_id) or Path(model_id).expanduser().exists():
+def assemble(model_id: str | None, output_dir: Path, overwrite: bool = False) -> list[Path]:
+    """Write the Space folder into `output_dir`, for the Hub model `model_id` or, where None, with the shipped model
+    folder bundled; return its files (relative), sorted."""
+    if model_id is None and not (SHIPPED_MODEL_DIR / "config.json").is_file():
+        raise SystemExit(f"No shipped model at {SHIPPED_MODEL_DIR} to bundle; give --model_id (docs/deployment.md).")
+    if model_id is not None and (not HUB_ID.match(model_id) or Path(model_id).expanduser().exists()):
         raise SystemExit(
             f"--model_id: '{model_id}' is not a Hub id (owner/name); push the model first (docs/deployment.md)."
         )
@@ -135,6 +162,13 @@ def assemble(model_id: str, output_dir: Path, overwrite: bool = False) -> list[P
             shutil.copytree(source, output_dir / name)
         elif source.is_file():
             shutil.copyfile(source, output_dir / name)
+    if model_id is None:
+        shutil.copytree(SHIPPED_MODEL_DIR, output_dir / SHIPPED_MODEL_DIR.relative_to(REPO))
+        # The Hub takes binary files over 10 MB only through Git LFS (or Xet).
+        attributes = output_dir / ".gitattributes"  # a fresh clone of a Space has one: keep its lines
+        lines = attributes.read_text() if attributes.is_file() else ""
+        if "*.safetensors" not in lines:
+            attributes.write_text(lines + "*.safetensors filter=lfs diff=lfs merge=lfs -text\n")
     pinned = pins()
     (output_dir / "README.md").write_text(readme_text(model_id, pinned=pinned), encoding="utf-8")
     (output_dir / "requirements.txt").write_text(requirements_text(pinned=pinned))
@@ -145,7 +179,12 @@ def assemble(model_id: str, output_dir: Path, overwrite: bool = False) -> list[P
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model_id", required=True, help="The Hub id of the model the Space serves (owner/name).")
+    parser.add_argument(
+        "--model_id",
+        default=None,
+        help="The Hub id of the model the Space serves (owner/name). Default: none, and the model that ships with the "
+        f"code ({SHIPPED_MODEL_DIR.relative_to(REPO)}) is copied into the Space.",
+    )
     parser.add_argument(
         "--output_dir", type=Path, default=Path("build/space"), help="Where to write the Space. Default: build/space."
     )
@@ -158,10 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     files = assemble(args.model_id, args.output_dir, args.overwrite)
-    print(f"Space for {args.model_id} in {args.output_dir}/ ({len(files)} files):")
+    served = args.model_id or f"the bundled {SHIPPED_MODEL_DIR.relative_to(REPO)}"
+    print(f"Space for {served} in {args.output_dir}/ ({len(files)} files):")
     for path in files:
         print(f"  {path}")
-    print(f"Push it: cd {args.output_dir} && git add -A && git commit -m 'Assemble the Space' && git push")
+    lfs = "" if args.model_id else "git lfs install && "
+    print(f"Push it: cd {args.output_dir} && {lfs}git add -A && git commit -m 'Assemble the Space' && git push")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The Hugging Face Space: `python -m cxr.space` assembles a folder Spaces accepts, and that folder starts as Spaces
-starts it (a Hub id served from the cache `preload_from_hub` fills, offline) and answers a gradio_client call.
+"""The Hugging Face Space: `python -m cxr.space` assembles a folder Spaces accepts, in two routes (the shipped model
+bundled; a Hub id served from the cache `preload_from_hub` fills), and each folder starts as Spaces starts it (the
+front matter's app_file, no XRAY_MODEL, offline) and answers the three examples through gradio_client.
 
 The same start in a fresh virtual environment with only the Space's requirements is `python -m benchmarks.space_start`
 (minutes of installing, so not part of every run; docs/deployment.md)."""
@@ -16,10 +17,11 @@ from huggingface_hub import SpaceCard
 from benchmarks.common import fill_hub_cache, free_port
 from benchmarks.space_start import space_environment, start_space, stop
 from cxr.labels import DISPLAY_NAMES
+from cxr.models import SHIPPED_MODEL_DIR
 from cxr.space import assemble, local_modules, main, pins, third_party_imports
 
 REPO = Path(__file__).resolve().parents[1]
-MODEL_ID = "test-org/vit-xray-tiny"
+MODEL_ID = "test-org/swiftformer-xray-tiny"
 LABELS = set(DISPLAY_NAMES.values())
 
 
@@ -59,7 +61,9 @@ def test_the_space_folder_holds_the_app_its_modules_the_examples_and_the_templat
         for name in files
     )
     assert ("LICENSE" in files) == (REPO / "LICENSE").is_file()
-    for path in local_modules():  # every local module app.py imports is there, byte for byte
+    assert not any(name.startswith("models/") for name in files)  # the Hub route carries no weights
+    # That these modules are enough is shown by starting the folder below; here, that they are the repository's.
+    for path in local_modules():
         assert (space / path).read_bytes() == (REPO / path).read_bytes()
 
 
@@ -124,7 +128,7 @@ def test_assembling_refuses_a_folder_with_other_files_and_an_id_that_is_no_hub_i
     (tmp_path / ".git").mkdir()
     assemble(MODEL_ID, tmp_path, overwrite=True)
     assert not (tmp_path / "notes.txt").exists() and (tmp_path / ".git").is_dir() and (tmp_path / "app.py").is_file()
-    for not_an_id in ("vit-xray", str(tmp_path / "model"), "../model"):
+    for not_an_id in ("swiftformer-xray", str(tmp_path / "model"), "../model"):
         with pytest.raises(SystemExit, match="not a Hub id"):
             assemble(not_an_id, tmp_path / "other")
     (tmp_path / "outputs" / "vit-xray").mkdir(parents=True)
@@ -133,28 +137,56 @@ def test_assembling_refuses_a_folder_with_other_files_and_an_id_that_is_no_hub_i
         assemble("outputs/vit-xray", tmp_path / "other")
 
 
-@pytest.mark.slow
-def test_the_space_starts_as_spaces_starts_it_and_answers_from_the_hub_cache(space, tiny_model_dir, tmp_path):
-    """`python app.py` in the Space folder, no arguments, the model named only by its Hub id, served offline from
-    the cache preload_from_hub fills; a gradio_client call gets the three labels and the chest X-ray check."""
+def ask_the_examples(space: Path, hub_cache: Path, log: Path, expected_model: str) -> list:
+    """Start the Space folder as Spaces does and ask it each of its examples; returns the answers."""
     from gradio_client import Client, handle_file
 
-    fill_hub_cache(tmp_path / "hub", MODEL_ID, tiny_model_dir)
-    (tmp_path / "gradio").mkdir()
-    env = space_environment(MODEL_ID, tmp_path / "hub", free_port(), tmp_path / "gradio")
-    server, _ = start_space(sys.executable, space, env, tmp_path / "app.log")
+    (log.parent / "gradio").mkdir(exist_ok=True)
+    env = space_environment(hub_cache, free_port(), log.parent / "gradio")
+    assert "XRAY_MODEL" not in env
+    server, _ = start_space(sys.executable, space, env, log)
     try:
         client = Client(f"http://127.0.0.1:{env['GRADIO_SERVER_PORT']}/", verbose=False, ssl_verify=False)
-        example = sorted((space / "examples").glob("*.jpeg"))[0]
-        warning, label, _, check = client.predict(handle_file(str(example)), api_name="/predict")
-        assert {item["label"] for item in label["confidences"]} == LABELS
-        assert (
-            set(check) == {"looks_like_chest_xray", "ood_score", "threshold", "score", "prediction_sets"}
-            and check["score"] == "mahalanobis"
-        )
-        assert bool(warning) == (not check["looks_like_chest_xray"])
-        page = client.config
-        assert MODEL_ID in str(page)  # the description names the model it serves
+        examples = sorted((space / "examples").glob("*.jpeg"))
+        assert len(examples) == 3
+        answers = [client.predict(handle_file(str(example)), api_name="/predict") for example in examples]
+        for warning, label, _, check in answers:
+            assert [item["label"] for item in label["confidences"]][0] == max(
+                label["confidences"], key=lambda item: item["confidence"]
+            )["label"]
+            assert {item["label"] for item in label["confidences"]} == LABELS
+            assert sum(item["confidence"] for item in label["confidences"]) == pytest.approx(1, abs=1e-4)
+            assert check["score"] == "mahalanobis" and set(check["prediction_sets"]) == {"90%", "95%"}
+            assert bool(warning) == (not check["looks_like_chest_xray"])
+        # The page's description names the model it serves, in its "Model:" line.
+        texts = [str(component.get("props", {}).get("value", "")) for component in client.config["components"]]
+        assert any(f"**Model:** `{expected_model}`" in text for text in texts), texts
     finally:
         stop(server)
-    assert "Traceback" not in (tmp_path / "app.log").read_text()
+    assert "Traceback" not in log.read_text()
+    return answers
+
+
+@pytest.mark.slow
+def test_the_hub_route_starts_from_its_front_matter_and_answers_from_the_cache(space, tiny_model_dir, tmp_path):
+    """No XRAY_MODEL: app.py finds the model id in the Space's front matter and loads it offline from the cache that
+    preload_from_hub fills."""
+    fill_hub_cache(tmp_path / "hub", MODEL_ID, tiny_model_dir)
+    ask_the_examples(space, tmp_path / "hub", tmp_path / "app.log", MODEL_ID)
+
+
+@pytest.mark.slow
+def test_the_bundled_route_needs_no_hub_and_answers_the_examples_with_the_shipped_model(tmp_path):
+    """`python -m cxr.space` without --model_id copies the shipped model in: pushing that folder alone is a working
+    Space. An empty cache and HF_HUB_OFFLINE=1: nothing can come from the Hub."""
+    if not (SHIPPED_MODEL_DIR / "config.json").is_file():
+        pytest.skip("no shipped model in this checkout")
+    space = tmp_path / "space"
+    main(["--output_dir", str(space)])
+    bundled = space / SHIPPED_MODEL_DIR.relative_to(REPO)
+    assert sorted(path.name for path in bundled.iterdir()) == sorted(path.name for path in SHIPPED_MODEL_DIR.iterdir())
+    assert "models" not in SpaceCard.load(space / "README.md").data.to_dict()
+    assert "*.safetensors filter=lfs" in (space / ".gitattributes").read_text()
+    (tmp_path / "hub").mkdir()
+    answers = ask_the_examples(space, tmp_path / "hub", tmp_path / "app.log", str(bundled))
+    assert all(check["looks_like_chest_xray"] for _, _, _, check in answers)  # a real model on real X-rays
