@@ -214,9 +214,13 @@ def classify(
 
     `saliency=True` adds a Grad-CAM map for each top label from the same forward pass (not for int8 or ONNX models).
     `draft` decodes large JPEGs at a reduced scale that still exceeds the model's input size (much faster;
-    `draft=False` decodes every pixel, exactly as the plain pipeline does).
+    `draft=False` decodes every pixel, exactly as the plain pipeline does). `names`, when given, also name raw bytes
+    in the loader's messages and mark a .dcm as DICOM (`load_image(file_name=...)`).
+    A classifier with a `backend` (`cxr.serving.load_backend_classifier`) decodes and processes here and sends each
+    batch to a model server (serve.py), which runs `classify_pixels` there.
     """
     size = input_size(classifier.image_processor) if draft else None
+    file_names = names or [None] * len(images)
     names = names or [
         str(image) if isinstance(image, (str, Path)) else f"image {index}" for index, image in enumerate(images)
     ]
@@ -225,44 +229,60 @@ def classify(
     pixel_rows, decoded_index = [], []
     for index, image in enumerate(images):
         try:
-            pixel_rows.append(
-                classifier.image_processor(load_image(image, draft_size=size), return_tensors="pt")["pixel_values"][0]
-            )
+            decoded = load_image(image, draft_size=size, file_name=file_names[index])
+            pixel_rows.append(classifier.image_processor(decoded, return_tensors="pt")["pixel_values"][0])
             decoded_index.append(index)
         except ImageLoadError as error:
             predictions[index].error = str(error)
+    backend = getattr(classifier, "backend", None)
+    for start in range(0, len(pixel_rows), batch_size):
+        chunk = decoded_index[start : start + batch_size]
+        pixel_values = torch.stack(pixel_rows[start : start + batch_size])
+        chunk_names = [names[index] for index in chunk]
+        answers = (
+            backend.classify_pixels(pixel_values, chunk_names, top_k=top_k, saliency=saliency)
+            if backend
+            else classify_pixels(classifier, pixel_values, chunk_names, top_k=top_k, saliency=saliency)
+        )
+        for index, answer in zip(chunk, answers, strict=True):
+            predictions[index] = answer
+    return predictions
+
+
+def classify_pixels(
+    classifier: Pipeline, pixel_values: torch.Tensor, names: list[str], top_k: int = 3, saliency: bool = False
+) -> list[Prediction]:
+    """The model's part of `classify`: one forward pass over a batch of processed images (the image processor's
+    `pixel_values`, one per name) -> their Predictions, with the X-ray check, the prediction sets and, with
+    `saliency`, Grad-CAM."""
     detector = getattr(classifier, "ood_detector", None)
     conformal = getattr(classifier, "prediction_sets", None)
     onnx_features = getattr(classifier, "onnx_features", None)
     if saliency and onnx_features:
         raise ValueError("Grad-CAM needs the PyTorch model's gradients: load the classifier without onnx=True")
     id2label = classifier.model.config.id2label
-    for start in range(0, len(pixel_rows), batch_size):
-        pixel_values = torch.stack(pixel_rows[start : start + batch_size])
-        outputs = (
-            onnx_features(pixel_values)
-            if onnx_features
-            else forward_features(classifier.model, pixel_values, saliency=saliency)
+    if onnx_features:
+        outputs = onnx_features(pixel_values)
+    else:
+        outputs = forward_features(classifier.model, pixel_values, saliency=saliency)
+    probabilities = outputs["logits"].detach().float().softmax(dim=-1).cpu()
+    heat = grad_cam(outputs, probabilities.argmax(dim=-1).tolist()) if saliency else None
+    ood_scores, accepted = detector.check(outputs) if detector else (None, None)
+    sets = conformal.sets(probabilities.numpy()) if conformal else None
+    predictions = []
+    for offset, (name, row) in enumerate(zip(names, probabilities, strict=True)):
+        top = row.topk(min(top_k, len(row)))
+        prediction = Prediction(
+            source=name,
+            scores={id2label[int(label)]: float(score) for score, label in zip(top.values, top.indices, strict=True)},
         )
-        probabilities = outputs["logits"].detach().float().softmax(dim=-1).cpu()
-        heat = grad_cam(outputs, probabilities.argmax(dim=-1).tolist()) if saliency else None
-        ood_scores, accepted = detector.check(outputs) if detector else (None, None)
-        sets = conformal.sets(probabilities.numpy()) if conformal else None
-        for offset, row in enumerate(probabilities):
-            prediction = predictions[decoded_index[start + offset]]
-            top = row.topk(min(top_k, len(row)))
-            prediction.scores = {
-                id2label[int(label)]: float(score) for score, label in zip(top.values, top.indices, strict=True)
-            }
-            if detector:
-                prediction.ood_score, prediction.looks_like_chest_xray = (
-                    float(ood_scores[offset]),
-                    bool(accepted[offset]),
-                )
-            if heat is not None:
-                prediction.saliency = heat[offset]
-            if sets is not None:
-                prediction.prediction_sets = sets[offset]
+        if detector:
+            prediction.ood_score, prediction.looks_like_chest_xray = float(ood_scores[offset]), bool(accepted[offset])
+        if heat is not None:
+            prediction.saliency = heat[offset]
+        if sets is not None:
+            prediction.prediction_sets = sets[offset]
+        predictions.append(prediction)
     return predictions
 
 
@@ -301,6 +321,28 @@ SET_COLUMNS = {level_name(level): f"set_{round(100 * level)}" for level in LEVEL
 EMPTY_SET = "(none)"  # a CSV cell for an empty prediction set, unlike "" for no set at all
 
 
+def prediction_columns(top_k: int = 3) -> list[str]:
+    """The columns of the output, in order: file, label_1, score_1, ..., set_90, set_95, ood_score,
+    looks_like_chest_xray, error."""
+    ranks = [name for rank in range(1, top_k + 1) for name in (f"label_{rank}", f"score_{rank}")]
+    return ["file", *ranks, *SET_COLUMNS.values(), "ood_score", "looks_like_chest_xray", "error"]
+
+
+def prediction_record(prediction: Prediction, top_k: int = 3) -> dict:
+    """One row of the output as values (None where the CSV cell is empty): `write_predictions` writes it as CSV text,
+    `cxr.cluster` as a Parquet row."""
+    record = dict.fromkeys(prediction_columns(top_k))
+    record["file"], record["error"] = prediction.source, prediction.error
+    for rank, (label, score) in enumerate((prediction.scores or {}).items(), start=1):
+        record[f"label_{rank}"], record[f"score_{rank}"] = label, score
+    for level, labels in (prediction.prediction_sets or {}).items():
+        if level in SET_COLUMNS:
+            record[SET_COLUMNS[level]] = "; ".join(labels) or EMPTY_SET
+    if prediction.looks_like_chest_xray is not None:
+        record["ood_score"], record["looks_like_chest_xray"] = prediction.ood_score, prediction.looks_like_chest_xray
+    return record
+
+
 def write_predictions(predictions: Iterable[Prediction], output: Path, top_k: int = 3) -> tuple[int, int, int]:
     """Write a CSV (one row per file: label_1, score_1, ..., set_90, set_95, ood_score, looks_like_chest_xray, error)
     or, for a .json path, a JSON list with the same fields (`prediction_sets`: {"90%": [labels], "95%": [labels]}).
@@ -329,24 +371,18 @@ def write_predictions(predictions: Iterable[Prediction], output: Path, top_k: in
             sum(row["error"] is not None for row in rows),
             sum(row["looks_like_chest_xray"] is False for row in rows),
         )
-    columns = ["file"] + [name for rank in range(1, top_k + 1) for name in (f"label_{rank}", f"score_{rank}")]
-    columns += [*SET_COLUMNS.values(), "ood_score", "looks_like_chest_xray", "error"]
     count = failed = flagged = 0
     with output.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer = csv.DictWriter(handle, fieldnames=prediction_columns(top_k))  # None is written as an empty cell
         writer.writeheader()
         for prediction in predictions:
-            row = {"file": prediction.source, "error": prediction.error or ""}
-            for rank, (label, score) in enumerate((prediction.scores or {}).items(), start=1):
-                row[f"label_{rank}"], row[f"score_{rank}"] = label, f"{score:.6f}"
-            for level, labels in (prediction.prediction_sets or {}).items():
-                if level in SET_COLUMNS:
-                    row[SET_COLUMNS[level]] = "; ".join(labels) or EMPTY_SET
-            if prediction.looks_like_chest_xray is not None:
-                row["ood_score"], row["looks_like_chest_xray"] = (
-                    f"{prediction.ood_score:.6g}",
-                    str(prediction.looks_like_chest_xray).lower(),
-                )
+            row = prediction_record(prediction, top_k)
+            for rank in range(1, top_k + 1):
+                if row[f"score_{rank}"] is not None:
+                    row[f"score_{rank}"] = f"{row[f'score_{rank}']:.6f}"
+            if row["looks_like_chest_xray"] is not None:
+                row["ood_score"] = f"{row['ood_score']:.6g}"
+                row["looks_like_chest_xray"] = str(row["looks_like_chest_xray"]).lower()
             writer.writerow(row)
             handle.flush()  # rows already written survive an interruption
             count += 1
