@@ -108,7 +108,7 @@ PRESETS: dict[str, tuple[type[PretrainedConfig], dict]] = {
         dict(image_size=32, layer_type="basic", embedding_size=8, depths=[1, 1], hidden_sizes=[8, 16]),
     ),
     # Transformers with the locality a plain ViT lacks, for the offline architecture comparison at about the ViT's cost
-    # (docs/architectures.md: a measured pilot chose each one's size and resolution).
+    # (docs/model-comparison.md: a measured pilot chose each one's size and resolution).
     # Swin (windowed attention, patch merging): Swin-T's layout at half width and three stages, 4-px patches at 128 px,
     # 8 x 8 windows on grids of 32, 16 and 8 tokens (the last stage's one window is global attention).
     "scratch-swin": (
