@@ -1,23 +1,32 @@
-"""Inference speed: the plain one-image-at-a-time pipeline against the project's batched paths, and the app's latency.
+"""Inference speed of model folders along every path the project offers, against the plain pipeline and the ceiling.
 
-    python -m benchmarks.speed                          # ViT-B/16 (random weights) and scratch-small on the X-rays
-                                                        # in --images
-    python -m benchmarks.speed --model outputs/vit-xray # also a trained model folder (top-1 agreement means most here)
+Also the app's latency for one request.
+
+    python -m benchmarks.speed                                    # the shipped model (models/swiftformer-xray)
+    python -m benchmarks.speed --model outputs/resnet-xray-30ep   # other trained folders instead (several allowed)
+    python -m benchmarks.speed --presets scratch-base --model     # only architectures with random weights
 
 Same model, same images (full-resolution JPEGs: decoding and resizing included), one path after another:
-  plain pipeline   pipeline("image-classification")(path) one image at a time: where every user starts
-  batched fp32     the project's predictor, every pixel decoded, batched      : must agree 100% with plain
-  + draft decode   JPEGs decoded at reduced scale (Image.draft) before resizing: approximate, must agree >= 99%
-  + int8           Linear layers dynamically quantized to int8                : must agree >= 99%
-  ORT fp32         draft decode, the forward pass run by ONNX Runtime         : must agree >= 99% (the decode)
-  ORT int8         the same with ONNX Runtime's int8 quantization             : must agree >= 99%
-The ONNX graphs (cxr.onnx_runtime) are exported into the model folder before any path is timed, as a second
-run of the predictor finds them, so no row includes the export.
-Each path runs in its own fresh worker process, so its peak memory (peak RSS, torch and the model included)
-is its own. Prints images/s, speed-up over plain, share of the physical ceiling (FLOPs per image against this
-machine's float32 matmul rate for float32 rows, its int8 matmul rate under ONNX Runtime for int8 rows), peak
-memory and top-1 agreement with plain. Agreement is counted, untimed, over the distinct timed images plus
---agreement_images training X-rays (224 px copies: 24 originals alone cannot show 99%, one image is 4%).
+  plain pipeline    pipeline("image-classification")(path), one image at a time: where every user starts
+  batched fp32      the project's predictor, every pixel decoded, batched: the reference the rows agree with
+  + draft decode    JPEGs decoded at reduced scale (Image.draft) before resizing: predict.py's decode, from here on
+  torch int8        Linear layers dynamically quantized to int8 by PyTorch    (predict.py --runtime torch-int8)
+  ORT fp32          the forward pass run by ONNX Runtime                      (predict.py --runtime onnx)
+  ORT int8          ONNX Runtime's int8 quantization of the same Linear layers (predict.py --runtime onnx-int8)
+A path an architecture cannot take (no ONNX export) prints why instead of figures. The ONNX graphs
+(cxr.onnx_runtime) are exported into the model folder before any path is timed, as a second run of the predictor
+finds them, so no row includes the export. Each path runs in its own fresh worker process, so its peak memory (peak
+RSS, torch and the model included) is its own.
+
+Columns: images/s; speed-up over plain; share of the physical ceiling: the operations of one image's forward pass,
+counted by torch's FlopCounterMode for whatever architecture the folder holds, against this machine's float32 matmul
+rate (float32 rows) or, for the int8 rows, the Linear layers' operations at its int8 matmul rate under ONNX Runtime
+and the rest at float32; peak memory; agreement with the batched fp32 row on the top-1 label and on the X-ray check's
+verdict (cxr.ood; the folder must have the check). Agreement is counted, untimed, over the distinct timed images plus
+--agreement_images training X-rays (224 px copies: 24 originals alone cannot show 99 %, one image is 4 %).
+
+Under each model's rows: the runtimes that clear DEFAULT_BAR against plain there, the bar a runtime must clear on
+the shipped model before it becomes predict.py's default (predict.DEFAULT_RUNTIME; docs/onnx.md).
 Then single-request latency through the running app (gradio_client, without its per-request TLS set-up:
 benchmarks.load.loopback_client) against the model's own forward time for one image, the app's own work, and the
 same app answering at once.
@@ -33,28 +42,107 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep instead of spinning: see app.py
 
 import torch  # noqa: E402
-from transformers import AutoConfig
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from transformers import AutoImageProcessor, AutoModelForImageClassification
+from transformers.utils.logging import disable_progress_bar
 
 from benchmarks.common import sample_benchmark_images
+from cxr.features import OnnxExportError, forward_features
 from cxr.labels import ID2LABEL
-from cxr.models import PRESETS, build_model
+from cxr.models import PRESETS, SHIPPED_MODEL_DIR, build_model, input_size
+from cxr.predictor import RUNTIMES
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "xray_originals"
 KAGGLE_TRAIN = DEFAULT_IMAGES.parent / "chest_xray" / "train"
-LABELS = ID2LABEL
-PATHS = [
-    "plain pipeline, 1 at a time",
-    "batched fp32",
-    "batched fp32 + draft decode",
-    "batched int8 + draft decode",
-    "ORT fp32 + draft decode",
-    "ORT int8 + draft decode",
-]
+PLAIN = "plain pipeline, 1 at a time"
+REFERENCE = "batched fp32"
+# path name -> (predict.py's --runtime, draft decode); None: the plain pipeline
+PATHS = {
+    PLAIN: None,
+    REFERENCE: ("torch", False),
+    "batched fp32 + draft decode": ("torch", True),
+    "torch int8 + draft decode": ("torch-int8", True),
+    "ORT fp32 + draft decode": ("onnx", True),
+    "ORT int8 + draft decode": ("onnx-int8", True),
+}
+# What a runtime must reach on the shipped model to become predict.py's default: its speed over the plain pipeline,
+# and its agreement with float32 on the top-1 label and on the X-ray check's verdict.
+DEFAULT_BAR = dict(speedup=1.5, labels=0.995, verdicts=0.99)
+
+
+@dataclass
+class Operations:
+    """The operations of one image's forward pass, a multiply-add counted as 2 (the unit of the matmul rates)."""
+
+    total: int
+    linear: int  # those inside nn.Linear layers: what both int8 paths quantize (convolutions and attention stay float)
+
+
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_operations(model: torch.nn.Module, image_size: int) -> Operations:
+    """Count what `forward_features` (the predictor's forward pass) computes for one image, with torch's
+    FlopCounterMode: matrix products, convolutions and attention, whatever the architecture."""
+    # FlopCounterMode knows scaled_dot_product_attention by its GPU kernels only; on a CPU it runs this one, uncounted
+    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+    counter = FlopCounterMode(display=False, custom_mapping=cpu_attention)
+    with counter, torch.inference_mode():
+        forward_features(model.eval(), torch.zeros(1, 3, image_size, image_size))
+    counts = counter.get_flop_counts()  # per module, named "<model class>.<module path>", plus "Global"
+    root = type(model).__name__
+    linear = sum(
+        sum(counts.get(f"{root}.{name}", {}).values())
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    )
+    return Operations(total=counter.get_total_flops(), linear=linear)
+
+
+def ceiling(operations: Operations, float32_rate: float, int8_rate: float | None = None) -> float:
+    """Images/s if every counted operation ran at this machine's matmul rate (GFLOP/s): all at the float32 rate, or,
+    given `int8_rate`, the Linear layers' at that rate."""
+    int8_share = operations.linear if int8_rate else 0
+    seconds = (operations.total - int8_share) / (float32_rate * 1e9)
+    if int8_rate:
+        seconds += int8_share / (int8_rate * 1e9)
+    return 1 / seconds
+
+
+def runtimes_clearing_bar(rows: dict[str, dict], reference: dict) -> list[tuple[str, float, float, float]]:
+    """(runtime, speed-up, label agreement, verdict agreement) of each draft-decode path that clears DEFAULT_BAR,
+    fastest first; none without the X-ray check's verdicts."""
+    plain = rows[PLAIN]
+    cleared = []
+    for path_name, row in rows.items():
+        if PATHS[path_name] is None or not PATHS[path_name][1] or "error" in row:
+            continue
+        labels, verdicts = agreement(row, reference)
+        speedup = row["rate"] / plain["rate"]
+        if (
+            verdicts is not None
+            and speedup >= DEFAULT_BAR["speedup"]
+            and labels >= DEFAULT_BAR["labels"]
+            and verdicts >= DEFAULT_BAR["verdicts"]
+        ):
+            cleared.append((PATHS[path_name][0], speedup, labels, verdicts))
+    return sorted(cleared, key=lambda entry: -entry[1])
+
+
+def agreement(row: dict, reference: dict) -> tuple[float, float | None]:
+    """Shares of the check images on which `row` gives the reference's top-1 label and its X-ray check verdict (None
+    where either has no verdicts)."""
+    labels = [a == b for a, b in zip(row["check_labels"], reference["check_labels"], strict=True)]
+    pairs = list(zip(row["check_verdicts"], reference["check_verdicts"], strict=True))
+    verdicts = None if any(None in pair for pair in pairs) else [a == b for a, b in pairs]
+    return sum(labels) / len(labels), (sum(verdicts) / len(verdicts) if verdicts else None)
 
 
 def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
@@ -67,15 +155,6 @@ def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
         torch.mm(a, b)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
-
-
-def vit_gflops(config) -> float:
-    """Forward FLOPs of one image through a ViT, counting a multiply-add as 2 FLOPs (the unit of the matmul rate)."""
-    tokens = (config.image_size // config.patch_size) ** 2 + 1
-    d, m = config.hidden_size, config.intermediate_size
-    embedding = 2 * (tokens - 1) * 3 * config.patch_size**2 * d
-    per_layer = 2 * tokens * (4 * d * d + 2 * d * m) + 2 * 2 * tokens * tokens * d
-    return (embedding + config.num_hidden_layers * per_layer) / 1e9
 
 
 def int8_matmul_gops(size: int = 2048, repeats: int = 10) -> float:
@@ -109,35 +188,47 @@ def int8_matmul_gops(size: int = 2048, repeats: int = 10) -> float:
 
 def worker(model_dir: str, path_name: str, images: list[Path], batch_size: int, check_images: list[Path]) -> dict:
     """Run one path over the images in this (fresh) process: top-1 labels, images/s, peak RSS; then, untimed,
-    the top-1 labels of `check_images` (more real X-rays, for a finer agreement figure)."""
+    the top-1 labels and X-ray check verdicts of `check_images` (more real X-rays, for a finer agreement figure).
+    A path this architecture cannot take returns its reason as "error"."""
     from transformers import pipeline
 
     from cxr.predictor import classify, load_classifier
 
-    if path_name == PATHS[0]:
+    if PATHS[path_name] is None:
         plain = pipeline("image-classification", model=model_dir)
-        run = lambda files: [plain(str(f), top_k=1)[0]["label"] for f in files]  # noqa: E731
+
+        def run(files: list[Path]) -> tuple[list[str], list[bool | None]]:
+            return [plain(str(f), top_k=1)[0]["label"] for f in files], [None] * len(files)
+
     else:
-        classifier = load_classifier(model_dir, int8="int8" in path_name, onnx=path_name.startswith("ORT"))
-        draft = "draft" in path_name
-        run = lambda files: [p.top_label for p in classify(classifier, files, batch_size=batch_size, draft=draft)]  # noqa: E731
+        runtime, draft = PATHS[path_name]
+        try:
+            classifier = load_classifier(model_dir, **RUNTIMES[runtime])
+        except OnnxExportError as error:
+            return dict(error=str(error).splitlines()[0])
+
+        def run(files: list[Path]) -> tuple[list[str], list[bool | None]]:
+            predictions = classify(classifier, files, batch_size=batch_size, draft=draft)
+            return [p.top_label for p in predictions], [p.looks_like_chest_xray for p in predictions]
+
     run(images[:2])  # warm-up: first calls allocate and pick kernels
     start = time.perf_counter()
-    labels = run(images)
+    run(images)
     rate = len(images) / (time.perf_counter() - start)
     peak_mib = peak_rss_mib()
-    return dict(labels=labels, rate=rate, peak_mib=peak_mib, check_labels=run(check_images))
+    check_labels, check_verdicts = run(check_images)
+    return dict(rate=rate, peak_mib=peak_mib, check_labels=check_labels, check_verdicts=check_verdicts)
 
 
 def export_onnx(model_dir: str) -> None:
     """Write the folder's cached ONNX graphs (float32 and int8), so the ORT rows time and measure the memory of a
     load that finds them, as every load after the first does. In a process of its own, like the paths (its
-    progress bars stay out of the table)."""
+    progress bars stay out of the table). An architecture that does not export leaves its error to the ORT rows."""
     code = (
         "from cxr.predictor import load_classifier\n"
         f"for int8 in (False, True): load_classifier({model_dir!r}, onnx=True, int8=int8)"
     )
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", code], capture_output=True)
 
 
 def peak_rss_mib() -> float:
@@ -149,13 +240,10 @@ def peak_rss_mib() -> float:
     return float("nan")
 
 
-def forward_ms(model_dir: str, repeats: int = 10) -> float:
+def forward_ms(model_dir: str, image_size: int, repeats: int = 10) -> float:
     """Median time of the model's own forward pass on one preprocessed image (no decoding)."""
-    from transformers import AutoModelForImageClassification
-
     model = AutoModelForImageClassification.from_pretrained(model_dir).eval()
-    size = model.config.image_size
-    pixels = torch.randn(1, 3, size, size)
+    pixels = torch.randn(1, 3, image_size, image_size)
     times = []
     with torch.inference_mode():
         for _ in range(repeats + 2):
@@ -218,7 +306,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="Folder of X-ray images to classify.")
+    parser.add_argument(
+        "--model",
+        nargs="*",
+        default=[str(SHIPPED_MODEL_DIR)],
+        help="Trained model folders to measure; --model with none measures only the --presets.",
+    )
+    parser.add_argument(
+        "--presets",
+        nargs="*",
+        default=[],
+        choices=PRESETS,
+        metavar="PRESET",
+        help=f"Architectures to measure too, built with random weights: {', '.join(PRESETS)}.",
+    )
+    parser.add_argument(
+        "--images", type=Path, default=DEFAULT_IMAGES, help="Folder of X-ray images to time (full resolution)."
+    )
     parser.add_argument(
         "--repeat", type=int, default=2, help="Pass over the images this many times (more images, steadier figures)."
     )
@@ -226,20 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--agreement_images",
         type=int,
-        default=200,
+        default=500,
         help=(
             "Kaggle training X-rays (a fixed sample from the chest_xray/train/ folder beside the default --images) "
-            "each path also labels, untimed, after the timed run: top-1 agreement is counted over them and the "
+            "each path also labels, untimed, after the timed run: agreement is counted over them and the "
             "distinct timed images."
         ),
     )
-    parser.add_argument(
-        "--presets",
-        nargs="*",
-        default=["scratch-base", "scratch-small"],
-        help=f"Architectures built with random weights: {', '.join(PRESETS)}.",
-    )
-    parser.add_argument("--model", action="append", default=[], help="A trained model folder to add (repeatable).")
     parser.add_argument(
         "--requests", type=int, default=20, help="Single requests sent through the app per model (0 skips the app)."
     )
@@ -255,8 +352,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_worker(args: argparse.Namespace, folder: str, path_name: str) -> dict:
+    """`worker` for one path, in a fresh process with this run's options."""
+    command = [sys.executable, "-m", "benchmarks.speed", "--images", str(args.images), "--repeat", str(args.repeat)]
+    command += ["--batch_size", str(args.batch_size), "--agreement_images", str(args.agreement_images)]
+    finished = subprocess.run([*command, "--worker", folder, path_name], capture_output=True, text=True)
+    if finished.returncode != 0:
+        raise SystemExit(f"{path_name} failed on {folder}:\n{finished.stderr[-3000:]}")
+    return json.loads(finished.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     args = build_parser().parse_args()
+    disable_progress_bar()  # loading weights, here and in the workers: the table is the output
 
     images = sorted(p for p in args.images.iterdir() if p.suffix.lower() in (".jpeg", ".jpg", ".png")) * args.repeat
     if not images:
@@ -266,75 +374,82 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(*args.worker, images, args.batch_size, check_images)))
         return
+    missing = [folder for folder in args.model if not (Path(folder) / "config.json").is_file()]
+    if missing:
+        raise SystemExit(
+            f"No trained model in {', '.join(missing)}: train it (README), name another with --model FOLDER, or "
+            "measure only presets with --presets NAME --model"
+        )
+
+    from predict import DEFAULT_RUNTIME
 
     rate, int8_rate = matmul_gflops(), int8_matmul_gops()
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; float32 matmul {rate:.0f} GFLOP/s, int8 matmul "
-        f"(ONNX Runtime) {int8_rate:.0f} GOP/s; {len(images)} images from {args.images} timed; top-1 agreement over "
-        f"{len(check_images)} distinct images ({len(check_images) - len(set(images))} more from {KAGGLE_TRAIN})\n"
+        f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads, "
+        f"load average {' '.join(f'{load:.2f}' for load in os.getloadavg())}; float32 matmul {rate:.0f} GFLOP/s, "
+        f"int8 matmul (ONNX Runtime) {int8_rate:.0f} GOP/s; {len(images)} images from {args.images} timed; agreement "
+        f"over {len(check_images)} distinct images ({len(check_images) - len(set(images))} more from {KAGGLE_TRAIN})\n"
     )
     with tempfile.TemporaryDirectory() as scratch:
         models = []
         for preset in args.presets:
-            model, processor, _ = build_model(preset, LABELS)
+            model, processor, _ = build_model(preset, ID2LABEL)
             model.save_pretrained(Path(scratch) / preset)
             processor.save_pretrained(Path(scratch) / preset)
-            models.append((f"{preset} (random weights)", str(Path(scratch) / preset), model.config))
-        for folder in args.model:
-            models.append((folder, folder, AutoConfig.from_pretrained(folder)))
+            models.append((f"{preset} (random weights)", str(Path(scratch) / preset)))
+        models += [(folder, folder) for folder in args.model]
 
         header = (
-            f"{'model':<32} {'path':<30} {'images/s':>9} {'x plain':>8} {'% ceiling':>10} {'peak MiB':>9} "
-            f"{'top-1 agree':>12} {'differ':>7}"
+            f"{'model':<32} {'path':<28} {'images/s':>9} {'x plain':>8} {'% ceiling':>10} {'peak MiB':>9} "
+            f"{'top-1 agree':>12} {'differ':>7} {'check agree':>12}"
         )
         print(header + "\n" + "-" * len(header))
         latencies = []
-        for label, folder, config in models:
-            ceiling, int8_ceiling = rate / vit_gflops(config), int8_rate / vit_gflops(config)
+        for label, folder in models:
+            image_size = input_size(AutoImageProcessor.from_pretrained(folder))
+            operations = count_operations(AutoModelForImageClassification.from_pretrained(folder), image_size)
+            float32_ceiling, int8_ceiling = ceiling(operations, rate), ceiling(operations, rate, int8_rate)
             export_onnx(folder)
-            rows = {}
-            for path_name in PATHS:
-                command = [
-                    sys.executable,
-                    "-m",
-                    "benchmarks.speed",
-                    "--images",
-                    str(args.images),
-                    "--repeat",
-                    str(args.repeat),
-                    "--batch_size",
-                    str(args.batch_size),
-                    "--worker",
-                    folder,
-                    path_name,
-                ]
-                rows[path_name] = json.loads(
-                    subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-                )
-            plain = rows[PATHS[0]]
+            rows = {path_name: run_worker(args, folder, path_name) for path_name in PATHS}
+            plain, reference = rows[PLAIN], rows[REFERENCE]
             for path_name, row in rows.items():
-                differ = sum(a != b for a, b in zip(row["check_labels"], plain["check_labels"], strict=True))
-                own_ceiling = int8_ceiling if "int8" in path_name else ceiling
+                if "error" in row:
+                    print(f"{label:<32} {path_name:<28} {'cannot run: ' + row['error']}")
+                    continue
+                labels, verdicts = agreement(row, reference)
+                differ = round((1 - labels) * len(check_images))
+                own_ceiling = int8_ceiling if "int8" in path_name else float32_ceiling
+                check = "—" if verdicts is None else f"{100 * verdicts:.1f}%"
                 print(
-                    f"{label:<32} {path_name:<30} {row['rate']:>9.2f} {row['rate'] / plain['rate']:>7.2f}x "
+                    f"{label:<32} {path_name:<28} {row['rate']:>9.2f} {row['rate'] / plain['rate']:>7.2f}x "
                     f"{100 * row['rate'] / own_ceiling:>9.0f}% {row['peak_mib']:>9.0f} "
-                    f"{100 * (1 - differ / len(check_images)):>11.1f}% {differ:>7}"
+                    f"{100 * labels:>11.1f}% {differ:>7} {check:>12}"
                 )
             print(
-                f"{'':<32} ceiling = {rate:.0f} GFLOP/s / {vit_gflops(config):.2f} GFLOP per image = {ceiling:.2f} "
-                "images/s (float32 rows);"
+                f"{'':<32} ceiling = {rate:.0f} GFLOP/s / {operations.total / 1e9:.3g} GFLOP per image = "
+                f"{float32_ceiling:.3g} images/s (float32 rows);"
             )
             print(
-                f"{'':<32}           {int8_rate:.0f} GOP/s int8 / {vit_gflops(config):.2f} = {int8_ceiling:.2f} "
-                f"images/s (int8 rows) = {int8_ceiling / plain['rate']:.2f}x plain\n"
+                f"{'':<32}           the Linear layers' {operations.linear / 1e9:.3g} GFLOP at {int8_rate:.0f} GOP/s "
+                f"int8 = {int8_ceiling:.3g} images/s (int8 rows) = {int8_ceiling / plain['rate']:.3g}x plain"
             )
+            bar = (
+                f">= {DEFAULT_BAR['speedup']}x plain, >= {100 * DEFAULT_BAR['labels']:g}% labels and "
+                f">= {100 * DEFAULT_BAR['verdicts']:g}% X-ray check verdicts"
+            )
+            if agreement(reference, reference)[1] is None:
+                print(f"{'':<32} {bar}: not judged, this folder has no X-ray check\n")
+            else:
+                cleared = runtimes_clearing_bar(rows, reference)
+                names = ", ".join(f"{name} ({speedup:.2f}x)" for name, speedup, _, _ in cleared) or "none"
+                print(f"{'':<32} {bar} (predict.py's default now: {DEFAULT_RUNTIME}): {names}\n")
             if args.requests:
                 times = sorted(app_latency(folder, images[0], args.requests, verify_tls=args.verify_tls))
                 latencies.append(
                     (
                         label,
-                        config.image_size,
-                        forward_ms(folder),
+                        image_size,
+                        forward_ms(folder, image_size),
                         app_work_ms(folder, images[0]),
                         statistics.median(times),
                         times[int(0.95 * (len(times) - 1))],
