@@ -1,6 +1,6 @@
 """The data of a run, shared by `train_vit.py`, `pretrain_mae.py` and `calibrate.py`: the options that say where the
-X-rays are, the step that turns the user's folder into the prepared imagefolder tree and loads it, and the patient
-ids of a loaded validation split."""
+X-rays are, the step that turns the user's folder into the prepared imagefolder tree and loads it, the patient
+ids of a loaded validation split, and a site's labelled X-rays read as they are (`load_site`)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from pathlib import Path
 from filelock import FileLock
 from transformers import TrainingArguments
 
+from cxr.labels import CLASS_NAMES
 from hf_data.prepare import (
     MANIFEST_NAME,
     PrepareReport,
+    find_labelled_images,
     load_prepared,
     prepare_dataset,
     prepared_settings,
@@ -202,3 +204,35 @@ def validation_patient_ids(dataset) -> list[str]:
     """The patient id of every validation image, in order: the groups `cxr.reliability.fit_reliability` keeps
     together when it checks the prediction sets on children held out from the fit."""
     return [read_patient_id(Path(image["path"]).name) for image in dataset["validation"]["image"]]
+
+
+@dataclass
+class SiteImages:
+    """A site's labelled X-rays, read as they are (no split, no prepared tree): `dataset` is a `datasets.Dataset` of
+    undecoded `image` and `label` columns like a prepared split's, `patients` the patient id of each image."""
+
+    source: Path
+    dataset: object
+    patients: list[str]
+    skipped: list[tuple[str, str]]
+
+    def images_per_class(self) -> dict[str, int]:
+        labels = self.dataset["label"]
+        return {name: labels.count(index) for index, name in enumerate(CLASS_NAMES)}
+
+
+def load_site(site_dir: str | Path) -> SiteImages:
+    """Every usable X-ray in a folder from another site (Kaggle layout or class folders; any split folders inside are
+    read alike), with its class and patient id from the folder and file names, as `prepare_dataset` reads them."""
+    import datasets
+
+    images, skipped = find_labelled_images(site_dir)
+    features = datasets.Features(
+        {"image": datasets.Image(decode=False), "label": datasets.ClassLabel(names=list(CLASS_NAMES))}
+    )
+    columns = {
+        "image": [str(image.path) for image in images],
+        "label": [CLASS_NAMES.index(image.class_name) for image in images],
+    }
+    dataset = datasets.Dataset.from_dict(columns, features=features)
+    return SiteImages(Path(site_dir).expanduser().resolve(), dataset, [image.patient_id for image in images], skipped)

@@ -164,38 +164,7 @@ def prepare_dataset(
         raise ValueError(f"validation_fraction must be in (0, 0.5], got {validation_fraction}.")
     # refuses a folder we did not write, before any work
     previous_output_files = files_written_by_previous_prepare(output)
-
-    class_folders, skipped = find_class_folders(source)
-    candidates = []
-    for folder, source_split, folder_class in class_folders:
-        files, skipped_here = list_files(folder)
-        candidates += [(path, source_split, folder_class) for path in files]
-        skipped += skipped_here
-
-    images = []
-    for path, source_split, folder_class in tqdm(candidates, desc="Checking images", unit="image"):
-        class_name, reason = read_class(path.name, folder_class)
-        if class_name is None:
-            skipped.append((str(path), reason))
-            continue
-        if path.suffix.lower() not in imagefolder_extensions():
-            skipped.append((str(path), f"'{path.suffix or path.name}' is not an image file type imagefolder reads"))
-            continue
-        try:
-            load_image(path, draft_size=64)
-        except ImageLoadError as error:
-            skipped.append((str(path), str(error)))
-            continue
-        except OSError as error:  # e.g. no permission to read it
-            skipped.append((str(path), f"cannot be read ({error.strerror or error})"))
-            continue
-        images.append(SourceImage(path, source_split, class_name, read_patient_id(path.name)))
-    if not images:
-        raise ValueError(
-            f"No usable images found in {source}. {EXPECTED_LAYOUTS}"
-            + (f" {len(skipped)} file(s) were skipped, e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else "")
-        )
-
+    images, skipped = find_labelled_images(source)
     splits = assign_splits(images, validation_fraction, seed, keep_kaggle_val)
     rows = plan_output_files(images, splits)
     # replaced, not deleted first
@@ -236,6 +205,46 @@ def prepare_dataset(
     for image, split in zip(images, splits, strict=True):
         counts[split][image.class_name] += 1
     return PrepareReport(output_dir=output, counts=counts, skipped=skipped)
+
+
+def find_labelled_images(source_dir: str | os.PathLike) -> tuple[list[SourceImage], list[tuple[str, str]]]:
+    """Every usable X-ray under `source_dir` (either layout), with its class and patient id, and the files left out
+    with the reason: `prepare_dataset` splits these, and a site's check and recalibration (`calibrate.py --site_dir`,
+    `site_check.py`) read them as they are. Raises ValueError where there is no usable image."""
+    source = Path(source_dir).expanduser().resolve()
+    if not source.is_dir():
+        raise ValueError(f"Source folder {source} does not exist or is not a folder.")
+    class_folders, skipped = find_class_folders(source)
+    candidates = []
+    for folder, source_split, folder_class in class_folders:
+        files, skipped_here = list_files(folder)
+        candidates += [(path, source_split, folder_class) for path in files]
+        skipped += skipped_here
+
+    images = []
+    for path, source_split, folder_class in tqdm(candidates, desc="Checking images", unit="image"):
+        class_name, reason = read_class(path.name, folder_class)
+        if class_name is None:
+            skipped.append((str(path), reason))
+            continue
+        if path.suffix.lower() not in imagefolder_extensions():
+            skipped.append((str(path), f"'{path.suffix or path.name}' is not an image file type imagefolder reads"))
+            continue
+        try:
+            load_image(path, draft_size=64)
+        except ImageLoadError as error:
+            skipped.append((str(path), str(error)))
+            continue
+        except OSError as error:  # e.g. no permission to read it
+            skipped.append((str(path), f"cannot be read ({error.strerror or error})"))
+            continue
+        images.append(SourceImage(path, source_split, class_name, read_patient_id(path.name)))
+    if not images:
+        raise ValueError(
+            f"No usable images found in {source}. {EXPECTED_LAYOUTS}"
+            + (f" {len(skipped)} file(s) were skipped, e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else "")
+        )
+    return images, skipped
 
 
 def load_prepared(output_dir: str | os.PathLike):
