@@ -231,6 +231,7 @@ def reliability_section(summary: dict | None) -> str:
             SECTION_START,
             "## Calibration and out-of-distribution check",
             "",
+            *site_paragraph(summary.get("site_recalibration")),
             f"**Calibrated probabilities.** Temperature scaling: T = {calibration['temperature']:.3f}, "
             f"fitted on the {calibration['fitted_on']} "
             "by minimising the negative log-likelihood, and folded into the classifier head (weight and bias divided "
@@ -242,12 +243,13 @@ def reliability_section(summary: dict | None) -> str:
             *rows,
             "",
             "ECE: expected calibration error, 15 equal-width confidence bins. "
-            "On the validation split, where T was fitted, the figure after is optimistic.",
+            f"On the {calibration['fitted_on'].split(' (')[0]}, where T was fitted, the figure after is optimistic.",
             "",
             f"**Is it a chest X-ray at all?** `ood.safetensors` holds the training split's feature statistics; "
             f"an image whose `{ood['score']}` score (distance of its penultimate features to the nearest class, "
             f"shared Ledoit-Wolf covariance) exceeds {ood['threshold']:.4g} is flagged as not looking like a pediatric "
-            f"chest X-ray. The threshold accepts {ood.get('accept_rate', 0.95):.0%} of the validation X-rays "
+            f"chest X-ray. The threshold accepts {ood.get('accept_rate', 0.95):.0%} of the "
+            f"{ood.get('threshold_fitted_on', 'validation X-rays')} "
             f"(accepted: {accepted}). The project's app and batch predictor (`cxr.predictor`) report the flag; "
             "plain `pipeline()` does not. "
             "`python -m benchmarks.ood` measures it on real X-rays, photos, documents, noise and altered X-rays.",
@@ -257,13 +259,36 @@ def reliability_section(summary: dict | None) -> str:
     )
 
 
+def site_paragraph(record: dict | None) -> list[str]:
+    """Card lines for a folder recalibrated at a site (`calibrate.py --site_dir`): on what, when, and the coverage on
+    the site's X-rays held out of the fit."""
+    if not record:
+        return []
+    fit, check = record["fitting_part"], record["checking_part"]
+    coverage = record["checking_part_coverage"]["prediction_sets"]
+    covered = "; ".join(
+        f"{level} sets {rows['all classes']['before']:.3f} before, {rows['all classes']['after']:.3f} after"
+        for level, rows in coverage.items()
+    )
+    per_class = ", ".join(f"{count} {name.lower()}" for name, count in fit["images_per_class"].items())
+    return [
+        f"**Recalibrated at a site, without retraining.** On {record['date']}, the temperature, the prediction-set "
+        f"thresholds and the X-ray check's threshold were refitted on {fit['images']} X-rays ({per_class}) of "
+        f"{fit['patients']} patients from `{record['data']}` ({record['split']}); the weights are those of "
+        f"`{record['source_model']}`, and the figures above are that model's (their calibration error at its own "
+        f"temperature). On {check['images']} X-rays of {check['patients']} other patients of that folder, held out "
+        f"of the fit, the sets covered: {covered}. What follows holds for X-rays like this site's.",
+        "",
+    ]
+
+
 def prediction_sets_paragraph(sets: dict | None) -> list[str]:
     """Card lines for the conformal prediction sets: what they promise and the coverage measured on data the fit did
     not see."""
     if not sets:
         return []
     checks = {
-        "validation children held out of the fit": sets["validation_held_out_children"],
+        f"{sets.get('fit_split', 'validation')} children held out of the fit": sets["validation_held_out_children"],
         **sets.get("by_split", {}),
     }
     rows = [
@@ -279,7 +304,9 @@ def prediction_sets_paragraph(sets: dict | None) -> list[str]:
         "**Prediction sets.** `conformal.json` holds class-conditional split-conformal thresholds "
         f"fitted on the {sets['fitted_on']}: "
         "the 90% (95%) set holds every label whose calibrated probability reaches that label's threshold, and contains "
-        "the true label for at least 90% (95%) of X-rays of each class, on data like the validation split. "
+        "the true label for at least 90% (95%) of X-rays of each class, for X-rays like the ones they were fitted on; "
+        "at another hospital, or with other equipment, check that with `site_check.py` and refit them there with "
+        "`calibrate.py --site_dir`. "
         "A set of two or three labels says the model cannot tell those apart at that confidence. "
         "Coverage and mean set size measured on data the fit did not see:",
         "",

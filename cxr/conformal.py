@@ -46,10 +46,24 @@ def level_name(level: float) -> str:
     return f"{round(100 * level)}%"
 
 
+def quantile_rank(images: int, level: float) -> int:
+    """The finite-sample quantile's rank among `images` scores: ceil((n + 1) * level)."""
+    return math.ceil((images + 1) * level)
+
+
+def images_needed(level: float) -> int:
+    """The fewest images of a class whose scores give that class a threshold at `level` (19 for 95 %, 9 for 90 %);
+    with fewer, `class_threshold` can only put the class in every set."""
+    images = 1
+    while quantile_rank(images, level) > images:
+        images += 1
+    return images
+
+
 def class_threshold(probabilities_of_class: np.ndarray, level: float) -> float:
     """The smallest probability of its own class an image may have and still get that class in its set."""
     scores = np.sort(1.0 - np.asarray(probabilities_of_class, dtype=np.float64))
-    rank = math.ceil((len(scores) + 1) * level)  # finite-sample quantile: the rank-th smallest score
+    rank = quantile_rank(len(scores), level)  # finite-sample quantile: the rank-th smallest score
     if rank > len(scores):
         return 0.0  # too few validation images of this class for this level: always in the set
     return float(1.0 - scores[rank - 1])

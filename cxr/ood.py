@@ -108,8 +108,14 @@ class OodDetector:
             centered = features - class_means[kind][np.searchsorted(classes, train_labels)]
             precision[kind] = LedoitWolf(assume_centered=True).fit(centered).precision_
         detector = cls(class_means, precision, thresholds={}, score_name=score_name)
-        detector.thresholds = {name: accept_threshold(values) for name, values in detector.scores(validation).items()}
+        detector.fit_thresholds(validation)
         return detector
+
+    def fit_thresholds(self, outputs: dict) -> None:
+        """Set every score's threshold to accept ACCEPT_RATE of these X-rays (`forward_features` outputs): the
+        validation split after training, a site's own X-rays at recalibration (the statistics stay the training
+        split's)."""
+        self.thresholds = {name: accept_threshold(values) for name, values in self.scores(outputs).items()}
 
     def scores(self, outputs: dict) -> dict[str, np.ndarray]:
         """Every candidate score for a batch of `forward_features` outputs; higher means less like the training

@@ -35,77 +35,126 @@ def fit_reliability(
         for split in dataset
         if split != "train"
     }
-
-    temperature = fit_temperature(held_out["validation"][0]["logits"], held_out["validation"][1])
-    fold_temperature(model, temperature)
-    calibration = {
-        "temperature": temperature,
-        "fitted_on": f"validation split ({len(held_out['validation'][1])} images)",
-        "by_split": {},
-    }
-    for split, (outputs, labels) in held_out.items():
-        raw = outputs["logits"]
-        outputs["logits"] = raw / temperature  # what the calibrated head now gives
-        calibration["by_split"][split] = {
-            "ece_before": expected_calibration_error(labels, softmax(raw)),
-            "ece_after": expected_calibration_error(labels, softmax(outputs["logits"])),
-            "nll_before": nll(raw, labels),
-            "nll_after": nll(outputs["logits"], labels),
-        }
-
+    calibration = fit_calibration(model, held_out, "validation", "validation split")
     prediction_sets = fit_prediction_sets(model, held_out, groups)
 
     train, train_labels = embed_split(model, processor, dataset["train"], batch_size, desc="Features: train")
     detector = OodDetector.fit(train, train_labels, held_out["validation"][0], score_name)
-    ood = {
-        "score": score_name,
+    ood = ood_summary(
+        detector,
+        held_out,
+        f"train split ({len(train_labels)} images); threshold accepts {ACCEPT_RATE:.0%} of the validation split",
+        "validation X-rays",
+    )
+    return detector, {"calibration": calibration, "ood": ood, "prediction_sets": prediction_sets}
+
+
+def refit_at_site(model, detector: OodDetector, held_out: dict, groups: list[str], site: str) -> dict:
+    """Refit the temperature, the prediction sets and the X-ray check's threshold on a site's own labelled X-rays,
+    without retraining: the same fits as `fit_reliability`, with the site's fitting part in the validation split's
+    place. The X-ray check keeps the training split's statistics; only its threshold moves.
+
+    `held_out` maps "site fitting part" (the fit's data; `groups` the patient id of each of its images) and "site
+    checking part" (scored, never fitted on) to `embed_split` outputs of `model` as loaded, with its earlier
+    temperature: the new one is folded on top of it, so "before" is the folder as it was. Logits in `held_out`
+    are rescaled in place, `detector`'s thresholds replaced; returns the summary `fit_reliability` returns.
+    """
+    fit_part = "site fitting part"
+    calibration = fit_calibration(model, held_out, fit_part, f"{fit_part} of {site}")
+    prediction_sets = fit_prediction_sets(model, held_out, groups, fit_part, f"{fit_part} of {site}")
+    detector.fit_thresholds(held_out[fit_part][0])
+    ood = ood_summary(
+        detector,
+        held_out,
+        f"train split (the original folder's statistics); threshold accepts {ACCEPT_RATE:.0%} of the {fit_part} "
+        f"({len(held_out[fit_part][1])} images of {site})",
+        f"X-rays of the {fit_part}",
+    )
+    return {"calibration": calibration, "ood": ood, "prediction_sets": prediction_sets}
+
+
+def fit_calibration(model, held_out: dict, fit_split: str, fitted_on: str) -> dict:
+    """Fit a temperature on `held_out[fit_split]`'s logits, fold it into `model`'s head (on top of any already
+    there) and divide every part's logits by it in place; the calibration error and NLL before and after on each."""
+    logits, labels = held_out[fit_split][0]["logits"], held_out[fit_split][1]
+    temperature = fit_temperature(logits, labels)
+    fold_temperature(model, temperature)
+    calibration = {
+        "temperature": current_temperature(model),
+        "fitted_on": f"{fitted_on} ({len(labels)} images)",
+        "by_split": {},
+    }
+    for split, (outputs, split_labels) in held_out.items():
+        before = outputs["logits"]
+        outputs["logits"] = before / temperature  # what the calibrated head now gives
+        calibration["by_split"][split] = {
+            "ece_before": expected_calibration_error(split_labels, softmax(before)),
+            "ece_after": expected_calibration_error(split_labels, softmax(outputs["logits"])),
+            "nll_before": nll(before, split_labels),
+            "nll_after": nll(outputs["logits"], split_labels),
+        }
+    return calibration
+
+
+def ood_summary(detector: OodDetector, held_out: dict, fitted_on: str, threshold_on: str) -> dict:
+    """The X-ray check's part of metrics.json: score, thresholds, what they were fitted on, and the share of each
+    held-out part it accepts."""
+    return {
+        "score": detector.score_name,
         "threshold": detector.threshold,
         "thresholds": detector.thresholds,
-        "fitted_on": f"train split ({len(train_labels)} images); "
-        f"threshold accepts {ACCEPT_RATE:.0%} of the validation split",
+        "fitted_on": fitted_on,
+        "threshold_fitted_on": threshold_on,
         "accept_rate": ACCEPT_RATE,
         "accepted": {split: float(detector.check(outputs)[1].mean()) for split, (outputs, _) in held_out.items()},
         "file": OOD_FILE,
     }
-    return detector, {"calibration": calibration, "ood": ood, "prediction_sets": prediction_sets}
 
 
-def fit_prediction_sets(model, held_out: dict, groups: list[str]) -> dict:
-    """Class-conditional conformal prediction sets (`cxr.conformal`) on the calibrated validation probabilities, and
-    their coverage on data the fit did not see: validation children held out from a half-split fit, and every
-    other held-out split (the test split, where the data has one); `groups` (the patient id of each validation image)
-    keeps a child's images on one side of that half-split. The thresholds are in the result ("min_probability");
-    `save_prediction_sets` writes them into the model folder."""
+def fit_prediction_sets(
+    model, held_out: dict, groups: list[str], fit_split: str = "validation", fitted_on: str = "validation split"
+) -> dict:
+    """Class-conditional conformal prediction sets (`cxr.conformal`) on the calibrated probabilities of
+    `held_out[fit_split]`, and their coverage on data the fit did not see: children of that part held out from a
+    half-split fit, and every other held-out part (the test split, where the data has one; a site's checking part);
+    `groups` (the patient id of each image of the fit's part) keeps a child's images on one side of that
+    half-split. The thresholds are in the result ("min_probability"); `save_prediction_sets` writes them into the
+    model folder."""
     from cxr.conformal import LEVELS, PredictionSets, held_out_check
 
     names = [model.config.id2label[index] for index in range(len(model.config.id2label))]
-    outputs, labels = held_out["validation"]
+    outputs, labels = held_out[fit_split]
     probabilities = softmax(outputs["logits"])
     sets = PredictionSets.fit(probabilities, labels, names, LEVELS)
     return {
         "method": "class-conditional split-conformal (cxr/conformal.py), score 1 - calibrated probability",
         "min_probability": sets.thresholds,
         "labels": names,
-        "fitted_on": f"validation split ({len(labels)} images)",
+        "fitted_on": f"{fitted_on} ({len(labels)} images)",
+        "fit_split": fit_split,
         "fitted_on_images_per_class": sets.fitted_on,
+        # the key keeps its name (older folders have it): the children are the fit part's, whatever that was
         "validation_held_out_children": held_out_check(probabilities, labels, groups, names),
         "by_split": {
             split: sets.evaluate(softmax(split_outputs["logits"]), split_labels)
             for split, (split_outputs, split_labels) in held_out.items()
-            if split != "validation"
+            if split != fit_split
         },
         "file": "conformal.json",
     }
 
 
-def save_prediction_sets(model_dir: str | Path, summary: dict) -> Path:
-    """Write the prediction-set thresholds of `fit_reliability`'s summary into the model folder (conformal.json)."""
+def prediction_sets_of(summary: dict):
+    """The `PredictionSets` of `fit_reliability`'s (or `refit_at_site`'s) summary."""
     from cxr.conformal import PredictionSets
 
     fitted = summary["prediction_sets"]
-    return PredictionSets(fitted["labels"], fitted["min_probability"], fitted["fitted_on_images_per_class"]).save(
-        model_dir
-    )
+    return PredictionSets(fitted["labels"], fitted["min_probability"], fitted["fitted_on_images_per_class"])
+
+
+def save_prediction_sets(model_dir: str | Path, summary: dict) -> Path:
+    """Write the prediction-set thresholds of `fit_reliability`'s summary into the model folder (conformal.json)."""
+    return prediction_sets_of(summary).save(model_dir)
 
 
 def save_reliability(model_dir: str | Path, detector: OodDetector, summary: dict) -> None:
@@ -139,9 +188,8 @@ def describe_reliability(summary: dict) -> str:
             f"Prediction sets (class-conditional conformal), fitted on the {sets['fitted_on']}: "
             "coverage / mean set size per class"
         )
-        checks = {"validation children held out from a half-split fit": sets["validation_held_out_children"]} | sets[
-            "by_split"
-        ]
+        held_out_children = f"{sets.get('fit_split', 'validation')} children held out from a half-split fit"
+        checks = {held_out_children: sets["validation_held_out_children"]} | sets["by_split"]
         for where, report in checks.items():
             for level in sets["min_probability"]:
                 per_class = ", ".join(
