@@ -5,7 +5,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY_POINTS = ("app", "calibrate", "predict", "pretrain_mae", "train_vit")
+ENTRY_POINTS = ("app", "calibrate", "predict", "pretrain_mae", "site_check", "train_vit")
 PACKAGES = ("cxr", "hf_data", "benchmarks")
 
 
