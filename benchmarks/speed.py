@@ -399,8 +399,9 @@ def main() -> None:
             models.append((f"{preset} (random weights)", str(Path(scratch) / preset)))
         models += [(folder, folder) for folder in args.model]
 
+        width = max(32, *(len(label) for label, _ in models))
         header = (
-            f"{'model':<32} {'path':<28} {'images/s':>9} {'x plain':>8} {'% ceiling':>10} {'peak MiB':>9} "
+            f"{'model':<{width}} {'path':<28} {'images/s':>9} {'x plain':>8} {'% ceiling':>10} {'peak MiB':>9} "
             f"{'top-1 agree':>12} {'differ':>7} {'check agree':>12}"
         )
         print(header + "\n" + "-" * len(header))
@@ -414,35 +415,36 @@ def main() -> None:
             plain, reference = rows[PLAIN], rows[REFERENCE]
             for path_name, row in rows.items():
                 if "error" in row:
-                    print(f"{label:<32} {path_name:<28} {'cannot run: ' + row['error']}")
+                    print(f"{label:<{width}} {path_name:<28} {'cannot run: ' + row['error']}")
                     continue
                 labels, verdicts = agreement(row, reference)
                 differ = round((1 - labels) * len(check_images))
                 own_ceiling = int8_ceiling if "int8" in path_name else float32_ceiling
                 check = "—" if verdicts is None else f"{100 * verdicts:.1f}%"
                 print(
-                    f"{label:<32} {path_name:<28} {row['rate']:>9.2f} {row['rate'] / plain['rate']:>7.2f}x "
+                    f"{label:<{width}} {path_name:<28} {row['rate']:>9.2f} {row['rate'] / plain['rate']:>7.2f}x "
                     f"{100 * row['rate'] / own_ceiling:>9.0f}% {row['peak_mib']:>9.0f} "
                     f"{100 * labels:>11.1f}% {differ:>7} {check:>12}"
                 )
             print(
-                f"{'':<32} ceiling = {rate:.0f} GFLOP/s / {operations.total / 1e9:.3g} GFLOP per image = "
+                f"{'':<{width}} ceiling = {rate:.0f} GFLOP/s / {operations.total / 1e9:.3g} GFLOP per image = "
                 f"{float32_ceiling:.3g} images/s (float32 rows);"
             )
             print(
-                f"{'':<32}           the Linear layers' {operations.linear / 1e9:.3g} GFLOP at {int8_rate:.0f} GOP/s "
-                f"int8 = {int8_ceiling:.3g} images/s (int8 rows) = {int8_ceiling / plain['rate']:.3g}x plain"
+                f"{'':<{width}}           the Linear layers' {operations.linear / 1e9:.3g} GFLOP at "
+                f"{int8_rate:.0f} GOP/s int8 = {int8_ceiling:.3g} images/s (int8 rows) = "
+                f"{int8_ceiling / plain['rate']:.3g}x plain"
             )
             bar = (
                 f">= {DEFAULT_BAR['speedup']}x plain, >= {100 * DEFAULT_BAR['labels']:g}% labels and "
                 f">= {100 * DEFAULT_BAR['verdicts']:g}% X-ray check verdicts"
             )
             if agreement(reference, reference)[1] is None:
-                print(f"{'':<32} {bar}: not judged, this folder has no X-ray check\n")
+                print(f"{'':<{width}} {bar}: not judged, this folder has no X-ray check\n")
             else:
                 cleared = runtimes_clearing_bar(rows, reference)
                 names = ", ".join(f"{name} ({speedup:.2f}x)" for name, speedup, _, _ in cleared) or "none"
-                print(f"{'':<32} {bar} (predict.py's default now: {DEFAULT_RUNTIME}): {names}\n")
+                print(f"{'':<{width}} {bar} (predict.py's default now: {DEFAULT_RUNTIME}): {names}\n")
             if args.requests:
                 times = sorted(app_latency(folder, images[0], args.requests, verify_tls=args.verify_tls))
                 latencies.append(
