@@ -286,9 +286,10 @@ def describe_site_check(report: dict) -> str:
         lines.append("Below the promise, but too few X-rays to tell:")
         lines += [f"  - {sentence}" for sentence in report["unclear"]]
     if report["not_held"]:
+        model, site = report.get("model", "MODEL_DIR"), report.get("site", "SITE_DIR")
         lines.append(
             "Recalibrate at this site (a new model folder, no retraining): "
-            "python calibrate.py MODEL_DIR --site_dir SITE_DIR --output_dir NEW_MODEL_DIR"
+            f"python calibrate.py {model} --site_dir {site} --output_dir NEW_MODEL_DIR"
         )
     return "\n".join(lines)
 
