@@ -36,7 +36,7 @@ SITE_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "site_test
 TARGET_LEVEL, TARGET_OVERALL, TARGET_PER_CLASS = "95%", 0.02, 0.05
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--model", type=Path, default=SHIPPED_MODEL_DIR, help="Model folder (default: the shipped one)."
@@ -47,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--splits", type=int, default=50, help="Random patient splits (default 50).")
     parser.add_argument("--fit_fraction", type=float, default=0.5, help="Share of patients fitted on (default 0.5).")
     parser.add_argument("--batch_size", type=int, default=64)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     print("python -m benchmarks.site_recalibration " + shlex.join(argv if argv is not None else sys.argv[1:]))
 
     model = AutoModelForImageClassification.from_pretrained(args.model, use_safetensors=True)
