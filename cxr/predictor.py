@@ -19,6 +19,7 @@ With `load_classifier(..., onnx=True)` ONNX Runtime computes the same logits and
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import warnings
 from collections.abc import Iterable, Iterator
@@ -284,6 +285,23 @@ def classify_pixels(
             prediction.prediction_sets = sets[offset]
         predictions.append(prediction)
     return predictions
+
+
+def model_fingerprint(model: str | Path) -> str:
+    """What identifies the model inference runs: the sha256 of a local folder's inference files (INFERENCE_FILES, by
+    name and content), the id itself for a Hub model. Processes that must give the same answers compare it: the app
+    and its model server (cxr.serving), the runs that add to one output folder (cxr.cluster)."""
+    if not is_local_path(str(model)):
+        return str(model)
+    digest = hashlib.sha256()
+    for name in INFERENCE_FILES:
+        path = Path(model).expanduser() / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0")
+            with path.open("rb") as file:
+                for block in iter(lambda file=file: file.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
 
 
 def model_summary(model: str | Path) -> dict:
