@@ -39,6 +39,7 @@ from cxr.images import IMAGE_SUFFIXES, MAX_FILE_BYTES, ImageLoadError, load_imag
 from cxr.models import SHIPPED_MODEL_DIR, input_size
 from cxr.predictor import ModelNotFoundError, classify, load_classifier, model_summary
 from cxr.saliency import saliency_overlay
+from cxr.serving import BACKEND_CONCURRENCY_LIMIT, load_backend_classifier
 from cxr.workarounds import install_gradio_cache_patch
 
 # Serving limits for a small CPU box; docs/deployment.md has the measurements behind them.
@@ -207,12 +208,15 @@ def find_examples(folder: str | Path | None) -> list[list[str | None]]:
     return [[str(file), None] if file.suffix.lower() in DICOM_SUFFIXES else [None, str(file)] for file in files]
 
 
-def build_demo(model: str | Path = SHIPPED_MODEL_DIR, examples: str | Path | None = EXAMPLES_DIR) -> gr.Interface:
+def build_demo(
+    model: str | Path = SHIPPED_MODEL_DIR, examples: str | Path | None = EXAMPLES_DIR, backend: str | None = None
+) -> gr.Interface:
     """The Interface for `model` (a local folder or Hub id), loaded once here, with its queue limits (CONCURRENCY_LIMIT,
-    QUEUE_SIZE) and upload clean-up (DELETE_CACHE); raises ModelNotFoundError if the model is absent."""
+    QUEUE_SIZE) and upload clean-up (DELETE_CACHE); raises ModelNotFoundError if the model is absent. With `backend`
+    (the URL of serve.py), the model runs there and everything else here (cxr.serving)."""
     install_gradio_cache_patch()  # identical answers share one cached overlay: write it whole (cxr.workarounds)
     start_decode_workers(CONCURRENCY_LIMIT)  # before the model loads: fresh interpreters, never a fork of this one
-    classifier = load_classifier(model)
+    classifier = load_classifier(model) if backend is None else load_backend_classifier(str(model), backend)
 
     def classify_xray(
         xray: str | None = None, pasted: str | None = None
@@ -274,7 +278,8 @@ def build_demo(model: str | Path = SHIPPED_MODEL_DIR, examples: str | Path | Non
         check.change(
             lambda shown: gr.Label(label=prediction_set_heading(shown or {})), check, bars, api_visibility="private"
         )
-    return demo.queue(default_concurrency_limit=CONCURRENCY_LIMIT, max_size=QUEUE_SIZE, api_open=False)
+    concurrency = CONCURRENCY_LIMIT if backend is None else BACKEND_CONCURRENCY_LIMIT
+    return demo.queue(default_concurrency_limit=concurrency, max_size=QUEUE_SIZE, api_open=False)
 
 
 def check_temp_dir(folder: str | Path) -> None:
@@ -350,6 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Port. Default: the GRADIO_SERVER_PORT environment variable, else 7860 (or the next free one).",
     )
     parser.add_argument(
+        "--backend",
+        default=os.environ.get("XRAY_BACKEND"),
+        metavar="URL",
+        help="Run the model on a model server started with `python serve.py` (Ray Serve: replicas, batched requests; "
+        "docs/scaling.md) instead of in this process; --model names the same folder. Default: the XRAY_BACKEND "
+        "environment variable, else none.",
+    )
+    parser.add_argument(
         "--share",
         action="store_true",
         help="Also open a temporary public gradio.live link (off by default; anyone with the link can use the app).",
@@ -377,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     check_temp_dir(gr.utils.get_upload_folder())  # before the model loads: a wrong folder fails in a second
     try:
-        demo = build_demo(args.model, args.examples)
+        demo = build_demo(args.model, args.examples, args.backend)
     except ModelNotFoundError as error:
         raise SystemExit(f"app.py: {error}") from None  # the message says how to train one; no traceback
     demo.launch(**launch_options(args))
