@@ -1,6 +1,7 @@
 """Batch prediction: the top three labels for every X-ray in folders or file lists, written to CSV or JSON.
 
     python predict.py path/to/xrays/ more.jpeg --output predictions.csv   # the shipped model; --model for yours
+    python predict.py @files.txt --ray auto --output scores/   # on a Ray cluster, resumable (docs/scaling.md)
 
 Each row also holds the conformal prediction sets (`set_90`, `set_95`: the labels that together contain the true one
 for 90 % / 95 % of X-rays of each class; see cxr/conformal.py) and says whether the image looks like a pediatric
@@ -36,10 +37,15 @@ DEFAULT_RUNTIME = "torch"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        fromfile_prefix_chars="@",
     )
     parser.add_argument(
-        "inputs", nargs="+", help="Image files and/or folders (searched recursively for JPEG, PNG, DICOM, ...)."
+        "inputs",
+        nargs="+",
+        help="Image files and/or folders (searched recursively for JPEG, PNG, DICOM, ...); @LIST reads more from the "
+        "text file LIST, one a line.",
     )
     parser.add_argument(
         "--model",
@@ -48,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Default: the model that ships with the code (models/swiftformer-xray).",
     )
     parser.add_argument(
-        "--output", type=Path, default=Path("predictions.csv"), help="Where to write the results: .csv or .json."
+        "--output",
+        type=Path,
+        default=None,
+        help="Where to write the results: .csv or .json (default predictions.csv); with --ray, a folder of Parquet "
+        "files (default predictions/) that a rerun resumes.",
     )
     parser.add_argument("--batch_size", type=int, default=16, help="Images per forward pass.")
     parser.add_argument(
@@ -73,6 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
         "model.int8.onnx; a temporary copy for a Hub id or a read-only folder) and exported again whenever its "
         "weights change.",
     )
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        metavar="ADDRESS",
+        help="Score on a Ray cluster (pip install -r requirements-cluster.txt; docs/scaling.md): ADDRESS of a running "
+        "one (auto: the one on this machine), or none to start Ray here. Files already in --output are skipped.",
+    )
+    parser.add_argument(
+        "--actors",
+        type=int,
+        default=None,
+        help="With --ray: model copies scoring at once (default: from one up to what the cluster's CPUs allow).",
+    )
+    parser.add_argument(
+        "--cpus_per_actor", type=float, default=1, help="With --ray: CPUs (torch threads) each model copy takes."
+    )
     return parser
 
 
@@ -82,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     # --int8 and --onnx add to the runtime chosen
     runtime = {name: value or getattr(args, name) for name, value in RUNTIMES[args.runtime].items()}
 
+    output = args.output or Path("predictions.csv" if args.ray is None else "predictions")
+    if args.ray is not None and output.suffix.lower() in (".csv", ".json"):
+        parser.error(f"with --ray, --output is a folder (of Parquet files), not {output}")
     paths = find_image_files(args.inputs)
     if not paths:
         parser.error(f"no image files found in {' '.join(args.inputs)}")
@@ -102,11 +132,19 @@ def main(argv: list[str] | None = None) -> int:
             f"(add them with: python calibrate.py {args.model} --data_dir YOUR_DATA).",
             file=sys.stderr,
         )
-    count, failed, flagged = write_predictions(
-        predict_files(classifier, paths, batch_size=args.batch_size), args.output
-    )
+    if args.ray is None:
+        count, failed, flagged = write_predictions(predict_files(classifier, paths, batch_size=args.batch_size), output)
+    else:
+        try:
+            from cxr.cluster import score_on_ray  # Ray only for those who ask for it
+        except ImportError as error:
+            print(f"--ray needs Ray ({error}): pip install -r requirements-cluster.txt", file=sys.stderr)
+            return 1
+        count, failed, flagged = score_on_ray(
+            paths, args.model, runtime, output, args.ray or None, args.batch_size, args.actors, args.cpus_per_actor
+        )
     print(
-        f"Wrote {count} predictions to {args.output} ({failed} files could not be read; see the error column; "
+        f"Wrote {count} predictions to {output} ({failed} files could not be read; see the error column; "
         f"{flagged} do not look like a pediatric chest X-ray: looks_like_chest_xray is false)."
     )
     return 0

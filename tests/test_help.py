@@ -24,7 +24,10 @@ HELP = {
         train_vit.main,
         ["--data_dir", "--model", "--resume", "--early_stopping_patience", "scratch-small", "Kaggle", "--recipe"],
     ),
-    "predict.py": (predict.main, ["inputs", "--model", "Hub id", "--output", ".csv or .json", "--int8", "--onnx"]),
+    "predict.py": (
+        predict.main,
+        ["inputs", "--model", "Hub id", "--output", ".csv or .json", "--int8", "--onnx", "--ray", "@LIST"],
+    ),
     "pretrain_mae.py": (
         pretrain_mae.main,
         ["--data_dir", "--mask_ratio", "--output_dir", "masked autoencoding", "ImageNet"],
