@@ -70,6 +70,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.model} has no metrics.json with its own figures to compare with.", file=sys.stderr)
         return 1
     site = load_site(args.site_dir)
+    if (metrics.get("site_recalibration") or {}).get("data") == str(site.source):
+        print(
+            f"Note: {args.model} was recalibrated on part of these X-rays, so its sets look better here than on new "
+            "ones: its metrics.json (site_recalibration) has the figures on the part held out of that fit.",
+            file=sys.stderr,
+        )
     outputs, labels = embed_split(classifier.model, classifier.image_processor, site.dataset, args.batch_size)
     report = {"model": args.model, "site": str(site.source), "skipped_files": len(site.skipped)} | check_site(
         outputs,

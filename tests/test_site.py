@@ -152,6 +152,13 @@ def test_the_folder_and_its_card_record_what_the_parts_were_fitted_on(recalibrat
     assert "Recalibrated at a site" not in (original / "README.md").read_text()
 
 
+def test_checking_a_folder_on_the_xrays_it_was_recalibrated_on_says_so(recalibrated, tmp_path, capsys):
+    _, new, site, _ = recalibrated
+    assert site_check.main([str(site), "--model", str(new), "--output_dir", str(tmp_path), "--bootstrap", "20"]) == 0
+    assert "was recalibrated on part of these X-rays" in capsys.readouterr().err
+    assert json.loads((tmp_path / "site_check.json").read_text())["images"] == len(load_site(site).dataset)
+
+
 def test_too_few_site_xrays_stop_the_recalibration_and_write_nothing(tiny_model_dir, tmp_path, capsys):
     site = synthetic_site(tmp_path / "site", images_per_class=20)
     new = tmp_path / "recalibrated"
