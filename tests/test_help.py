@@ -6,6 +6,7 @@ import app
 import calibrate
 import predict
 import pretrain_mae
+import site_check
 import train_vit
 from cxr.ood import OOD_FILE
 
@@ -18,7 +19,12 @@ HELP = {
     "calibrate.py": (
         calibrate.main,
         ["model_dir", "--data_dir", "in place", "without retraining", "temperature", OOD_FILE, "metrics.json"]
-        + ["--score", "synthetic", "--split_seed"],
+        + ["--score", "synthetic", "--split_seed", "--site_dir", "--output_dir", "new model folder"],
+    ),
+    "site_check.py": (
+        site_check.main,
+        ["site_dir", "--model", "--output_dir", "site_check.png", "site_check.json", "Kaggle", "confidence intervals"]
+        + ["calibrate.py --site_dir"],
     ),
     "train_vit.py": (
         train_vit.main,
