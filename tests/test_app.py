@@ -2,6 +2,7 @@
 way in agrees."""
 
 import copy
+import ipaddress
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import gradio as gr
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -126,9 +128,54 @@ def test_validation_images_mostly_get_no_warning(classifier, tiny_model_dir):
     assert sum(check["looks_like_chest_xray"] for _, _, _, check in results) >= 0.8 * len(files)
 
 
-def test_the_warning_comes_first_and_the_check_last(tiny_model_dir):
+def shown(demo: gr.Blocks, *inputs) -> dict:
+    """What the page receives for an upload: the /predict event's answer to `inputs`, each value as its output
+    component hands it to the browser (`postprocess`), by the component's elem_id."""
+    [event] = [fn for fn in demo.fns.values() if fn.api_name == "predict"]
+    return {
+        component.elem_id: component.postprocess(value)
+        for component, value in zip(event.outputs, event.fn(*inputs), strict=True)
+    }
+
+
+def bars_heading(demo: gr.Blocks, check: dict) -> str:
+    """The heading the page gives the bars once the check arrives (the check's change event)."""
+    [event] = [fn for fn in demo.fns.values() if [type(c) for c in fn.inputs] == [gr.JSON]]
+    return event.fn(check).label
+
+
+def test_the_page_shows_the_warning_the_three_probabilities_in_order_the_overlay_and_the_check(
+    classifier, tiny_model_dir, tmp_path
+):
     demo = app.build_demo(str(tiny_model_dir))
-    assert [type(component) for component in demo.output_components] == [gr.Markdown, gr.Label, gr.Image, gr.JSON]
+    xray = write(tmp_path, "gray.png", GOOD)
+    page = shown(demo, str(xray), None)
+    # the three probabilities, most probable first, summing to one, each the model's own: plain `pipeline` on the
+    # same file, which shares none of the app's code after the model folder
+    expected = {item["label"]: item["score"] for item in classifier(str(xray), top_k=3)}
+    bars = page["prediction"]
+    assert [bar.label for bar in bars.confidences] == sorted(expected, key=expected.get, reverse=True)
+    assert bars.label == bars.confidences[0].label and set(expected) == LABELS
+    assert [bar.confidence for bar in bars.confidences] == pytest.approx(
+        sorted(expected.values(), reverse=True), abs=1e-5
+    )
+    assert sum(bar.confidence for bar in bars.confidences) == pytest.approx(1.0, abs=1e-4)
+    check = page["xray-check"].root
+    assert check["prediction_sets"] == classify(classifier, [str(xray)])[0].prediction_sets
+    assert (page["xray-warning"] == "") == check["looks_like_chest_xray"]
+    for label in check["prediction_sets"]["95%"]:  # the bars' heading names the 95 % set
+        assert label.lower() in bars_heading(demo, check).lower()
+    with Image.open(page["saliency"].path) as overlay:
+        assert max(overlay.size) == 512 and overlay.width / overlay.height == pytest.approx(300 / 240, rel=0.01)
+
+    noise = tmp_path / "holiday-photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(noise)
+    page = shown(demo, str(noise), None)
+    assert page["xray-check"].root["looks_like_chest_xray"] is False
+    assert (
+        page["xray-warning"].startswith("### ") and "does not look like a pediatric chest X-ray" in page["xray-warning"]
+    )
+    assert {bar.label for bar in page["prediction"].confidences} == LABELS  # the bars stay, under the warning
 
 
 def test_no_file_is_a_clear_ui_error(classifier):
@@ -245,11 +292,50 @@ def test_client_gets_a_prediction_and_a_clear_error_and_the_server_keeps_serving
     assert {item["label"] for item in again["confidences"]} == LABELS
 
 
-@pytest.mark.slow
-def test_served_on_loopback_with_a_bounded_upload_size(served):
-    assert served.local_url.startswith("http://127.0.0.1:")
-    assert served.max_file_size == MAX_FILE_BYTES
-    assert served.share_url is None
+def listening_addresses(port: int) -> set[str]:
+    """The addresses the kernel has a TCP socket listening on `port` at (Linux /proc/net/tcp and tcp6)."""
+    found = set()
+    for table, width in (("/proc/net/tcp", 4), ("/proc/net/tcp6", 16)):
+        for line in Path(table).read_text().splitlines()[1:] if Path(table).exists() else []:
+            local, state = line.split()[1], line.split()[3]
+            address, local_port = local.split(":")
+            if state == "0A" and int(local_port, 16) == port:  # 0A: LISTEN
+                raw = bytes.fromhex(address)  # 32-bit words in host (little-endian) order
+                words = b"".join(raw[start : start + 4][::-1] for start in range(0, width, 4))
+                found.add(str(ipaddress.ip_address(words)))
+    return found
+
+
+@pytest.mark.slow  # starts a fresh `python app.py`, as a user does
+def test_the_app_as_started_listens_on_loopback_only_and_refuses_an_upload_over_the_limit(tiny_model_dir, tmp_path):
+    if not Path("/proc/net/tcp").exists():
+        pytest.skip("reads the listening sockets from Linux's /proc/net/tcp")
+    port, log = free_port(), tmp_path / "app.log"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", GRADIO_TEMP_DIR=str(tmp_path / "tmp"))
+    for name in ("GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT", "GRADIO_SHARE", "XRAY_MODEL"):
+        env.pop(name, None)
+    server = subprocess.Popen(
+        [sys.executable, str(REPO / "app.py"), "--model", str(tiny_model_dir), "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not listening_addresses(port):
+            assert server.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        assert listening_addresses(port) == {"127.0.0.1"}  # not reachable from the network unless --host says so
+        upload = f"{url}/gradio_api/upload"
+        assert httpx.post(upload, files={"files": ("small.png", b"x" * 1024)}, timeout=60).status_code == 200
+        too_big = httpx.post(upload, files={"files": ("big.png", bytes(MAX_FILE_BYTES + 1))}, timeout=120)
+        assert too_big.status_code == 413 and "maximum allowed size" in too_big.text
+        assert "public URL" not in log.read_text()  # no gradio.live link unless --share
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 @pytest.mark.slow
@@ -378,13 +464,19 @@ def test_three_credited_example_xrays_ship_and_are_offered_by_default(monkeypatc
     assert app.find_examples(app.parse_args([]).examples) == [[None, str(path)] for path in files]
 
 
-def test_the_file_picker_offers_images_and_dicom_and_the_preview_takes_a_paste(tiny_model_dir):
+def test_the_file_picker_offers_images_and_dicom_and_the_preview_takes_a_paste(tiny_model_dir, tmp_path):
     demo = app.build_demo(str(tiny_model_dir))
     upload, seen = demo.input_components
     assert isinstance(upload, gr.File) and {".dcm", ".png", ".jpeg", ".jpg"} <= set(upload.file_types)
     # handed over unconverted
     assert isinstance(seen, gr.Image) and "clipboard" in seen.sources and seen.image_mode is None
-    assert [type(component) for component in demo.output_components] == [gr.Markdown, gr.Label, gr.Image, gr.JSON]
+    # a pasted X-ray is answered as the same file would be; when both are given, the file wins
+    xray, pasted, other = write(tmp_path, "gray.png", GOOD), tmp_path / "pasted.png", tmp_path / "other.png"
+    shutil.copy(xray, pasted)
+    Image.fromarray(np.roll(chest_like(), 80, axis=1), "L").save(other)
+    by_file, by_paste = shown(demo, str(xray), None)["prediction"], shown(demo, None, str(pasted))["prediction"]
+    assert by_paste == by_file
+    assert shown(demo, str(other), str(pasted))["prediction"] == shown(demo, str(other), None)["prediction"] != by_file
 
 
 @pytest.mark.parametrize("name", ["scan.dcm", "sixteen-bit.png", "large-3000px.jpeg"])

@@ -3,6 +3,7 @@ recorded), and a checkpoint given by Hub id is fine-tuned offline from a Hugging
 
 import dataclasses
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -291,19 +292,30 @@ def test_base_model_names_only_hub_ids(tiny_model_dir, tmp_path):
     )
 
 
-def test_the_pretrained_recipe_sets_the_fine_tuning_hyperparameters():
-    from transformers import HfArgumentParser
+def parsed_options(*argv: str) -> dict:
+    """Every argument `train_vit.py` would train with, given `argv` (recipes expanded), by name."""
+    parsed = train_vit.build_parser().parse_args_into_dataclasses(
+        args=train_vit.with_recipe(["--data_dir", "synthetic", "--report_to", "none", *argv])
+    )
+    return {field.name: getattr(group, field.name) for group in parsed for field in dataclasses.fields(group)}
 
-    parser = HfArgumentParser(
-        (train_vit.DataArguments, train_vit.ModelArguments, train_vit.SearchArguments, train_vit.XrayTrainingArguments)
-    )
-    _, model_args, _, training_args = parser.parse_args_into_dataclasses(
-        args=train_vit.with_recipe(["--data_dir", "synthetic", "--recipe", "vit-pretrained", "--report_to", "none"])
-    )
-    assert model_args.model == "google/vit-base-patch16-224-in21k" == train_vit.DEFAULT_CHECKPOINT
-    assert (training_args.learning_rate, training_args.num_train_epochs, training_args.per_device_train_batch_size) == (
-        2e-5,
-        5,
-        8,
-    )
-    assert (training_args.weight_decay, training_args.warmup_steps) == (0.0, 0.1)
+
+def test_the_pretrained_recipe_fine_tunes_the_hub_checkpoint_gently_and_the_command_line_still_wins():
+    recipe = train_vit.RECIPES / "vit-pretrained.args"
+    given = parsed_options("--recipe", "vit-pretrained")
+    defaults = parsed_options()
+    # the recipe is exactly its lines, typed on the command line: nothing dropped, nothing added
+    assert {**given, "recipe": None} == parsed_options(*shlex.split(recipe.read_text(), comments=True))
+    # what it does to a run: a Hub checkpoint, not a preset from scratch, fine-tuned more gently than the defaults
+    # (which suit training from scratch) and without weight decay pulling the pretrained weights toward zero
+    assert given["model"] == train_vit.DEFAULT_CHECKPOINT and given["model"] not in train_vit.PRESETS
+    assert given["learning_rate"] < defaults["learning_rate"]
+    assert given["num_train_epochs"] < defaults["num_train_epochs"]
+    assert given["weight_decay"] == 0 < defaults["weight_decay"]
+    overridden = parsed_options("--recipe", "vit-pretrained", "--learning_rate", "1e-4", "--num_train_epochs", "2")
+    assert (overridden["learning_rate"], overridden["num_train_epochs"]) == (1e-4, 2)
+    assert {**overridden, "learning_rate": None, "num_train_epochs": None} == {
+        **given,
+        "learning_rate": None,
+        "num_train_epochs": None,
+    }
