@@ -108,7 +108,7 @@ def test_a_folder_without_the_xray_check_clears_no_bar():
 
 
 def test_a_path_the_architecture_cannot_take_says_why(tmp_path):
-    """MobileViT V2 does not export to ONNX (docs/architectures.md): its ORT rows carry the reason."""
+    """MobileViT V2 does not export to ONNX (docs/model-comparison.md): its ORT rows carry the reason."""
     model, processor, _ = build_model("scratch-mobilevit", ID2LABEL)
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
