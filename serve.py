@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--host", default="127.0.0.1", help="Address to listen on; 0.0.0.0 for an app on another machine."
     )
-    parser.add_argument("--port", type=int, default=8000, help="Port.")
+    parser.add_argument(
+        "--port", type=int, default=8000, help="Port: app.py --backend http://HOST:PORT/ sends its predictions there."
+    )
     parser.add_argument("--max_batch_size", type=int, default=8, help="Requests one forward pass answers at most.")
     parser.add_argument(
         "--batch_wait_timeout_s",
