@@ -715,9 +715,10 @@ def serve_decodes(memory: int = DECODE_MEMORY) -> None:
             return
         name = requests.read(name_length).decode("utf-8", "replace")
         data = requests.read(data_length)
+        image = None
         try:
             image = _finish(_decode_file(data, bool(dicom), name, draft_size or None), name)
-            kind, channels, size, body = REPLY_IMAGE, len(image.getbands()), image.size, image.tobytes()
+            kind, channels, size, body = REPLY_IMAGE, len(image.getbands()), image.size, b""
         except ImageLoadError as error:
             kind, channels, size, body = REPLY_ERROR, 0, (0, 0), str(error).encode()[:MAX_ERROR_BYTES]
         except MemoryError:
@@ -726,8 +727,13 @@ def serve_decodes(memory: int = DECODE_MEMORY) -> None:
         except Exception as error:  # noqa: BLE001 - whatever a decoder raises, the server gets a message
             message = f"{name} cannot be decoded ({_quote(error)})."
             kind, channels, size, body = REPLY_ERROR, 0, (0, 0), message.encode()[:MAX_ERROR_BYTES]
+        replies.write(REPLY.pack(REPLY_MAGIC, kind, channels, *size, size[0] * size[1] * channels or len(body)))
+        if kind == REPLY_IMAGE:  # a strip of rows at a time: no second copy of a 40-megapixel image
+            rows = max(1, (4 << 20) // (size[0] * channels))
+            for top in range(0, size[1], rows):
+                replies.write(image.crop((0, top, size[0], min(size[1], top + rows))).tobytes())
+        else:
+            replies.write(body)
         image = None
-        replies.write(REPLY.pack(REPLY_MAGIC, kind, channels, *size, len(body)))
-        replies.write(body)
         replies.write(REPLY_END)
         replies.flush()

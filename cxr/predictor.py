@@ -101,7 +101,8 @@ def _load_classifier(
     looks_local = is_local_path(model)
     if looks_local and not (path / "config.json").is_file():
         raise ModelNotFoundError(f"No trained model at '{model}' (no config.json there).\n{TRAIN_HINT}")
-    mixed = check_checksums(path, INFERENCE_FILES) if looks_local else []
+    # A part left out (no ood.safetensors) is a folder without it, answered as such; a changed one is another run's.
+    mixed = [name for name in check_checksums(path, INFERENCE_FILES) if (path / name).is_file()] if looks_local else []
     if mixed:
         raise ModelNotFoundError(
             f"The model folder '{model}' mixes versions: {', '.join(mixed)} differ from what the run that wrote it "

@@ -27,6 +27,8 @@ TINY_RUN = [
     "true",
     "--report_to",
     "none",
+    "--precision",  # the same figures on every CPU: the hardware's choice is tested on its own (test_precision.py)
+    "fp32",
 ]
 
 

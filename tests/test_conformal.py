@@ -14,7 +14,7 @@ from cxr.conformal import CONFORMAL_FILE, PredictionSets, class_threshold, descr
 from cxr.labels import ID2LABEL
 from cxr.metrics import softmax
 from cxr.predictor import classify, load_classifier
-from cxr.run_record import read_metrics
+from cxr.run_record import read_metrics, write_checksums
 from helpers import validation_images
 
 NAMES = list(ID2LABEL.values())
@@ -95,6 +95,7 @@ def model_with_sets(tiny_model_dir, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder, ignore=shutil.ignore_patterns("checkpoint-*"))
     PredictionSets(NAMES, {"90%": [0.4, 0.4, 0.4], "95%": [0.25, 0.3, 0.2]}).save(folder)
+    write_checksums(folder)  # as every writer of a model folder does, last
     return folder
 
 

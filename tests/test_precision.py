@@ -4,9 +4,10 @@ explicit --bf16 where it would be emulated stops before any work; run.json recor
 import pytest
 
 import cxr.precision
-from conftest import run_tiny_training
+import train_vit
 from cxr.precision import resolve_precision
 from cxr.run_record import read_run
+from helpers import tiny_run
 
 NATIVE = (True, "CPU (AVX512) has AVX-512 BF16 or AMX")
 EMULATED = (False, "CPU (AVX2) has no AVX-512 BF16 or AMX: bfloat16 would be emulated, many times slower")
@@ -56,9 +57,11 @@ def test_fp32_can_be_insisted_on_and_contradictions_stop(hardware):
 
 
 @pytest.mark.parametrize(("answer", "expected"), [(EMULATED, "fp32"), (NATIVE, "bf16")], ids=["emulated", "native"])
-def test_run_json_records_the_choice(hardware, tmp_path, answer, expected, capsys):
+def test_run_json_records_the_choice(hardware, tmp_path, monkeypatch, answer, expected, capsys):
     hardware(answer)
-    model_dir = run_tiny_training(tmp_path, "scratch-tiny")
+    monkeypatch.chdir(tmp_path)
+    model_dir = tmp_path / "model"
+    train_vit.main([*tiny_run(drop=("precision",)), "--output_dir", str(model_dir)])
     record = read_run(model_dir)
     assert record["precision"]["precision"] == expected and record["precision"]["hardware"] == answer[1]
     assert record["training"]["bf16"] is (expected == "bf16")

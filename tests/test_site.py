@@ -208,9 +208,14 @@ def test_site_check_on_site_test_reports_every_figure_with_its_interval(site_tes
 
 
 def test_recalibration_on_half_of_site_test_covers_the_other_half(site_test, tmp_path):
-    new = tmp_path / "recalibrated"
-    assert calibrate.main([str(SHIPPED_MODEL_DIR), "--site_dir", str(site_test), "--output_dir", str(new)]) == 0
-    coverage = read_metrics(new)["site_recalibration"]["checking_part_coverage"]["prediction_sets"]["95%"]
-    # on the half it never saw, the promise is kept, within what ~170 X-rays can tell
-    assert coverage["all classes"]["after_interval"][1] >= 0.95
+    """Over several patient splits the refitted 95 % sets cover about 95 % of the children they never saw (one split
+    of ~170 X-rays alone can miss by chance: `python -m benchmarks.site_recalibration` runs 50)."""
+    coverages = []
+    for seed in range(4):
+        new = tmp_path / f"recalibrated-{seed}"
+        argv = [str(SHIPPED_MODEL_DIR), "--site_dir", str(site_test), "--output_dir", str(new)]
+        assert calibrate.main([*argv, "--site_split_seed", str(seed)]) == 0
+        coverage = read_metrics(new)["site_recalibration"]["checking_part_coverage"]["prediction_sets"]["95%"]
+        coverages.append(coverage["all classes"]["after"])
+    assert np.mean(coverages) == pytest.approx(0.95, abs=0.03), coverages
     assert load_classifier(new).prediction_sets is not None

@@ -168,7 +168,9 @@ def test_a_recipe_supplies_options_and_the_command_line_overrides_them(tmp_path,
             "1",
         ]
     )
-    command = re.search(r"\*\*Command:\*\* `(.*)`", (tmp_path / "recipe" / "README.md").read_text())[1]
+    card = (tmp_path / "recipe" / "README.md").read_text()
+    assert "--recipe vit-offline" in re.search(r"\*\*Command:\*\* `(.*)`", card)[1]  # as typed
+    command = re.search(r"\*\*The same, recipe expanded:\*\* `(.*)`", card)[1]
     assert "--lr_scheduler_type cosine" in command and "--label_smoothing_factor 0.1" in command  # from the recipe
     summary = read_metrics(tmp_path / "recipe")
     assert summary["model_origin"]["name"] == "scratch-tiny"  # the command line's --model wins over the recipe's
