@@ -21,7 +21,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep 
 from cxr.features import embed_split
 from cxr.models import SHIPPED_MODEL_DIR
 from cxr.predictor import ModelNotFoundError, load_classifier, model_summary
-from cxr.site import BOOTSTRAP_RESAMPLES, check_site, describe_site_check, write_site_check
+from cxr.site import BOOTSTRAP_RESAMPLES, check_site, describe_site_check, record_site_check, write_site_check
 from hf_data.loading import load_site
 
 
@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"Resamples of patients behind the F1 and calibration-error intervals (default {BOOTSTRAP_RESAMPLES}).",
     )
     parser.add_argument("--batch_size", type=int, default=64, help="Images per forward pass (default 64).")
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help="Also keep the check's headline figures in the folder's metrics.json and card (the folder is rewritten "
+        "whole; its model, X-ray check and sets stay as they are).",
+    )
     return parser
 
 
@@ -95,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     plot, figures = write_site_check(report, output_dir)
     print(describe_site_check(report))
     print(f"\nWrote {plot} and its figures, {figures}.")
+    if args.record:
+        record_site_check(Path(args.model), report)
+        print(f"Recorded in {args.model}/metrics.json and its card.")
     return 0
 
 

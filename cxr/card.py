@@ -179,6 +179,7 @@ def render_model_card(record: dict, summary: dict) -> ModelCard:
         given_command=record.get("command", record["expanded_command"]),
         teacher_command=origin.get("teacher_command"),
         teacher_figures=origin.get("teacher_figures"),
+        site_check=site_check_lines(summary.get("site_check")),
         hardware=summary["train"]["hardware"],
         command=record["expanded_command"],
         eval_split=eval_split,
@@ -186,6 +187,23 @@ def render_model_card(record: dict, summary: dict) -> ModelCard:
         headline_metrics=[(label, f"{metrics[key]:.3f}") for key, label in HEADLINE if key in metrics],
         per_class=per_class,
         reliability=reliability_section(summary if "calibration" in summary else None),
+    )
+
+
+def site_check_lines(record: dict | None) -> str:
+    """The card's paragraph on a site check (`site_check.py --record`): the model's figures on another site's X-rays."""
+    if not record:
+        return ""
+    per_class = ", ".join(f"{name} {count}" for name, count in record["images_per_class"].items())
+    coverage = record["coverage_95"]
+    others = ", ".join(f"{part} {value:.3f}" for part, value in coverage.items() if part != "all classes")
+    held = " ".join(record["not_held"]) if record["not_held"] else "every promise held there."
+    return (
+        f"**At another site.** On {record['images']} X-rays from `{Path(record['site']).name}` ({per_class}; checked "
+        f"{record['date']} with `site_check.py`), it scored macro-F1 {record['macro_f1']:.3f}, pneumonia sensitivity "
+        f"{record['pneumonia_sensitivity']:.3f} and specificity {record['pneumonia_specificity']:.3f}; its 95 % sets "
+        f"covered {coverage['all classes']:.3f} ({others}); the X-ray check flagged {record['flagged']:.1%}. Where "
+        f"its promises did not hold: {held} `calibrate.py --site_dir` refits them at a site, into a new folder."
     )
 
 

@@ -549,3 +549,41 @@ def describe_comparison(comparison: dict) -> str:
                 f"  ({row['images']} X-rays)"
             )
     return "\n".join(lines)
+
+
+def site_check_record(report: dict, date: str) -> dict:
+    """The headline of a site check, as metrics.json keeps it (`site_check.py --record`) and the card shows it."""
+    rows = report["classification"]
+    sets = report["prediction_sets"]
+    return {
+        "site": report["site"],
+        "date": date,
+        "images": report["images"],
+        "images_per_class": report["images_per_class"],
+        "macro_f1": rows["macro_f1"]["site"],
+        "pneumonia_specificity": rows["pneumonia_specificity"]["site"],
+        "pneumonia_sensitivity": rows["pneumonia_sensitivity"]["site"],
+        "coverage_95": {part: row["site"] for part, row in sets["95%"].items()},
+        "coverage_90": {part: row["site"] for part, row in sets["90%"].items()},
+        "flagged": report["xray_check"]["site"],
+        "not_held": report["not_held"],
+    }
+
+
+def record_site_check(folder: Path, report: dict) -> None:
+    """Keep a site check's headline in the folder's metrics.json and card, written whole (staging, checksums, swap)."""
+    import datetime
+    import shutil
+
+    from cxr.card import render_model_card
+    from cxr.folders import staging_folder, swap_in
+    from cxr.run_record import read_metrics, read_run, update_metrics, write_checksums
+
+    staging = staging_folder(folder)
+    for path in folder.iterdir():
+        if path.is_file() and path.suffix != ".onnx":  # ONNX exports are a cache beside the record, carried over
+            shutil.copy2(path, staging / path.name)
+    update_metrics(staging, site_check=site_check_record(report, datetime.date.today().isoformat()))
+    render_model_card(read_run(staging), read_metrics(staging)).save(staging / "README.md")
+    write_checksums(staging)
+    swap_in(staging, folder)
