@@ -24,7 +24,7 @@ from PIL import Image
 import app
 import train_vit
 from benchmarks.common import free_port
-from cxr.run_record import read_metrics, training_argv
+from cxr.run_record import read_metrics, training_argv, write_checksums
 from helpers import TINY_RUN, folder_checksums, prepared_data
 from hf_data import prepare_dataset
 from inputs import encode, png_claiming_size
@@ -264,6 +264,7 @@ def test_a_model_loaded_while_a_new_folder_is_swapped_in_is_one_version(tiny_mod
 
     folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
     newer = make_distinct(shutil.copytree(tiny_model_dir, tmp_path / "newer"))
+    write_checksums(newer)  # a whole other version, as its run would record it
     real_load_ood_detector, swaps = cxr.predictor.load_ood_detector, []
 
     def swap_then_load(*args, **kwargs):

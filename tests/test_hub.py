@@ -22,6 +22,7 @@ from helpers import tiny_run
 TINY = tiny_run(drop=("data_dir", "model", "num_train_epochs"))  # each test names its data and model
 MODEL_FOLDER = [
     "README.md",
+    "checksums.json",
     "config.json",
     "conformal.json",
     "confusion_matrix_test.png",

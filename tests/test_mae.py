@@ -15,7 +15,7 @@ from helpers import prepared_data, tiny_run
 from hf_data.loading import DataArguments, prepare_and_load
 
 TINY_DATA = tiny_run(
-    drop=("model", "num_train_epochs", "learning_rate", "per_device_train_batch_size", "report_to")
+    drop=("model", "num_train_epochs", "learning_rate", "per_device_train_batch_size", "report_to", "precision")
 )  # the data and quiet progress
 
 
