@@ -153,8 +153,12 @@ def score_on_ray(
         if not ray.is_initialized():
             ray.init(address=address)
         pool = ray.data.ActorPoolStrategy(size=actors) if actors else ray.data.ActorPoolStrategy(min_size=1)
+        # Reading files and writing Parquet are I/O: they take no CPU slot, so a pool of actors as large as the
+        # cluster's CPUs cannot starve them (ray-project/ray#44687: the job would hang), and as many run at once as
+        # there can be actors.
+        io = dict(num_cpus=0, concurrency=actors or max(1, int(ray.cluster_resources().get("CPU", 1))))
         (
-            ray.data.read_binary_files(readable, include_paths=True)
+            ray.data.read_binary_files(readable, include_paths=True, **io)
             .map_batches(
                 Scorer,
                 fn_constructor_kwargs=dict(model=model, runtime=runtime, batch_size=batch_size),
@@ -163,7 +167,7 @@ def score_on_ray(
                 compute=pool,
                 num_cpus=cpus_per_actor,
             )
-            .write_parquet(str(output))
+            .write_parquet(str(output), ray_remote_args={"num_cpus": 0}, concurrency=io["concurrency"])
         )
     table = read_rows(output, columns=["error", "looks_like_chest_xray"])
     return (
