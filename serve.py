@@ -73,11 +73,13 @@ def build_app(
     max_replicas: int = 1,
     cpus_per_replica: float = 1,
     max_queued_requests: int = 64,
+    max_ongoing_requests: int | None = None,
 ) -> serve.Application:
-    """The deployment, bound to `model`, with its batching, autoscaling and queue limits."""
+    """The deployment, bound to `model`, with its batching, autoscaling and queue limits. `max_ongoing_requests`
+    (requests a replica holds at once) is twice the batch unless given: a replica runs a batch and gathers the next
+    meanwhile; Serve's default of 5 would cap the batches at 5."""
     return XrayModel.options(
-        # a replica takes a batch and gathers the next meanwhile; Serve's default of 5 would cap the batches at 5
-        max_ongoing_requests=2 * max_batch_size,
+        max_ongoing_requests=max_ongoing_requests or 2 * max_batch_size,
         max_queued_requests=max_queued_requests,
         autoscaling_config={
             "min_replicas": min_replicas,
