@@ -22,47 +22,14 @@ import threading
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle torch threads sleep instead of spinning: see app.py
 
 import numpy as np  # noqa: E402 (after the environment setting above)
-import ray  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from ray import serve  # noqa: E402
 from starlette.requests import Request  # noqa: E402
 from starlette.responses import JSONResponse, PlainTextResponse, Response  # noqa: E402
 
 from cxr.models import SHIPPED_MODEL_DIR  # noqa: E402
 from cxr.predictor import ModelNotFoundError, classify_pixels, load_classifier, model_fingerprint  # noqa: E402
 from cxr.serving import answer_of, decode_pixels  # noqa: E402
-
-
-@serve.deployment
-class XrayModel:
-    """One replica: the model folder loaded once; requests gathered into batches (`predict_batch`)."""
-
-    def __init__(self, model: str, max_batch_size: int, batch_wait_timeout_s: float):
-        self.classifier = load_classifier(model)
-        self.fingerprint = model_fingerprint(model)
-        self.labels = len(self.classifier.model.config.id2label)
-        # one image's pixels as this folder's processor makes them: what a request must hold
-        probe = self.classifier.image_processor(Image.new("RGB", (64, 64)), return_tensors="pt")["pixel_values"]
-        self.shape = tuple(probe.shape[1:])
-        self.predict_batch.set_max_batch_size(max_batch_size)
-        self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-
-    @serve.batch
-    async def predict_batch(self, images: list[np.ndarray]) -> list[dict]:
-        pixel_values = torch.from_numpy(np.stack(images))
-        # in a thread, so the replica's event loop keeps gathering the next batch while this one runs
-        predictions = await asyncio.to_thread(
-            classify_pixels, self.classifier, pixel_values, [""] * len(images), top_k=self.labels, saliency=True
-        )
-        return [answer_of(prediction, self.fingerprint) | {"batch": len(images)} for prediction in predictions]
-
-    async def __call__(self, request: Request) -> Response:
-        try:
-            pixels = decode_pixels(await request.body(), self.shape)
-        except ValueError as error:
-            return PlainTextResponse(str(error), status_code=400)
-        return JSONResponse(await self.predict_batch(pixels))
 
 
 def build_app(
@@ -74,11 +41,13 @@ def build_app(
     cpus_per_replica: float = 1,
     max_queued_requests: int = 64,
     max_ongoing_requests: int | None = None,
-) -> serve.Application:
-    """The deployment, bound to `model`, with its batching, autoscaling and queue limits. `max_ongoing_requests`
-    (requests a replica holds at once) is twice the batch unless given: a replica runs a batch and gathers the next
-    meanwhile; Serve's default of 5 would cap the batches at 5."""
-    return XrayModel.options(
+):
+    """The deployment, bound to `model`, with its batching, autoscaling and queue limits (a `serve.Application` for
+    `serve.run`). `max_ongoing_requests` (requests a replica holds at once) is twice the batch unless given: a replica
+    runs a batch and gathers the next meanwhile; Serve's default of 5 would cap the batches at 5."""
+    from ray import serve  # here, so that the rest of the project, and --help, run without Ray
+
+    @serve.deployment(
         max_ongoing_requests=max_ongoing_requests or 2 * max_batch_size,
         max_queued_requests=max_queued_requests,
         autoscaling_config={
@@ -87,7 +56,35 @@ def build_app(
             "target_ongoing_requests": max_batch_size,
         },
         ray_actor_options={"num_cpus": cpus_per_replica},  # Ray gives each replica that many torch threads
-    ).bind(model, max_batch_size, batch_wait_timeout_s)
+    )
+    class XrayModel:
+        """One replica: the model folder loaded once; requests gathered into batches (`predict_batch`)."""
+
+        def __init__(self, model: str):
+            self.classifier = load_classifier(model)
+            self.fingerprint = model_fingerprint(model)
+            self.labels = len(self.classifier.model.config.id2label)
+            # one image's pixels as this folder's processor makes them: what a request must hold
+            probe = self.classifier.image_processor(Image.new("RGB", (64, 64)), return_tensors="pt")["pixel_values"]
+            self.shape = tuple(probe.shape[1:])
+
+        @serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s)
+        async def predict_batch(self, images: list[np.ndarray]) -> list[dict]:
+            pixel_values = torch.from_numpy(np.stack(images))
+            # in a thread, so the replica's event loop keeps gathering the next batch while this one runs
+            predictions = await asyncio.to_thread(
+                classify_pixels, self.classifier, pixel_values, [""] * len(images), top_k=self.labels, saliency=True
+            )
+            return [answer_of(prediction, self.fingerprint) | {"batch": len(images)} for prediction in predictions]
+
+        async def __call__(self, request: Request) -> Response:
+            try:
+                pixels = decode_pixels(await request.body(), self.shape)
+            except ValueError as error:
+                return PlainTextResponse(str(error), status_code=400)
+            return JSONResponse(await self.predict_batch(pixels))
+
+    return XrayModel.bind(model)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        import ray
+        from ray import serve
+    except ImportError as error:
+        print(f"serve.py needs Ray ({error}): pip install -r requirements-cluster.txt", file=sys.stderr)
+        return 1
     try:
         load_classifier(args.model)  # a missing or broken folder is a message here, before Ray starts
     except ModelNotFoundError as error:
