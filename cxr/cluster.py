@@ -35,7 +35,8 @@ from cxr.predictor import (
     prediction_record,
 )
 
-SCORING_FILE = "scoring.json"  # in the output folder: the model and runtime its rows come from
+# In the output folder: the model and runtime its rows come from ("_" first: Parquet readers of the folder skip it).
+SCORING_FILE = "_scoring.json"
 TOP_K = 3  # predict.py's three labels
 
 

@@ -98,6 +98,9 @@ def test_cluster_scoring_gives_predict_pys_rows_bad_files_included(ray_cluster, 
 
     expected = csv_rows(tmp_path / "predictions.csv")
     rows = parquet_rows(tmp_path / "scores")
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(tmp_path / "scores").num_rows == len(rows)  # the folder reads as one table (pandas too)
     assert sorted(row["file"] for row in rows) == sorted(expected)  # every file once, the broken ones too
     for row in rows:
         assert_same_row(row, expected[row["file"]])
