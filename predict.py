@@ -30,9 +30,10 @@ from cxr.predictor import (
     write_predictions,
 )
 
-# The runtime predict.py uses unless told otherwise. Another becomes the default only where `python -m benchmarks.speed`
-# on the shipped model shows that it clears the bar there (benchmarks.speed.DEFAULT_BAR; docs/onnx.md).
-DEFAULT_RUNTIME = "torch"
+# The runtime predict.py uses unless told otherwise: the fastest that clears benchmarks.speed.DEFAULT_BAR on the shipped
+# model (docs/onnx.md). A model that ONNX cannot export runs with FALLBACK_RUNTIME instead.
+DEFAULT_RUNTIME = "onnx"
+FALLBACK_RUNTIME = "torch"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,9 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--runtime",
         choices=RUNTIMES,
-        default=DEFAULT_RUNTIME,
-        help="What runs the model: PyTorch or ONNX Runtime (CPU), in float32 or with int8 weights "
-        "(python -m benchmarks.speed measures each one's speed and agreement with float32; docs/onnx.md).",
+        default=None,
+        help=f"What runs the model: PyTorch or ONNX Runtime (CPU), in float32 or with int8 weights "
+        f"(python -m benchmarks.speed measures each one's speed and agreement with float32; docs/onnx.md). "
+        f"Default: {DEFAULT_RUNTIME}, or {FALLBACK_RUNTIME} for a model ONNX cannot export (e.g. MobileViT); "
+        f"with --int8 or --onnx alone, they add to {FALLBACK_RUNTIME}.",
     )
     parser.add_argument(
         "--int8",
@@ -103,11 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def runtime_by_default(args: argparse.Namespace) -> bool:
+    return args.runtime is None and not (args.int8 or args.onnx)
+
+
+def chosen_runtime(args: argparse.Namespace) -> dict[str, bool]:
+    """`load_classifier`'s keyword arguments for the runtime asked for: --runtime, with --int8 and --onnx adding to
+    it (to FALLBACK_RUNTIME, as before the default changed, where they come without --runtime)."""
+    name = args.runtime or (FALLBACK_RUNTIME if args.int8 or args.onnx else DEFAULT_RUNTIME)
+    return {option: value or getattr(args, option) for option, value in RUNTIMES[name].items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    # --int8 and --onnx add to the runtime chosen
-    runtime = {name: value or getattr(args, name) for name, value in RUNTIMES[args.runtime].items()}
+    runtime = chosen_runtime(args)
 
     output = args.output or Path("predictions.csv" if args.ray is None else "predictions")
     if args.ray is not None and output.suffix.lower() in (".csv", ".json"):
@@ -116,7 +129,14 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         parser.error(f"no image files found in {' '.join(args.inputs)}")
     try:
-        classifier = load_classifier(args.model, **runtime)
+        try:
+            classifier = load_classifier(args.model, **runtime)
+        except OnnxExportError as error:
+            if not runtime_by_default(args):
+                raise
+            runtime = RUNTIMES[FALLBACK_RUNTIME]
+            print(f"Note: {error.args[0].split(':')[0]}; running it with {FALLBACK_RUNTIME}.", file=sys.stderr)
+            classifier = load_classifier(args.model, **runtime)
     except (ModelNotFoundError, OnnxExportError) as error:
         print(error, file=sys.stderr)
         return 1

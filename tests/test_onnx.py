@@ -22,9 +22,10 @@ from helpers import validation_images
 
 @pytest.fixture
 def model_dir(tiny_model_dir, tmp_path):
-    """A copy of the tiny model folder, so the graphs cached into it stay out of the shared fixture."""
+    """A copy of the tiny model folder without any graph cached there by other tests (predict.py's default runtime
+    exports one), so the graphs cached into it stay out of the shared fixture."""
     copy = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, copy, ignore=shutil.ignore_patterns("checkpoint-*"))
+    shutil.copytree(tiny_model_dir, copy, ignore=shutil.ignore_patterns("checkpoint-*", "*.onnx"))
     return copy
 
 
@@ -129,5 +130,25 @@ def test_an_architecture_the_exporter_cannot_write_is_a_clear_error(xrays, tmp_p
     assert "cannot be exported to ONNX" in capsys.readouterr().err and not output.exists()
     # nothing half-written left behind
     assert not list(folder.glob("*.onnx")) and not list(folder.glob(".onnx-export-*"))
-    # PyTorch still serves it
+    # PyTorch still serves it, asked for or by default (which falls back to it and says so)
+    assert predict.main([str(xrays[0]), "--model", str(folder), "--output", str(output), "--runtime", "torch"]) == 0
+    assert "cannot be exported" not in capsys.readouterr().err
     assert predict.main([str(xrays[0]), "--model", str(folder), "--output", str(output)]) == 0
+    assert "cannot be exported to ONNX here; running it with torch" in capsys.readouterr().err
+    assert list(csv.DictReader(output.open()))[0]["label_1"]
+
+
+def test_the_batch_predictor_runs_onnx_unless_told_otherwise(model_dir, xrays, tmp_path):
+    # the default that cleared benchmarks.speed's bar on the shipped model; --int8 alone still means PyTorch's int8
+    output = tmp_path / "predictions.csv"
+    assert predict.main([*map(str, xrays[:4]), "--model", str(model_dir), "--output", str(output)]) == 0
+    assert (model_dir / ONNX_FILES[False]).is_file() and not (model_dir / ONNX_FILES[True]).is_file()
+    expected = classify(load_classifier(model_dir), xrays[:4])  # float32 either way
+    rows = list(csv.DictReader(output.open()))
+    assert [float(row["score_1"]) for row in rows] == pytest.approx(
+        [max(p.scores.values()) for p in expected], abs=1e-5
+    )
+
+    (model_dir / ONNX_FILES[False]).unlink()
+    assert predict.main([*map(str, xrays[:4]), "--model", str(model_dir), "--output", str(output), "--int8"]) == 0
+    assert not any(model_dir.glob("*.onnx"))

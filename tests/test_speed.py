@@ -78,6 +78,7 @@ def rows_for(rate: dict[str, float], labels_wrong: dict[str, int], verdicts_wron
             rate=rate.get(path_name, 1.0),
             check_labels=["b"] * wrong_labels + ["a"] * (n - wrong_labels),
             check_verdicts=[None] * n if path_name == PLAIN else verdicts,  # the plain pipeline has no X-ray check
+            batch_effect=None if path_name == PLAIN else 0.0,
         )
     return rows
 
@@ -98,6 +99,13 @@ def test_the_default_bar_needs_speed_labels_and_verdicts():
     cleared = runtimes_clearing_bar(rows, rows[REFERENCE])
     assert [name for name, *_ in cleared] == ["onnx"]
     assert cleared[0][1:] == (pytest.approx(1.6), pytest.approx(0.995), pytest.approx(0.99))
+
+
+def test_the_default_bar_needs_scores_that_do_not_depend_on_the_batch():
+    rows = rows_for({"ORT fp32 + draft decode": 2.0, "ORT int8 + draft decode": 3.0}, {}, {})
+    rows["ORT int8 + draft decode"]["batch_effect"] = 3e-3  # activations quantized per batch
+    rows["ORT fp32 + draft decode"]["batch_effect"] = 2e-7  # summation order
+    assert [name for name, *_ in runtimes_clearing_bar(rows, rows[REFERENCE])] == ["onnx"]
 
 
 def test_a_folder_without_the_xray_check_clears_no_bar():
@@ -129,5 +137,9 @@ def test_the_benchmark_runs_to_the_end_on_a_trained_folder(tiny_model_dir, tmp_p
     assert finished.returncode == 0, finished.stderr
     rows = [line for line in finished.stdout.splitlines() if line.startswith(str(folder))]
     assert [path_name for path_name in PATHS if any(path_name in row for row in rows)] == list(PATHS)
-    assert all("%" in row.split()[-1] for row in rows[1:])  # every predictor row has an X-ray check agreement
-    assert "GFLOP per image" in finished.stdout and "predict.py's default now: torch" in finished.stdout
+    # every predictor row has an X-ray check agreement and a batch effect
+    assert all("%" in row.split()[-2] and float(row.split()[-1]) >= 0 for row in rows[1:])
+    assert (
+        "GFLOP per image" in finished.stdout
+        and f"predict.py's default now: {predict.DEFAULT_RUNTIME}" in finished.stdout
+    )
