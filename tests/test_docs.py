@@ -3,7 +3,9 @@ that its script's parser takes (and recipes and presets that exist), and every r
 module the docs name is there."""
 
 import argparse
+import contextlib
 import importlib
+import io
 import re
 import shlex
 from pathlib import Path
@@ -117,12 +119,31 @@ def preset_names() -> set[str]:
     return set(PRESETS)
 
 
+def parse_errors(name: str, arguments: list[str]) -> list[str]:
+    """What the parser of `name` says of the whole command line: positionals too many or missing, bad values."""
+    try:
+        parser = build_parser(name)
+    except (LookupError, ImportError):
+        return []  # option_errors says so
+    message = io.StringIO()
+    with contextlib.redirect_stderr(message), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            parser.parse_args(arguments)
+        except SystemExit as stop:
+            if stop.code:
+                return [f"{name}: {message.getvalue().strip().splitlines()[-1].split(': error: ')[-1]}"]
+    return []
+
+
 def command_errors(path: Path) -> list[str]:
     commands, spans = code_of(path)
     errors = []
     for text in commands + spans:
         for name, arguments in invocations(text):
             errors += [f"{error}  (in: {text.strip()[:100]})" for error in option_errors(name, arguments)]
+            # a whole command a reader would paste (not a layout line, a shell variable or an @LIST file)
+            if text in commands and text.lstrip().startswith("python") and not set("$@") & set(text):
+                errors += [f"{error}  (in: {text.strip()[:100]})" for error in parse_errors(name, arguments)]
     if path.suffix == ".args":  # the recipe's own option lines are train_vit.py's options
         errors += option_errors("train_vit.py", shell_words(path.read_text()))
     return errors
@@ -211,13 +232,15 @@ def test_one_recipe_calls_itself_the_default_and_the_readme_trains_with_it():
 def test_the_checks_catch_a_misspelt_option_a_moved_file_and_a_missing_recipe(tmp_path):
     page = tmp_path / "page.md"
     page.write_text(
-        "```bash\npython train_vit.py --data_dir x --recipe vit-offlin --num_train_epoch 3 \\\n  --output_dir y\n```\n"
+        "```bash\npython train_vit.py --data_dir x --recipe vit-offlin --num_train_epoch 3 \\\n  --output_dir y\n"
+        "python site_check.py path/to/model path/to/site\n```\n"
         "Run `python -m benchmarks.fit a b --data_dir x --averge`; the loader is in cxr/image.py, not "
         "[here](../docs/nowhere.md), and `cxr.images.load_imag` is misspelt.\n"
     )
     assert [error.split("  (in")[0] for error in command_errors(page)] == [
         "train_vit.py: no recipe vit-offlin (recipes/vit-offlin.args)",
         "train_vit.py: no option --num_train_epoch",
+        "site_check.py: unrecognized arguments: path/to/site",
         "benchmarks.fit: no option --averge",
     ]
     assert sorted(path_errors(page)) == ["link to ../docs/nowhere.md: no such file", "no file cxr/image.py"]
