@@ -5,7 +5,7 @@
 
 1. Scoring: the same files (the full-resolution originals in --data's xray_originals/ and a fixed sample of the 224 px
    Kaggle training X-rays, as benchmarks.load picks them), scored by
-     predict.py        its loop (predict_files -> CSV) in this process, torch on every core
+     predict.py        its loop (predict_files -> CSV) in this process, every core; --runtime as predict.py's
      Ray, N actors     `score_on_ray` (predict.py --ray) into a fresh folder, a fixed pool of N actors of one CPU
                        each, on a local Ray cluster of this machine's CPUs started once (its start is printed apart)
    A Ray run pays a fixed cost (actors started, each importing torch and loading the model; the plan; the writes),
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -46,7 +47,15 @@ from benchmarks.common import free_port, sample_benchmark_images  # noqa: E402
 from benchmarks.load import SHARED_DATA, drive, row, start_server  # noqa: E402
 from cxr.images import load_image  # noqa: E402
 from cxr.models import SHIPPED_MODEL_DIR, input_size  # noqa: E402
-from cxr.predictor import classify, classify_pixels, load_classifier, predict_files, write_predictions  # noqa: E402
+from cxr.predictor import (  # noqa: E402
+    RUNTIMES,
+    classify,
+    classify_pixels,
+    load_classifier,
+    predict_files,
+    write_predictions,
+)
+from predict import DEFAULT_RUNTIME  # noqa: E402
 
 
 def load_line() -> str:
@@ -95,18 +104,20 @@ def cpu_since(before: dict[int, float]) -> float:
     return sum(cpu_split(before).values())
 
 
-def time_predict_py(model: str, paths: list[Path], batch_size: int, scratch: Path) -> tuple[float, float]:
+def time_predict_py(
+    model: str, runtime: dict, paths: list[Path], batch_size: int, scratch: Path
+) -> tuple[float, float]:
     """(seconds, CPU seconds) of predict.py's loop over `paths` (model loaded and warmed up first, as in a long run)."""
-    classifier = load_classifier(model)
+    classifier = load_classifier(model, **runtime)
     classify(classifier, paths[:batch_size], batch_size=batch_size)
     before, start = tree_cpu(), time.perf_counter()
     write_predictions(predict_files(classifier, paths, batch_size=batch_size, progress=False), scratch / "p.csv")
     return time.perf_counter() - start, cpu_since(before)
 
 
-def time_parts(model: str, paths: list[Path], batch_size: int) -> tuple[float, float]:
+def time_parts(model: str, runtime: dict, paths: list[Path], batch_size: int) -> tuple[float, float]:
     """(decode, model) seconds per image on one thread, as one actor runs them."""
-    classifier = load_classifier(model)
+    classifier = load_classifier(model, **runtime)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -128,12 +139,13 @@ def time_parts(model: str, paths: list[Path], batch_size: int) -> tuple[float, f
     return decode / len(paths), forward / len(paths)
 
 
-def time_ray(model: str, paths: list[Path], batch_size: int, actors: int, scratch: Path) -> tuple[float, float]:
+def time_ray(
+    model: str, runtime: dict, paths: list[Path], batch_size: int, actors: int, scratch: Path
+) -> tuple[float, float]:
     """(seconds, CPU seconds) of `score_on_ray` over `paths` into a fresh folder."""
     from cxr.cluster import score_on_ray
 
     output = Path(tempfile.mkdtemp(dir=scratch, prefix=f"ray-{actors}-"))
-    runtime = dict(onnx=False, int8=False)
     before, start = tree_cpu(), time.perf_counter()
     score_on_ray(paths, model, runtime, output, batch_size=batch_size, actors=actors, cpus_per_actor=1)
     return time.perf_counter() - start, cpu_since(before)
@@ -143,10 +155,12 @@ def scoring(args: argparse.Namespace, paths: list[Path], scratch: Path) -> None:
     originals = sum(path.parent.name == "xray_originals" for path in paths)
     print(
         f"== Scoring {len(paths)} files ({originals} full-resolution originals + {len(paths) - originals} Kaggle "
-        f"training X-rays), batch {args.batch_size}, {args.model}"
+        f"training X-rays{f', {args.copies} copies of each' if args.copies > 1 else ''}), batch {args.batch_size}, "
+        f"{args.model}, runtime {args.runtime}"
     )
-    reference, reference_cpu = time_predict_py(args.model, paths, args.batch_size, scratch)
-    decode, forward = time_parts(args.model, paths, args.batch_size)
+    runtime = RUNTIMES[args.runtime]
+    reference, reference_cpu = time_predict_py(args.model, runtime, paths, args.batch_size, scratch)
+    decode, forward = time_parts(args.model, runtime, paths, args.batch_size)
     start = time.perf_counter()
     start_ray()
     print(f"Ray cluster start: {time.perf_counter() - start:.1f} s ({psutil.cpu_count()} CPUs); {load_line()}")
@@ -159,8 +173,8 @@ def scoring(args: argparse.Namespace, paths: list[Path], scratch: Path) -> None:
         f"{1000 * reference_cpu / len(paths):>11.1f}"
     )
     for actors in args.actors:
-        fixed, _ = time_ray(args.model, paths[: 2 * actors], args.batch_size, actors, scratch)
-        wall, cpu = time_ray(args.model, paths, args.batch_size, actors, scratch)
+        fixed, _ = time_ray(args.model, runtime, paths[: 2 * actors], args.batch_size, actors, scratch)
+        wall, cpu = time_ray(args.model, runtime, paths, args.batch_size, actors, scratch)
         steady = (len(paths) - 2 * actors) / max(wall - fixed, 1e-9)
         ideal = len(paths) * (decode + forward) / actors
         lines.append(
@@ -350,6 +364,23 @@ def serving(args: argparse.Namespace, images: list[Path], scratch: Path) -> None
     )
 
 
+def replicate(paths: list[Path], copies: int, folder: Path) -> list[Path]:
+    """`paths` `copies` times over, each copy a link (a copy across file systems) named apart in `folder`."""
+    if copies == 1:
+        return paths
+    replicas = []
+    for copy in range(copies):
+        for path in paths:  # under its own folder's name, as the table counts the originals by it
+            replica = folder / f"copy-{copy}" / path.parent.name / path.name
+            replica.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, replica)
+            except OSError:
+                shutil.copyfile(path, replica)
+            replicas.append(replica)
+    return replicas
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -357,7 +388,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=str(SHIPPED_MODEL_DIR), help="Model folder (or Hub id) to score and serve.")
     parser.add_argument("--data", type=Path, default=SHARED_DATA, help="The shared data folder.")
     parser.add_argument("--sample", type=int, default=2976, help="Kaggle training images added to the originals.")
+    parser.add_argument(
+        "--copies",
+        type=int,
+        default=1,
+        help="Score the files this many times over, each copy under its own name (links in a scratch folder): an "
+        "archive large enough for a run's fixed cost to be as small a share as over the millions of files cluster "
+        "scoring is for.",
+    )
     parser.add_argument("--batch_size", type=int, default=16, help="Images per forward pass when scoring.")
+    parser.add_argument(
+        "--runtime", choices=RUNTIMES, default=DEFAULT_RUNTIME, help="What runs the model when scoring, both ways."
+    )
     parser.add_argument("--actors", type=int, nargs="+", default=[1, 2], help="Ray actor pools to time.")
     parser.add_argument("--clients", type=int, default=20, help="Concurrent clients when serving.")
     parser.add_argument("--requests", type=int, default=300, help="Requests in each serving phase.")
@@ -380,7 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     with tempfile.TemporaryDirectory(prefix="xray-cluster-") as scratch:
         if args.skip != "scoring":
-            scoring(args, paths, Path(scratch))
+            scoring(args, replicate(paths, args.copies, Path(scratch) / "archive"), Path(scratch))
         if args.skip != "serving":
             start_ray()
             serving(args, paths, Path(scratch))
