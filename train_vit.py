@@ -40,6 +40,7 @@ from cxr.hub import publish_model_folder
 from cxr.labels import DISPLAY_NAMES
 from cxr.metrics import plot_confusion_matrix, plot_training_curves, softmax, trainer_metrics
 from cxr.models import DEFAULT_CHECKPOINT, PRESETS, build_model, default_output_dir, input_size, load_teacher
+from cxr.pixel_cache import PixelCache
 from cxr.precision import PRECISIONS, describe, resolve_precision
 from cxr.reliability import describe_reliability, fit_reliability, save_reliability
 from cxr.run_record import (
@@ -202,6 +203,14 @@ class XrayTrainingArguments(TrainingArguments):
             "choices": list(PRECISIONS),
         },
     )
+    pixel_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "Decode each training and validation X-ray once into a uint8 file beside the prepared tree "
+            "(<prepared_dir>.pixels/, rebuilt when the tree or the resize changes) and augment batches as tensors. "
+            "false: decode every image every epoch (the same pixels, slower)."
+        },
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Must stay False: the image column is decoded on the fly."}
     )
@@ -267,11 +276,14 @@ def main(argv: list[str] | None = None) -> dict:
         origin.teacher_command, origin.teacher_figures = teacher_record(model_args.teacher)
     print(f"Model: {type(model).__name__}, {model.num_parameters() / 1e6:.1f} M parameters, {origin.describe()}.")
 
+    # Decode once: the training and validation X-rays as each network's image processor resizes them, in a uint8 file
+    # beside the prepared tree (cxr.pixel_cache); batches are read from it, then augmented and normalised as tensors.
+    pixels = PixelCache(prepared_dir, [processor, teacher_processor]) if training_args.pixel_cache else None
     train_dataset = dataset["train"].with_transform(
-        pixel_transform(processor, augment=True, teacher_processor=teacher_processor)
+        pixel_transform(processor, augment=True, teacher_processor=teacher_processor, cache=pixels)
     )
     eval_splits = {
-        split: dataset[split].with_transform(pixel_transform(processor, augment=False))
+        split: dataset[split].with_transform(pixel_transform(processor, augment=False, cache=pixels))
         for split in dataset
         if split != "train"
     }
@@ -305,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
             dict(
                 trainer_parts,
                 train_dataset=subset.with_transform(
-                    pixel_transform(processor, augment=True, teacher_processor=teacher_processor)
+                    pixel_transform(processor, augment=True, teacher_processor=teacher_processor, cache=pixels)
                 ),
             ),
         )
