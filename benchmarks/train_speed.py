@@ -1,81 +1,187 @@
-"""Training throughput: train_vit.py's Trainer path against a minimal plain PyTorch loop, same model, batch and data.
+"""Training throughput per model family, against this machine's ceiling: the data path alone, the training step
+alone, and steps through train_vit.py's Trainer path with its data; each family's training operations per image and
+the share of the matmul rate an epoch reaches.
 
-    python -m benchmarks.train_speed                     # scratch-small on the real data set
-                                                         # (REAL_DATA; synthetic if absent)
-    python -m benchmarks.train_speed --model scratch-base --steps 10
+    python -m benchmarks.train_speed                                # the default recipe's two networks, real data
+    python -m benchmarks.train_speed --families scratch-small-p8 --steps 10 --precision fp32
+    python -m benchmarks.train_speed --workers 0 2 --compile        # also DataLoader workers and torch.compile
 
-Both loops use the same dataset object (the project's image loader + augmentation + image processor), the same
-batch size, AdamW and class-weighted loss; both run `--steps` optimizer steps after a few warm-up steps.
-Prints samples/s of each and the Trainer's overhead, plus how much of a step is data loading.
+For each family (a preset of cxr.models; by default the two of the README's offline default, `--recipe vit-offline
+--model scratch-resnet` then `--recipe swiftformer-distil`, whose student also runs the teacher's forward pass):
+  data path, images/s:   the training data path alone, batches of --batch_size through a DataLoader:
+                         PIL: the path before issue 36 (decode every file every epoch, augment in PIL, then the
+                         image processor), kept here as the reference; files: decode every file, augment the batch
+                         as tensors (train_vit.py --pixel_cache false); cache: read cxr.pixel_cache's uint8 rows,
+                         augment the batch as tensors (train_vit.py's default)
+  step, images/s:        forward + backward + AdamW on one fixed batch, no data: NCHW, channels-last (what
+                         train_vit.py does to networks with convolutions), torch.compile of that (--compile; its
+                         compile time apart)
+  Trainer, images/s:     --steps optimizer steps through XrayTrainer as train_vit.py builds it (cached data,
+                         augmentation, class-weighted loss, channels-last, the teacher where there is one), per
+                         --workers: what a training epoch runs at; and before issue 36 (PIL data path, NCHW)
+Every rate is the median batch or step (other processes sharing the CPU make outliers); the matmul rate is the best
+of a few products, measured again before each family.
+  GFLOP per image:       a training step's operations for one image (forward + backward by torch's FlopCounterMode,
+                         as benchmarks.speed counts the forward pass; + the teacher's forward), a multiply-add = 2
+  share of the rate:     Trainer images/s x GFLOP per image / this machine's matmul rate (float32, or bfloat16 where
+                         --precision chooses it: cxr.precision)
+Real data is the Kaggle training split (REAL_DATA), prepared once under a temporary folder; a synthetic set where
+it is absent.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import math
+import os
+import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback, TrainingArguments
+from PIL import Image, ImageEnhance
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count
+from transformers import PrinterCallback, TrainerCallback, TrainingArguments
 
+from benchmarks.speed import _cpu_attention_flops, count_operations, matmul_gflops
+from cxr.images import load_image
 from cxr.labels import DISPLAY_NAMES
-from cxr.models import PRESETS, build_model
+from cxr.models import PRESETS, build_model, input_size
+from cxr.pixel_cache import PixelCache
+from cxr.precision import PRECISIONS, describe, resolve_precision
 from cxr.training import XrayTrainer, class_weights, weighted_loss
 from cxr.transforms import collate, pixel_transform
 from hf_data import load_prepared, make_synthetic_dataset, prepare_dataset
+from train_vit import channels_last
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "chest_xray"
+DEFAULT_FAMILIES = ["scratch-resnet", "scratch-swiftformer"]  # the README's offline default: teacher, then student
+DEFAULT_TEACHER = "scratch-resnet"  # --recipe swiftformer-distil distils from the ResNet the first step trains
 
 
-def training_data(workdir: Path):
-    source = REAL_DATA if REAL_DATA.is_dir() else make_synthetic_dataset(workdir / "synthetic", images_per_class=100)
+def training_data(workdir: Path, data: str):
+    """(source, prepared tree, DatasetDict): the real training split where present, else a synthetic set."""
+    if data == "synthetic" or not Path(data).is_dir():
+        source = make_synthetic_dataset(workdir / "synthetic", images_per_class=100)
+    else:
+        source = Path(data)
     prepared = workdir / "prepared"
     prepare_dataset(source, prepared)
-    return source, load_prepared(prepared)["train"]
+    return source, prepared, load_prepared(prepared)
 
 
-def plain_loop(model, dataset, loss_fn, batch_size: int, steps: int, warmup: int) -> tuple[float, float]:
-    """Samples/s of a bare DataLoader + AdamW loop, and the share of time spent waiting for data."""
+# ---- the data path ---------------------------------------------------------------------------------------------
+
+
+def pil_reference_transform(processor, teacher_processor=None):
+    """The training data path before issue 36, as the reference the new one is timed against: every file decoded by
+    the one loader, augmented one image at a time in PIL (crop, rotation, brightness, contrast, gamma), then the
+    image processor (and the teacher's). Training no longer uses it."""
+
+    def augment(image: Image.Image, size: int) -> Image.Image:
+        width, height = image.size
+        area, aspect = random.uniform(0.75, 1.0), math.exp(random.uniform(math.log(0.9), math.log(1.1)))
+        crop_width = min(width, round(math.sqrt(area * width * height * aspect)))
+        crop_height = min(height, round(math.sqrt(area * width * height / aspect)))
+        left, top = random.randint(0, width - crop_width), random.randint(0, height - crop_height)
+        image = image.resize((size, size), Image.BILINEAR, box=(left, top, left + crop_width, top + crop_height))
+        image = image.rotate(random.uniform(-10, 10), resample=Image.BILINEAR, fillcolor=(0, 0, 0))
+        image = ImageEnhance.Brightness(image).enhance(random.uniform(0.8, 1.2))
+        image = ImageEnhance.Contrast(image).enhance(random.uniform(0.8, 1.2))
+        gamma = random.uniform(0.8, 1.25)
+        return image.point([round(255 * (value / 255) ** gamma) for value in range(256)] * len(image.getbands()))
+
+    size = max(input_size(processor), input_size(teacher_processor) if teacher_processor else 0)
+
+    def transform(batch):
+        images = [load_image(item["path"] or item["bytes"], draft_size=size) for item in batch["image"]]
+        images = [augment(image, size) for image in images]
+        result = {"pixel_values": processor(images, return_tensors="pt")["pixel_values"], "labels": batch["label"]}
+        if teacher_processor is not None:
+            result["teacher_pixel_values"] = teacher_processor(images, return_tensors="pt")["pixel_values"]
+        return result
+
+    return transform
+
+
+def data_rate(dataset, batch_size: int, batches: int, workers: int = 0) -> float:
+    """Images/s of the data path alone: shuffled batches through a DataLoader, collated, nothing else (the median
+    batch: another process's burst on a shared machine does not count)."""
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, collate_fn=collate, drop_last=True
+        dataset, batch_size=batch_size, shuffle=True, collate_fn=collate, drop_last=True, num_workers=workers
     )
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    iterator = iter(loader)
+    next(iterator)  # workers started, first batch made
+    seconds = []
+    for _ in range(batches):
+        start = time.perf_counter()
+        next(iterator)
+        seconds.append(time.perf_counter() - start)
+    return batch_size / statistics.median(seconds)
+
+
+# ---- the training step -------------------------------------------------------------------------------------------
+
+
+def _cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+def training_operations(model: torch.nn.Module, image_size: int) -> int:
+    """The operations of one training image: forward and backward, counted by torch's FlopCounterMode (with the
+    CPU's fused attention kernel counted as benchmarks.speed counts it)."""
+    mapping = {
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+    }
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
     model.train()
-    batches = iter(loader)
-    data_seconds = 0.0
-    for step in range(warmup + steps):
-        if step == warmup:
-            start, data_seconds = time.perf_counter(), 0.0
-        fetch = time.perf_counter()
-        batch = next(batches)
-        data_seconds += time.perf_counter() - fetch
-        outputs = model(pixel_values=batch["pixel_values"])
-        loss = loss_fn(outputs, batch["labels"])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    with counter:
+        logits = model(pixel_values=torch.zeros(2, 3, image_size, image_size)).logits  # 2: batch norm needs > 1
+        logits.sum().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() // 2
+
+
+def step_rate(model, batch: dict, bf16: bool, steps: int, compiled: bool = False) -> tuple[float, float]:
+    """Images/s of forward + backward + AdamW on one fixed batch (the median step), and the seconds the first two
+    steps took (torch.compile's compilation, where asked)."""
+    loss_fn = weighted_loss(torch.ones(len(DISPLAY_NAMES)))
+    forward = torch.compile(model) if compiled else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+    seconds = []
+    for _ in range(2 + steps):
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            outputs = forward(pixel_values=batch["pixel_values"])
+        loss_fn({"logits": outputs.logits.float()}, batch["labels"]).backward()
         optimizer.step()
         optimizer.zero_grad()
-    seconds = time.perf_counter() - start
-    return steps * batch_size / seconds, data_seconds / seconds
+        seconds.append(time.perf_counter() - start)
+    return len(batch["labels"]) / statistics.median(seconds[2:]), sum(seconds[:2])
 
 
-def trainer_loop(
-    model, processor, dataset, loss_fn, batch_size: int, steps: int, warmup: int, output_dir: str
+def trainer_rate(
+    model, processor, dataset, loss_fn, args: argparse.Namespace, bf16: bool, workers: int, output_dir: str, teacher
 ) -> float:
-    """Samples/s of the Trainer as train_vit.py configures it, timed between the warm-up and the last step."""
-    times = {}
+    """Images/s of XrayTrainer as train_vit.py configures it, with its data: the median time from one step's end to
+    the next's (data, forward, backward, optimizer, the Trainer's own work), after the warm-up steps."""
+    times = []
 
     class StepClock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step in (warmup, warmup + steps):
-                times[state.global_step] = time.perf_counter()
+        def on_step_end(self, arguments, state, control, **kwargs):
+            if state.global_step >= args.warmup:
+                times.append(time.perf_counter())
 
-    args = TrainingArguments(
+    training_args = TrainingArguments(
         output_dir=output_dir,
-        per_device_train_batch_size=batch_size,
-        max_steps=warmup + steps,
-        learning_rate=1e-3,
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.warmup + args.steps,
+        learning_rate=1e-4,
         eval_strategy="no",
         save_strategy="no",
         report_to="none",
@@ -83,60 +189,197 @@ def trainer_loop(
         disable_tqdm=True,
         logging_steps=10_000,
         dataloader_drop_last=True,
+        dataloader_num_workers=workers,
+        dataloader_pin_memory=False,
+        bf16=bf16,
+        use_cpu=bf16 and not torch.cuda.is_available(),
     )
     trainer = XrayTrainer(
         model=model,
-        args=args,
+        args=training_args,
         data_collator=collate,
         train_dataset=dataset,
         processing_class=processor,
         compute_loss_func=loss_fn,
         callbacks=[StepClock()],
+        teacher=teacher,
     )
+    trainer.remove_callback(PrinterCallback)  # its end-of-training dict would split the table
     trainer.train()
-    return steps * batch_size / (times[warmup + steps] - times[warmup])
+    return args.batch_size / statistics.median(later - earlier for earlier, later in itertools.pairwise(times))
+
+
+def bf16_matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
+    """This machine's bfloat16 matrix-multiply rate, as benchmarks.speed.matmul_gflops measures float32's."""
+    a, b = torch.randn(size, size, dtype=torch.bfloat16), torch.randn(size, size, dtype=torch.bfloat16)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def has_convolutions(model: torch.nn.Module) -> bool:
+    """Whether train_vit.channels_last converts the network."""
+    return any(isinstance(module, torch.nn.Conv2d) for module in model.modules())
+
+
+# ---- the report --------------------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
     )
-    parser.add_argument("--model", default="scratch-small", choices=list(PRESETS))
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=30, help="Timed optimizer steps per loop.")
-    parser.add_argument("--warmup", type=int, default=3, help="Untimed steps first.")
+    parser.add_argument(
+        "--families",
+        nargs="+",
+        default=DEFAULT_FAMILIES,
+        choices=list(PRESETS),
+        metavar="PRESET",
+        help=f"Presets to time, one per family (default: {' '.join(DEFAULT_FAMILIES)}; any of {', '.join(PRESETS)}).",
+    )
+    parser.add_argument(
+        "--teacher",
+        default=DEFAULT_TEACHER,
+        metavar="PRESET",
+        help="A preset whose forward pass every other family's Trainer steps also run, as --recipe "
+        "swiftformer-distil's student runs its ResNet teacher's (random weights: the cost is the same); "
+        f"'none' for no teacher (default: {DEFAULT_TEACHER}).",
+    )
+    parser.add_argument("--batch_size", type=int, default=32, help="Images per step (train_vit.py's default: 32).")
+    parser.add_argument("--steps", type=int, default=20, help="Timed optimizer steps (and data batches) per row.")
+    parser.add_argument("--warmup", type=int, default=2, help="Untimed Trainer steps first.")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=list(PRECISIONS),
+        help="As train_vit.py's --precision: auto is bfloat16 autocast where the CPU computes it natively "
+        "(cxr.precision), float32 elsewhere.",
+    )
+    parser.add_argument(
+        "--workers",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="DataLoader worker processes to time the Trainer with (train_vit.py's default: 0), e.g. 0 2.",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="Also time the step under torch.compile (compiling takes minutes)."
+    )
+    parser.add_argument(
+        "--data",
+        default=str(REAL_DATA),
+        help="The X-ray folder to prepare and read, or 'synthetic' for generated stand-ins (also where the folder is "
+        "absent). Default: the Kaggle training split beside the checkout.",
+    )
     return parser
 
 
-def main() -> None:
-    args = build_parser().parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    precision = resolve_precision(["--precision", args.precision])[1]
+    bf16 = precision["precision"] == "bf16"
+    teacher_name = None if args.teacher == "none" else args.teacher
+    if teacher_name is not None and teacher_name not in PRESETS:
+        raise SystemExit(f"--teacher {teacher_name}: not a preset ({', '.join(PRESETS)}) or 'none'.")
+    float32_rate = matmul_gflops()
+    bf16_rate = bf16_matmul_gflops() if bf16 else None
+    rate = bf16_rate or float32_rate
 
     with tempfile.TemporaryDirectory() as workdir:
-        source, train = training_data(Path(workdir))
+        source, prepared, dataset = training_data(Path(workdir), args.data)
+        train = dataset["train"]
         class_keys = train.features["label"].names
         id2label = {index: DISPLAY_NAMES[key] for index, key in enumerate(class_keys)}
         loss_fn = weighted_loss(class_weights(train["label"], len(class_keys)))
         print(
-            f"{args.model}, batch {args.batch_size}, {args.steps} timed steps, {torch.get_num_threads()} threads, data "
-            f"{source}\n"
+            f"\nCPU {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, load average "
+            f"{' '.join(f'{load:.2f}' for load in os.getloadavg())}; {describe(precision)}\n"
+            f"matmul: float32 {float32_rate:.0f} GFLOP/s"
+            + (f", bfloat16 {bf16_rate:.0f} GFLOP/s" if bf16_rate else "")
+            + f"\ndata: {source} ({len(train)} training images), batch {args.batch_size}, {args.steps} timed steps\n"
         )
+        for index, name in enumerate(args.families):
+            if index:  # a ceiling: the best rate measured so far (other processes may share the CPU)
+                rate = max(rate, bf16_matmul_gflops() if bf16 else matmul_gflops())
+            report_family(name, args, prepared, train, id2label, loss_fn, bf16, rate, teacher_name, workdir)
 
-        torch.manual_seed(0)
-        model, processor, _ = build_model(args.model, id2label)
-        dataset = train.with_transform(pixel_transform(processor, augment=True))
-        plain_rate, data_share = plain_loop(model, dataset, loss_fn, args.batch_size, args.steps, args.warmup)
 
-        torch.manual_seed(0)
-        model, processor, _ = build_model(args.model, id2label)
-        trainer_rate = trainer_loop(
-            model, processor, dataset, loss_fn, args.batch_size, args.steps, args.warmup, workdir + "/trainer"
-        )
-
-    print(f"{'loop':<22} {'samples/s':>10}")
-    print(f"{'plain PyTorch':<22} {plain_rate:>10.1f}   ({100 * data_share:.0f}% of its time waiting for data)")
+def report_family(name, args, prepared, train, id2label, loss_fn, bf16, rate, teacher_name, workdir) -> None:
+    torch.manual_seed(0)
+    model, processor, _ = build_model(name, id2label)
+    size = input_size(processor)
+    teacher, teacher_processor, teacher_operations = None, None, 0
+    if teacher_name and teacher_name != name:
+        teacher, teacher_processor, _ = build_model(teacher_name, id2label)
+        teacher_operations = count_operations(teacher, input_size(teacher_processor)).total
+    operations = training_operations(model, size)
+    forward = count_operations(model, size).total
+    per_image = (operations + teacher_operations) / 1e9
+    with_teacher = f" + {teacher_name}'s forward pass {teacher_operations / 1e9:.2f}" if teacher else ""
     print(
-        f"{'Trainer (train_vit)':<22} {trainer_rate:>10.1f}   ({100 * (trainer_rate / plain_rate - 1):+.1f}% vs plain)"
+        f"{name}: {type(model).__name__}, {size} px, {model.num_parameters() / 1e6:.2f} M parameters; "
+        f"{per_image:.2f} GFLOP per training image (forward {forward / 1e9:.2f} + backward "
+        f"{(operations - forward) / 1e9:.2f}{with_teacher}); matmul rate {rate:.0f} GFLOP/s"
     )
+
+    def row(label: str, images_per_second: float, note: str = "") -> None:
+        print(f"  {label:<44} {images_per_second:>8.1f} images/s  {note}")
+
+    cache = PixelCache(prepared, [processor, teacher_processor])
+    paths = {
+        "data path: PIL, every file (before)": pil_reference_transform(processor, teacher_processor),
+        "data path: every file, tensor augment": pixel_transform(processor, True, teacher_processor),
+        "data path: cache, tensor augment": pixel_transform(processor, True, teacher_processor, cache=cache),
+    }
+    for label, transform in paths.items():
+        row(label, data_rate(train.with_transform(transform), args.batch_size, args.steps))
+
+    batch = collate(train.select(range(args.batch_size)).with_transform(pixel_transform(processor, False, cache=cache)))
+    precision = "bf16" if bf16 else "fp32"
+
+    def fresh_model(memory_format=channels_last):  # train_vit.py's: channels-last where it has convolutions
+        torch.manual_seed(0)
+        return memory_format(build_model(name, id2label)[0])
+
+    step, _ = step_rate(fresh_model(lambda model: model), batch, bf16, args.steps)
+    row(f"step alone, NCHW ({precision})", step, f"{100 * step * operations / 1e9 / rate:.0f}% of the matmul rate")
+    if has_convolutions(model):
+        fast, _ = step_rate(fresh_model(), batch, bf16, args.steps)
+        row(
+            f"step alone, channels-last ({precision})",
+            fast,
+            f"{fast / step:.2f}x NCHW, {100 * fast * operations / 1e9 / rate:.0f}% of the matmul rate",
+        )
+    if args.compile:
+        compiled, compile_seconds = step_rate(fresh_model(), batch, bf16, args.steps, compiled=True)
+        row(
+            f"step alone, torch.compile ({precision})",
+            compiled,
+            f"{compiled / step:.2f}x NCHW, compiled in {compile_seconds:.0f} s (of channels-last where converted)",
+        )
+
+    before = train.with_transform(pil_reference_transform(processor, teacher_processor))
+    dataset = train.with_transform(pixel_transform(processor, True, teacher_processor, cache=cache))
+    runs = [("before: PIL data, NCHW, 0 workers", before, fresh_model(lambda model: model), teacher, 0)]
+    for workers in args.workers:
+        runs.append((f"{workers} workers", dataset, fresh_model(), channels_last(teacher), workers))
+    for label, data, network, its_teacher, workers in runs:
+        images = trainer_rate(
+            network, processor, data, loss_fn, args, bf16, workers, f"{workdir}/trainer-{name}", its_teacher
+        )
+        row(
+            f"Trainer with data, {label} ({precision})",
+            images,
+            f"{images * per_image:.0f} GFLOP/s = {100 * images * per_image / rate:.0f}% of the matmul rate; "
+            f"an epoch of {len(train)} images in {len(train) / images / 60:.1f} min",
+        )
+    print()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,41 @@
+"""The training benchmark (`python -m benchmarks.train_speed`) runs end to end on a tiny family and synthetic data,
+printing every row it promises: the data paths, the step, the Trainer with its data, the operations and the ceiling;
+its operation count agrees with the inference benchmark's forward pass."""
+
+import re
+
+import pytest
+
+from benchmarks import train_speed
+from benchmarks.speed import count_operations
+from cxr.labels import ID2LABEL
+from cxr.models import build_model, input_size
+
+
+def test_a_tiny_run_prints_every_row(capsys):
+    train_speed.main(
+        ["--families", "scratch-tiny-resnet", "--teacher", "none", "--steps", "2", "--warmup", "1"]
+        + ["--data", "synthetic", "--precision", "fp32"]
+    )
+    out = capsys.readouterr().out
+    assert re.search(r"matmul: float32 \d+ GFLOP/s", out)
+    for row in (
+        "data path: PIL, every file (before)",
+        "data path: every file, tensor augment",
+        "data path: cache, tensor augment",
+        "step alone, NCHW (fp32)",
+        "step alone, channels-last (fp32)",
+        "Trainer with data, before: PIL data, NCHW, 0 workers (fp32)",
+        "Trainer with data, 0 workers (fp32)",
+    ):
+        assert re.search(re.escape(row) + r"\s+\d+\.\d images/s", out), row
+    assert re.search(r"GFLOP per training image \(forward [\d.]+ \+ backward [\d.]+\)", out)
+    assert re.search(r"= \d+% of the matmul rate; an epoch of \d+ images", out)
+
+
+@pytest.mark.parametrize("preset", ["scratch-tiny", "scratch-tiny-resnet"])
+def test_a_training_step_counts_its_forward_pass_once_and_a_backward_pass_of_about_twice_that(preset):
+    model, processor, _ = build_model(preset, ID2LABEL)
+    forward = count_operations(model, input_size(processor)).total
+    training = train_speed.training_operations(model, input_size(processor))
+    assert 2 * forward <= training <= 3.2 * forward
