@@ -1,16 +1,17 @@
 """Decode once: a prepared tree's training and validation X-rays, decoded by the one loader (`cxr.images.load_image`)
 and resized by the model's own image processor, kept as one uint8 array in a file beside the tree.
 
-    <prepared_dir>.pixels/128px-<resize>-<data>.npy     (N, C, H, W) uint8, rows in manifest order
+    <prepared_dir>.pixels/128px-<resize>-<data>.npy     (N, C, H, W) uint8: train, then validation, by path
 
 Training reads its batches from that file (memory-mapped) instead of decoding every JPEG every epoch; augmentation and
 normalisation then run on the batch as tensors (`cxr.transforms`). Without augmentation a row gives the tensor the
 processor gives at inference, to float rounding (tests/test_pixel_cache.py holds it to 1/255 a pixel).
 
-- Key: the tree's manifest.csv, each cached file's size and modification time, the processor's resize settings (its
-  whole configuration but the normalisation: networks that resize alike share one file) and `CACHE_VERSION` with
-  the Pillow and transformers versions that decode and resize. Any change names another file, built afresh; the
-  stale one of the same resize is removed.
+- Key: the tree's cached entries as `hf_data.prepare` recorded them (each row's path in the tree, the user's file it
+  links to, that file's size and modification time: the pixel-relevant columns of its manifest.csv, read from the
+  tree itself), the processor's resize settings (its whole configuration but the normalisation: networks that
+  resize alike share one file) and `CACHE_VERSION` with the Pillow and transformers versions that decode and
+  resize. Any change names another file, built afresh; the stale one of the same resize is removed.
 - Grey: X-rays decode with R = G = B, so one channel is stored (expanded to three at batch time); three are stored
   only if some image has colour.
 - Whole or absent: written under a temporary name, flushed and renamed (a killed build leaves no half cache; the
@@ -34,7 +35,6 @@ from cxr.folders import replaced_file
 from cxr.images import load_image
 from cxr.models import input_size
 from cxr.transforms import processor_resize, resize_settings
-from hf_data.prepare import MANIFEST_NAME, read_manifest
 
 CACHE_VERSION = 1  # raise when load_image or the way a row is made changes what a row holds
 CACHED_SPLITS = ("train", "validation")  # decoded every epoch; test is decoded once, at the end, as before
@@ -50,15 +50,17 @@ class PixelCache:
 
     def __init__(self, prepared_dir: str | os.PathLike, processors: list):
         self.root = Path(prepared_dir).expanduser().resolve()
-        manifest = read_manifest(self.root / MANIFEST_NAME)
-        if manifest is None:
-            raise ValueError(f"{self.root} is not a prepared data set (no {MANIFEST_NAME}).")
-        self.files = [row["file"] for row in manifest if row["split"] in CACHED_SPLITS]
+        self.files = [  # split/class/file, as the tree's manifest lists them (the tree is read, not the CSV)
+            path.relative_to(self.root).as_posix()
+            for split in CACHED_SPLITS
+            for path in sorted((self.root / split).rglob("*"))
+            if path.is_file() and not path.name.startswith(".")  # not a link `prepare` is staging
+        ]
         self.rows = {str(self.root / file): index for index, file in enumerate(self.files)}
         self.arrays: dict[str, np.ndarray] = {}  # resize settings -> (N, C, H, W) uint8, memory-mapped
         self.paths: dict[str, Path] = {}
         for processor in processors:
-            if processor is not None and resize_settings(processor) not in self.arrays:
+            if processor is not None and self.files and resize_settings(processor) not in self.arrays:
                 path = self._open_or_build(processor)
                 self.paths[resize_settings(processor)] = path
                 self.arrays[resize_settings(processor)] = np.load(path, mmap_mode="r")
@@ -89,12 +91,13 @@ class PixelCache:
         return path
 
     def _data_key(self, settings: str) -> str:
-        """What the rows hold depends on: the manifest, each file's bytes (size and time stand for them), the resize
-        and the code that decodes and resizes."""
-        digest = hashlib.sha256((self.root / MANIFEST_NAME).read_bytes())
+        """What the rows hold depends on: which files, in which order, each one's bytes (its size and time stand for
+        them), the resize and the code that decodes and resizes."""
+        digest = hashlib.sha256()
         for file in self.files:
-            status = os.stat(self.root / file)  # through the tree's link, to the user's file
-            digest.update(f"{file}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())
+            target = os.path.realpath(self.root / file)  # through the tree's link, to the user's file
+            status = os.stat(target)
+            digest.update(f"{file}\0{target}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())
         digest.update(f"{settings}\0{CACHE_VERSION}\0{PIL.__version__}\0{transformers.__version__}".encode())
         return digest.hexdigest()
 

@@ -211,7 +211,15 @@ def test_the_cache_is_reused_and_rebuilt_when_the_tree_an_image_or_the_size_chan
     pixels[:8] = 255
     Image.fromarray(pixels).save(image.resolve())  # the user's file changed under the same name
     os.utime(image.resolve(), ns=(1, 1))
-    assert PixelCache(prepared, [processor]).paths != rebuilt and len(decoded) == 4 * held
+    changed = PixelCache(prepared, [processor]).paths
+    assert changed != rebuilt and len(decoded) == 4 * held
+
+    other = tmp_path / "other.png"  # the same name in the tree, another file behind it (a new source folder)
+    shutil.copyfile(image.resolve(), other)
+    os.utime(other, ns=(1, 1))
+    image.unlink()
+    image.symlink_to(other)
+    assert PixelCache(prepared, [processor]).paths != changed and len(decoded) == 5 * held
 
 
 def test_a_build_cut_short_leaves_no_cache_and_the_next_one_cleans_up(tree, monkeypatch):
