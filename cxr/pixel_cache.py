@@ -65,9 +65,11 @@ class PixelCache:
                 self.paths[resize_settings(processor)] = path
                 self.arrays[resize_settings(processor)] = np.load(path, mmap_mode="r")
 
-    def rows_of(self, sources: list) -> list[int | None]:
-        """The row of each image source (a path in the tree) in the arrays; None for one it does not hold (another
-        split, raw bytes)."""
+    def rows_of(self, sources: list, processor) -> list[int | None]:
+        """The row of each image source (a path in the tree) in `processor`'s array; None for one it does not hold
+        (another split, raw bytes, a processor it was not built for)."""
+        if resize_settings(processor) not in self.arrays:
+            return [None] * len(sources)
         return [self.rows.get(os.path.abspath(source)) if isinstance(source, str) else None for source in sources]
 
     def array(self, processor) -> np.ndarray:

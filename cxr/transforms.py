@@ -63,7 +63,7 @@ def pixel_transform(processor, augment: bool, teacher_processor=None, cache=None
 def resized_pixels(sources: list, processor, cache, decode) -> torch.Tensor:
     """(N, C, H, W) uint8: each image as `processor` resizes it, from `cache` where it holds the image (C may be 1
     there: grey), else `decode(index)`d and resized now."""
-    rows = cache.rows_of(sources) if cache is not None else [None] * len(sources)
+    rows = cache.rows_of(sources, processor) if cache is not None else [None] * len(sources)
     missing = [index for index, row in enumerate(rows) if row is None]
     if not missing:
         return torch.from_numpy(cache.array(processor)[rows])

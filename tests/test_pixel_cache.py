@@ -65,7 +65,7 @@ def cached_difference(prepared, processor, split: str) -> float:
     dataset = load_prepared(prepared)[split]
     paths = [image["path"] for image in dataset["image"]]
     cache = PixelCache(prepared, [processor])
-    assert all(row is not None for row in cache.rows_of(paths)), "the split is not in the cache"
+    assert all(row is not None for row in cache.rows_of(paths, processor)), "the split is not in the cache"
     cached = dataset.with_transform(pixel_transform(processor, augment=False, cache=cache))[:]["pixel_values"]
     reference = predictor_pixels(processor, paths)
     assert cached.shape == reference.shape and cached.dtype == reference.dtype == torch.float32
@@ -162,7 +162,8 @@ def test_images_the_cache_does_not_hold_are_decoded_alongside(tree):
     splits = load_prepared(tree)
     mixed = concatenate_datasets([splits["train"].select(range(3)), splits["test"].select(range(3))])
     paths = [image["path"] for image in mixed["image"]]
-    assert [row is None for row in cache.rows_of(paths)] == [False] * 3 + [True] * 3
+    assert [row is None for row in cache.rows_of(paths, processor)] == [False] * 3 + [True] * 3
+    assert cache.rows_of(paths, square_processor(40)) == [None] * 6  # not built for that resize: decoded
     cached = mixed.with_transform(pixel_transform(processor, augment=False, cache=cache))[:]["pixel_values"]
     difference = (cached - predictor_pixels(processor, paths)).abs()
     assert difference.max().item() <= TOLERANCE
