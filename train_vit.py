@@ -450,9 +450,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def channels_last(model: torch.nn.Module | None) -> torch.nn.Module | None:
     """A network with convolutions in channels-last memory, which convolutions run faster in (oneDNN on CPUs, cuDNN
-    on GPUs): about 1.2x a ResNet's and a SwiftFormer's training step on a 2-core CPU, float32 or bfloat16, a ViT's
-    unchanged (`python -m benchmarks.train_speed`). The saved weights are stored as usual, and predictions agree to
-    float rounding."""
+    on GPUs; `python -m benchmarks.train_speed` measures it, docs/training.md). The saved weights are stored as usual,
+    and predictions agree to float rounding."""
     if model is not None and any(isinstance(module, torch.nn.Conv2d) for module in model.modules()):
         return model.to(memory_format=torch.channels_last)
     return model
