@@ -150,9 +150,9 @@ def agreement(row: dict, reference: dict) -> tuple[float, float | None]:
     return sum(labels) / len(labels), (sum(verdicts) / len(verdicts) if verdicts else None)
 
 
-def matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
-    """This machine's float32 matrix-multiply rate (2 n^3 FLOPs per product), best of a few runs."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_gflops(size: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """This machine's matrix-multiply rate in `dtype` (2 n^3 FLOPs per product), best of a few runs."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(repeats):

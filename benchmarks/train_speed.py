@@ -209,18 +209,6 @@ def trainer_rate(
     return args.batch_size / statistics.median(later - earlier for earlier, later in itertools.pairwise(times))
 
 
-def bf16_matmul_gflops(size: int = 2048, repeats: int = 10) -> float:
-    """This machine's bfloat16 matrix-multiply rate, as benchmarks.speed.matmul_gflops measures float32's."""
-    a, b = torch.randn(size, size, dtype=torch.bfloat16), torch.randn(size, size, dtype=torch.bfloat16)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best / 1e9
-
-
 def has_convolutions(model: torch.nn.Module) -> bool:
     """Whether train_vit.channels_last converts the network."""
     return any(isinstance(module, torch.nn.Conv2d) for module in model.modules())
@@ -288,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     if teacher_name is not None and teacher_name not in PRESETS:
         raise SystemExit(f"--teacher {teacher_name}: not a preset ({', '.join(PRESETS)}) or 'none'.")
     float32_rate = matmul_gflops()
-    bf16_rate = bf16_matmul_gflops() if bf16 else None
+    bf16_rate = matmul_gflops(dtype=torch.bfloat16) if bf16 else None
     rate = bf16_rate or float32_rate
 
     with tempfile.TemporaryDirectory() as workdir:
@@ -306,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         for index, name in enumerate(args.families):
             if index:  # a ceiling: the best rate measured so far (other processes may share the CPU)
-                rate = max(rate, bf16_matmul_gflops() if bf16 else matmul_gflops())
+                rate = max(rate, matmul_gflops(dtype=torch.bfloat16) if bf16 else matmul_gflops())
             report_family(name, args, prepared, train, id2label, loss_fn, bf16, rate, teacher_name, workdir)
 
 
