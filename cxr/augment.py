@@ -45,7 +45,18 @@ class Views:
 
 
 def random_views(count: int) -> Views:
-    """`count` views drawn from torch's global generator (one draw for the batch)."""
+    """`count` views drawn from torch's global generator (one draw for the batch). Where several processes train one
+    model, each seeded alike, all draw the views of the whole step and each takes its own share: without that, every
+    process would show its images the same views."""
+    rank, processes = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        rank, processes = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    views = _draw_views(count * processes)
+    share = slice(rank * count, (rank + 1) * count)
+    return Views(**{name: getattr(views, name)[share] for name in Views.__dataclass_fields__})
+
+
+def _draw_views(count: int) -> Views:
 
     def uniform(column: torch.Tensor, low: float, high: float) -> torch.Tensor:
         return low + (high - low) * column

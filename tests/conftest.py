@@ -52,3 +52,16 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def cnn_model_dir(tmp_path_factory) -> Path:
     """The same for the scratch-tiny-resnet preset (tests/test_cnn.py)."""
     return run_tiny_training(tmp_path_factory.mktemp("tiny_cnn_run"), "scratch-tiny-resnet")
+
+
+@pytest.fixture(autouse=True)
+def shared_model_folders_stay_as_trained(request):
+    """predict.py's default runtime caches an ONNX graph in the model folder it reads: a test that runs it on a
+    session's shared folder must not change the files the next test finds there."""
+    shared = [
+        request.getfixturevalue(name) for name in ("tiny_model_dir", "cnn_model_dir") if name in request.fixturenames
+    ]
+    yield
+    for folder in shared:
+        for graph in folder.glob("*.onnx"):
+            graph.unlink()
