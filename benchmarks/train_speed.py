@@ -20,7 +20,7 @@ For each family (a preset of cxr.models; by default the two of the README's offl
                          augmentation, class-weighted loss, channels-last, the teacher where there is one), per
                          --workers: what a training epoch runs at; and before issue 36 (PIL data path, NCHW)
 Every rate is the median batch or step (other processes sharing the CPU make outliers); the matmul rate is the best
-of a few products, measured again before each family.
+of a few products, measured at the start and again after each family, whose shares use the best so far.
   GFLOP per image:       a training step's operations for one image (forward + backward by torch's FlopCounterMode,
                          as benchmarks.speed counts the forward pass; + the teacher's forward), a multiply-add = 2
   share of the rate:     Trainer images/s x GFLOP per image / this machine's matmul rate (float32, or bfloat16 where
@@ -32,6 +32,7 @@ it is absent.
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import math
 import os
@@ -39,6 +40,7 @@ import random
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -292,13 +294,13 @@ def main(argv: list[str] | None = None) -> None:
             + (f", bfloat16 {bf16_rate:.0f} GFLOP/s" if bf16_rate else "")
             + f"\ndata: {source} ({len(train)} training images), batch {args.batch_size}, {args.steps} timed steps\n"
         )
-        for index, name in enumerate(args.families):
-            if index:  # a ceiling: the best rate measured so far (other processes may share the CPU)
-                rate = max(rate, matmul_gflops(dtype=torch.bfloat16) if bf16 else matmul_gflops())
-            report_family(name, args, prepared, train, id2label, loss_fn, bf16, rate, teacher_name, workdir)
+        for name in args.families:
+            rate = report_family(name, args, prepared, train, id2label, loss_fn, bf16, rate, teacher_name, workdir)
 
 
-def report_family(name, args, prepared, train, id2label, loss_fn, bf16, rate, teacher_name, workdir) -> None:
+def report_family(name, args, prepared, train, id2label, loss_fn, bf16, rate, teacher_name, workdir) -> float:
+    """Time one family and print its rows; returns the ceiling, the best matmul rate measured so far (measured again
+    after the family's rows: other processes sharing the CPU lower a single measurement)."""
     torch.manual_seed(0)
     model, processor, _ = build_model(name, id2label)
     size = input_size(processor)
@@ -310,14 +312,13 @@ def report_family(name, args, prepared, train, id2label, loss_fn, bf16, rate, te
     forward = count_operations(model, size).total
     per_image = (operations + teacher_operations) / 1e9
     with_teacher = f" + {teacher_name}'s forward pass {teacher_operations / 1e9:.2f}" if teacher else ""
-    print(
-        f"{name}: {type(model).__name__}, {size} px, {model.num_parameters() / 1e6:.2f} M parameters; "
-        f"{per_image:.2f} GFLOP per training image (forward {forward / 1e9:.2f} + backward "
-        f"{(operations - forward) / 1e9:.2f}{with_teacher}); matmul rate {rate:.0f} GFLOP/s"
-    )
+    rows = []  # (label, images/s, the note given the ceiling): printed once the ceiling is measured again
 
-    def row(label: str, images_per_second: float, note: str = "") -> None:
-        print(f"  {label:<44} {images_per_second:>8.1f} images/s  {note}")
+    def row(label: str, images_per_second: float, note=lambda rate: "") -> None:
+        rows.append((label, images_per_second, note))
+
+    def share(images_per_second: float, gflop: float) -> Callable[[float], str]:
+        return lambda rate: f"{100 * images_per_second * gflop / rate:.0f}% of the matmul rate"
 
     cache = PixelCache(prepared, [processor, teacher_processor])
     paths = {
@@ -336,38 +337,50 @@ def report_family(name, args, prepared, train, id2label, loss_fn, bf16, rate, te
         return memory_format(build_model(name, id2label)[0])
 
     step, _ = step_rate(fresh_model(lambda model: model), batch, bf16, args.steps)
-    row(f"step alone, NCHW ({precision})", step, f"{100 * step * operations / 1e9 / rate:.0f}% of the matmul rate")
+    row(f"step alone, NCHW ({precision})", step, share(step, operations / 1e9))
     if has_convolutions(model):
         fast, _ = step_rate(fresh_model(), batch, bf16, args.steps)
         row(
             f"step alone, channels-last ({precision})",
             fast,
-            f"{fast / step:.2f}x NCHW, {100 * fast * operations / 1e9 / rate:.0f}% of the matmul rate",
+            lambda rate: f"{fast / step:.2f}x NCHW, {share(fast, operations / 1e9)(rate)}",
         )
     if args.compile:
-        compiled, compile_seconds = step_rate(fresh_model(), batch, bf16, args.steps, compiled=True)
+        compiled, seconds = step_rate(fresh_model(), batch, bf16, args.steps, compiled=True)
         row(
             f"step alone, torch.compile ({precision})",
             compiled,
-            f"{compiled / step:.2f}x NCHW, compiled in {compile_seconds:.0f} s (of channels-last where converted)",
+            lambda rate: f"{compiled / step:.2f}x NCHW, compiled in {seconds:.0f} s (of channels-last where converted)",
         )
 
     before = train.with_transform(pil_reference_transform(processor, teacher_processor))
     dataset = train.with_transform(pixel_transform(processor, True, teacher_processor, cache=cache))
-    runs = [("before: PIL data, NCHW, 0 workers", before, fresh_model(lambda model: model), teacher, 0)]
-    for workers in args.workers:
-        runs.append((f"{workers} workers", dataset, fresh_model(), channels_last(teacher), workers))
-    for label, data, network, its_teacher, workers in runs:
+    runs = [("before: PIL data, NCHW, 0 workers", before, lambda model: model, 0)]
+    runs += [(f"{workers} workers", dataset, channels_last, workers) for workers in args.workers]
+    for label, data, memory_format, workers in runs:
+        teacher = memory_format(copy.deepcopy(teacher)) if teacher is not None else None
         images = trainer_rate(
-            network, processor, data, loss_fn, args, bf16, workers, f"{workdir}/trainer-{name}", its_teacher
+            fresh_model(memory_format), processor, data, loss_fn, args, bf16, workers, f"{workdir}/t-{name}", teacher
         )
         row(
             f"Trainer with data, {label} ({precision})",
             images,
-            f"{images * per_image:.0f} GFLOP/s = {100 * images * per_image / rate:.0f}% of the matmul rate; "
-            f"an epoch of {len(train)} images in {len(train) / images / 60:.1f} min",
+            lambda rate, images=images: (
+                f"{images * per_image:.0f} GFLOP/s = {share(images, per_image)(rate)}; "
+                f"an epoch of {len(train)} images in {len(train) / images / 60:.1f} min"
+            ),
         )
-    print()
+
+    rate = max(rate, matmul_gflops(dtype=torch.bfloat16 if bf16 else torch.float32))
+    print(
+        f"{name}: {type(model).__name__}, {size} px, {model.num_parameters() / 1e6:.2f} M parameters; "
+        f"{per_image:.2f} GFLOP per training image (forward {forward / 1e9:.2f} + backward "
+        f"{(operations - forward) / 1e9:.2f}{with_teacher}); matmul rate {rate:.0f} GFLOP/s (best so far)"
+    )
+    for label, images_per_second, note in rows:
+        print(f"  {label:<44} {images_per_second:>8.1f} images/s  {note(rate)}")
+    print(flush=True)
+    return rate
 
 
 if __name__ == "__main__":
