@@ -57,6 +57,7 @@ def random_views(count: int) -> Views:
 
 
 def _draw_views(count: int) -> Views:
+    """`count` views from one draw of torch's global generator."""
 
     def uniform(column: torch.Tensor, low: float, high: float) -> torch.Tensor:
         return low + (high - low) * column
