@@ -61,10 +61,9 @@ def test_a_killed_run_resumes_from_its_last_complete_checkpoint_to_the_same_resu
     """SIGKILL right after the first checkpoint, then `--resume`: the run ends exactly as the uninterrupted one did.
 
     On CPU two runs with one seed are bit-identical, so the checkpoint written before the kill equals the reference's.
-    The resumed epoch is the same too: augmentation draws from Python's global generator
-    (cxr.transforms.pixel_transform), whose state Trainer saves in each checkpoint (rng_state.pth) with NumPy's and
-    torch's and restores on --resume, so the resumed epoch sees the same crops in the same order; the final weights and
-    figures are compared exactly.
+    The resumed epoch is the same too: augmentation draws from torch's global generator (cxr.augment.random_views),
+    whose state Trainer saves in each checkpoint (rng_state.pth) and restores on --resume, so the resumed epoch sees
+    the same views in the same order; the final weights and figures are compared exactly.
     """
     made_with = training_argv(tiny_model_dir, leave_out=("--output_dir",))
     assert made_with == RUN, "conftest's tiny_model_dir recipe changed: update RUN to match it"
