@@ -15,7 +15,9 @@ For each family (a preset of cxr.models; by default the two of the README's offl
                          augment the batch as tensors (train_vit.py's default)
   step, images/s:        forward + backward + AdamW on one fixed batch, no data: NCHW, channels-last (what
                          train_vit.py does to networks with convolutions), torch.compile of that (--compile; its
-                         compile time apart)
+                         compile time apart); and its convolutions and matmuls alone, by torch.profiler: their
+                         share of the step's time, and the rate the step would reach were the rest (normalisation,
+                         activations, optimizer) to take no time
   Trainer, images/s:     --steps optimizer steps through XrayTrainer as train_vit.py builds it (cached data,
                          augmentation, class-weighted loss, channels-last, the teacher where there is one), per
                          --workers: what a training epoch runs at; and before issue 36 (PIL data path, NCHW)
@@ -151,20 +153,50 @@ def training_operations(model: torch.nn.Module, image_size: int) -> int:
 def step_rate(model, batch: dict, bf16: bool, steps: int, compiled: bool = False) -> tuple[float, float]:
     """Images/s of forward + backward + AdamW on one fixed batch (the median step), and the seconds the first two
     steps took (torch.compile's compilation, where asked)."""
-    loss_fn = weighted_loss(torch.ones(len(DISPLAY_NAMES)))
-    forward = torch.compile(model) if compiled else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    model.train()
+    step = training_step(torch.compile(model) if compiled else model, model, batch, bf16)
     seconds = []
     for _ in range(2 + steps):
         start = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - start)
+    return len(batch["labels"]) / statistics.median(seconds[2:]), sum(seconds[:2])
+
+
+def training_step(forward, model, batch: dict, bf16: bool) -> Callable[[], None]:
+    """One optimizer step on `batch`: `forward` (the model, or its compiled form), the class-weighted loss, backward,
+    AdamW."""
+    loss_fn = weighted_loss(torch.ones(len(DISPLAY_NAMES)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+
+    def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             outputs = forward(pixel_values=batch["pixel_values"])
         loss_fn({"logits": outputs.logits.float()}, batch["labels"]).backward()
         optimizer.step()
         optimizer.zero_grad()
-        seconds.append(time.perf_counter() - start)
-    return len(batch["labels"]) / statistics.median(seconds[2:]), sum(seconds[:2])
+
+    return step
+
+
+# the kernels that do a step's counted operations (FlopCounterMode counts convolutions, matrix products, attention)
+KERNELS = ("convolution", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "scaled_dot_product")
+
+
+def kernel_share(model, batch: dict, bf16: bool, steps: int) -> tuple[float, float]:
+    """(images/s the step's convolution and matrix-product kernels alone reach, their share of the step's time), by
+    torch.profiler over `steps` steps after two untimed ones: the bound on the step were everything else
+    (normalisation, activations, the optimizer, the framework between kernels) to take no time."""
+    step = training_step(model, model, batch, bf16)
+    for _ in range(2):
+        step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        for _ in range(steps):
+            step()
+    events = profile.key_averages()
+    kernels = sum(event.self_cpu_time_total for event in events if any(name in event.key for name in KERNELS))
+    total = sum(event.self_cpu_time_total for event in events)
+    return len(batch["labels"]) * steps / (kernels / 1e6), kernels / total
 
 
 def trainer_rate(
@@ -345,6 +377,12 @@ def report_family(name, args, prepared, train, id2label, loss_fn, bf16, rate, te
             fast,
             lambda rate: f"{fast / step:.2f}x NCHW, {share(fast, operations / 1e9)(rate)}",
         )
+    kernels, kernel_time = kernel_share(fresh_model(), batch, bf16, args.steps)
+    row(
+        f"step alone, convs and matmuls only ({precision})",
+        kernels,
+        lambda rate: f"{100 * kernel_time:.0f}% of the step's time; {share(kernels, operations / 1e9)(rate)}",
+    )
     if args.compile:
         compiled, seconds = step_rate(fresh_model(), batch, bf16, args.steps, compiled=True)
         row(

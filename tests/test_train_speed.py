@@ -29,6 +29,7 @@ def test_a_tiny_run_prints_every_row(capsys):
         "Trainer with data, 0 workers (fp32)",
     ):
         assert re.search(re.escape(row) + r"\s+\d+\.\d images/s", out), row
+    assert re.search(r"convs and matmuls only \(fp32\)\s+\d+\.\d images/s  \d+% of the step's time", out)
     assert re.search(r"GFLOP per training image \(forward [\d.]+ \+ backward [\d.]+\)", out)
     assert re.search(r"= \d+% of the matmul rate; an epoch of \d+ images", out)
 
