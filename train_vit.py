@@ -59,6 +59,7 @@ from cxr.training import (
     check_writable,
     checkpoint_to_resume,
     class_weights,
+    keep_freed_memory,
     peak_memory_mib,
     weighted_loss,
 )
@@ -248,6 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
         False,
     )
     set_seed(training_args.seed)
+    keep_freed_memory()  # each step reuses the pages the last one freed instead of faulting them in again
     output_dir = Path(training_args.output_dir)
     if training_args.should_save:
         check_writable(output_dir)  # before any work: a run that cannot save its model should not start

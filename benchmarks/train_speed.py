@@ -5,6 +5,7 @@ the share of the matmul rate an epoch reaches.
     python -m benchmarks.train_speed                                # the default recipe's two networks, real data
     python -m benchmarks.train_speed --families scratch-small-p8 --steps 10 --precision fp32
     python -m benchmarks.train_speed --workers 0 2 --compile        # also DataLoader workers and torch.compile
+    python -m benchmarks.train_speed --release_memory               # glibc's default allocation, for comparison
 
 For each family (a preset of cxr.models; by default the two of the README's offline default, `--recipe vit-offline
 --model scratch-resnet` then `--recipe swiftformer-distil`, whose student also runs the teacher's forward pass):
@@ -56,7 +57,7 @@ from cxr.labels import DISPLAY_NAMES
 from cxr.models import PRESETS, build_model, input_size
 from cxr.pixel_cache import PixelCache
 from cxr.precision import PRECISIONS, describe, resolve_precision
-from cxr.training import XrayTrainer, class_weights, weighted_loss
+from cxr.training import XrayTrainer, class_weights, keep_freed_memory, weighted_loss
 from cxr.transforms import collate, pixel_transform
 from hf_data import load_prepared, make_synthetic_dataset, prepare_dataset
 from train_vit import channels_last
@@ -294,6 +295,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile", action="store_true", help="Also time the step under torch.compile (compiling takes minutes)."
     )
     parser.add_argument(
+        "--release_memory",
+        action="store_true",
+        help="Leave glibc to give freed memory back to the system, its default, to see what that costs; train_vit.py "
+        "keeps it for the next step (cxr.training.keep_freed_memory), and so does this benchmark without the flag.",
+    )
+    parser.add_argument(
         "--data",
         default=str(REAL_DATA),
         help="The X-ray folder to prepare and read, or 'synthetic' for generated stand-ins (also where the folder is "
@@ -309,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     teacher_name = None if args.teacher == "none" else args.teacher
     if teacher_name is not None and teacher_name not in PRESETS:
         raise SystemExit(f"--teacher {teacher_name}: not a preset ({', '.join(PRESETS)}) or 'none'.")
+    kept = not args.release_memory and keep_freed_memory()
     float32_rate = matmul_gflops()
     bf16_rate = matmul_gflops(dtype=torch.bfloat16) if bf16 else None
     rate = bf16_rate or float32_rate
@@ -321,8 +329,9 @@ def main(argv: list[str] | None = None) -> None:
         loss_fn = weighted_loss(class_weights(train["label"], len(class_keys)))
         print(
             f"\nCPU {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads, load average "
-            f"{' '.join(f'{load:.2f}' for load in os.getloadavg())}; {describe(precision)}\n"
-            f"matmul: float32 {float32_rate:.0f} GFLOP/s"
+            f"{' '.join(f'{load:.2f}' for load in os.getloadavg())}; {describe(precision)}; freed memory "
+            + ("kept for the next step, as train_vit.py does\n" if kept else "given back to the system\n")
+            + f"matmul: float32 {float32_rate:.0f} GFLOP/s"
             + (f", bfloat16 {bf16_rate:.0f} GFLOP/s" if bf16_rate else "")
             + f"\ndata: {source} ({len(train)} training images), batch {args.batch_size}, {args.steps} timed steps\n"
         )

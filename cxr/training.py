@@ -1,9 +1,11 @@
 """The pieces `train_vit.py` (and `pretrain_mae.py`) hand to `Trainer` besides `cxr.transforms`: the class-weighted
-loss, `XrayTrainer` (a `Trainer` composed of the checkpoint-reload fix, weight averaging and distillation), and two
-checks on the run itself (a writable output folder up front, peak memory at the end)."""
+loss, `XrayTrainer` (a `Trainer` composed of the checkpoint-reload fix, weight averaging and distillation), two
+checks on the run itself (a writable output folder up front, peak memory at the end), and the allocator setting that
+lets each step reuse the last one's memory."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import resource
@@ -72,6 +74,23 @@ def peak_memory_mib() -> float:
     """This process's peak resident memory so far, in MiB (Linux reports KiB, macOS bytes)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """Keep the memory freed tensors release in this process's heap instead of returning it to the system.
+
+    glibc maps a large allocation (an activation, a gradient) afresh and unmaps it when freed, or trims the heap
+    under it, so every training step faults its activations' pages in again: tens of thousands of page faults a step,
+    each an entry into the kernel while the cores wait (`python -m benchmarks.train_speed --release_memory` shows the
+    step that way). Kept, a step reuses the pages the last one freed, and the process holds on to its peak memory.
+    Returns whether glibc took the setting (False on macOS, Windows and musl, which allocate otherwise)."""
+    libc = ctypes.CDLL(None) if sys.platform.startswith("linux") else None
+    if libc is None or not hasattr(libc, "gnu_get_libc_version"):
+        return False
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def find_checkpoints(output_dir: Path) -> tuple[list[Path], list[Path]]:

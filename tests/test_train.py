@@ -4,6 +4,9 @@
 import json
 import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from transformers import HfArgumentParser, pipeline
@@ -42,6 +45,8 @@ def test_outputs_say_honestly_that_the_model_was_trained_from_scratch(tiny_model
 @pytest.mark.slow
 def test_resume_continues_from_the_last_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    kept = []
+    monkeypatch.setattr(train_vit, "keep_freed_memory", lambda: kept.append(True))
     output = tmp_path / "model"
     args = ["--data_dir", "synthetic", "--output_dir", str(output), *TINY]
     train_vit.main([*args, "--num_train_epochs", "1"])
@@ -58,6 +63,40 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, monkeypatch):
     assert state["global_step"] == 2 * steps_per_epoch
     # The first run's evaluation is still in the history: the run was continued, not restarted.
     assert [entry["epoch"] for entry in state["log_history"] if "eval_loss" in entry] == [1.0, 2.0]
+    assert kept == [True, True], "each run keeps freed memory for its next step (cxr.training.keep_freed_memory)"
+
+
+# A tensor of 64 MiB (16,384 pages), made and freed again and again as a training step's activations are; the minor
+# page faults of the later rounds show whether its pages were kept or given back and faulted in again.
+FAULTS = """
+import resource, sys, torch
+from cxr.training import keep_freed_memory
+took = keep_freed_memory() if sys.argv[1] == "keep" else None
+faults = []
+for _ in range(6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 * 2**20).sum()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(took, max(faults[2:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_a_step_reuses_the_memory_the_last_one_freed():
+    def later_faults(mode: str) -> tuple[str, int]:
+        out = subprocess.run(
+            [sys.executable, "-c", FAULTS, mode],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(train_vit.__file__).parent,
+        ).stdout.split()
+        return out[0], int(out[1])
+
+    took, kept = later_faults("keep")
+    _, released = later_faults("release")
+    assert released > 10_000, "glibc's default gives a 64 MiB tensor's pages back: this check would show nothing"
+    assert took == "True" and kept < 1_000, (took, kept)
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
