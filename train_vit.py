@@ -272,8 +272,10 @@ def main(argv: list[str] | None = None) -> dict:
     model, processor, origin = build_model(model_args.model, id2label)
     teacher, teacher_processor = None, None
     if model_args.teacher:
-        # the prepared splits, as the teacher's metrics.json records them: --max_*_samples subsets of one split match
-        teacher, teacher_processor = load_teacher(model_args.teacher, id2label, split_sizes(report.counts))
+        # the prepared splits, as the teacher's metrics.json records them: --max_*_samples subsets of one split match;
+        # with several processes only the one that prepared the data has its report, and it checks for all
+        prepared_sizes = split_sizes(report.counts) if report is not None else None
+        teacher, teacher_processor = load_teacher(model_args.teacher, id2label, prepared_sizes)
         origin.teacher = model_args.teacher
         origin.teacher_command, origin.teacher_figures = teacher_record(model_args.teacher)
     print(f"Model: {type(model).__name__}, {model.num_parameters() / 1e6:.1f} M parameters, {origin.describe()}.")

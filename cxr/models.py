@@ -252,12 +252,13 @@ def build_model(name: str, id2label: dict[int, str]):
     )
 
 
-def load_teacher(folder: str, id2label: dict[int, str], split_sizes: dict[str, int]):
+def load_teacher(folder: str, id2label: dict[int, str], split_sizes: dict[str, int] | None):
     """Return (model, image_processor) of a model folder written by train_vit.py, to distil from (`--teacher`).
 
     Refused, with the reason, unless it predicts the same classes in the same order and was trained on the same
     train/validation split (sizes in its metrics.json): a teacher that trained on this run's validation images would
-    leak them into the student, and its scores on them would flatter.
+    leak them into the student, and its scores on them would flatter. `split_sizes` None: not checked here (with
+    several processes, the one that prepared the data checks for all).
     """
     path = Path(folder).expanduser()
     if not (path / "config.json").is_file():
@@ -271,7 +272,7 @@ def load_teacher(folder: str, id2label: dict[int, str], split_sizes: dict[str, i
             f"The teacher '{folder}' predicts {model.config.id2label}, not this data set's classes {id2label}."
         )
     teacher_sizes = trained_split_sizes(path)
-    if teacher_sizes != split_sizes:
+    if split_sizes is not None and teacher_sizes != split_sizes:
         raise SystemExit(
             f"The teacher '{folder}' was trained on other splits ({teacher_sizes or 'unknown: no metrics.json'}) "
             f"than this run's ({split_sizes}): it may have seen this run's validation images. "

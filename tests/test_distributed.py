@@ -29,8 +29,8 @@ pytestmark = [
 ]
 
 
-def test_two_processes_train_one_model_that_one_process_writes(tiny_model_dir, tmp_path):
-    """The recipe of the `tiny_model_dir` fixture (batch 16, one process), run as 2 processes x 8 images per step."""
+def train_as_two_processes(workdir: Path, options: list[str]) -> str:
+    """train_vit.py with `options` as 2 torchrun processes of one thread each in `workdir`; its log, once it passed."""
     command = [
         sys.executable,
         "-m",
@@ -42,16 +42,19 @@ def test_two_processes_train_one_model_that_one_process_writes(tiny_model_dir, t
         "--master_port",
         str(free_port()),
         str(REPO / "train_vit.py"),
-        *tiny_run(per_device_train_batch_size="8"),
-        "--output_dir",
-        "model",
+        *options,
     ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run(
-        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300
+        command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300
     )
-    log = result.stdout
-    assert result.returncode == 0, log[-4000:]
+    assert result.returncode == 0, result.stdout[-4000:]
+    return result.stdout
+
+
+def test_two_processes_train_one_model_that_one_process_writes(tiny_model_dir, tmp_path):
+    """The recipe of the `tiny_model_dir` fixture (batch 16, one process), run as 2 processes x 8 images per step."""
+    log = train_as_two_processes(tmp_path, [*tiny_run(per_device_train_batch_size="8"), "--output_dir", "model"])
 
     # Both processes trained, each on 8 of every step's 16 images; the data was prepared and the folder written once.
     assert "Process 1 of 2 (cpu" in log and "Process 2 of 2 (cpu" in log, log[-4000:]
@@ -84,3 +87,14 @@ def test_two_processes_train_one_model_that_one_process_writes(tiny_model_dir, t
     for split in ("validation", "test"):
         assert summary[split]["loss"] == pytest.approx(reference[split]["loss"], abs=0.1), split
         assert summary[split]["accuracy"] == pytest.approx(reference[split]["accuracy"], abs=0.25), split
+
+
+def test_two_processes_learn_from_a_teacher(tiny_model_dir, tmp_path):
+    """--teacher with several processes: only the process that prepared the data knows its split sizes, so it checks
+    the teacher for all, and every process distils from it."""
+    options = tiny_run(per_device_train_batch_size="8", num_train_epochs="1")
+    log = train_as_two_processes(
+        tmp_path, [*options, "--teacher", str(tiny_model_dir), "--distillation", "soft", "--output_dir", "student"]
+    )
+    assert log.count("Model folder:") == 1
+    assert read_metrics(tmp_path / "student")["model_origin"]["teacher"] == str(tiny_model_dir)
