@@ -17,8 +17,8 @@ For each family (a preset of cxr.models; by default the two of the README's offl
   step, images/s:        forward + backward + AdamW on one fixed batch, no data: NCHW, channels-last (what
                          train_vit.py does to networks with convolutions), torch.compile of that (--compile; its
                          compile time apart); and its convolutions and matmuls alone, by torch.profiler: their
-                         share of the step's time, and the rate the step would reach were the rest (normalisation,
-                         activations, optimizer) to take no time
+                         share of the step's time, the rate the step would reach were the rest (normalisation,
+                         activations, optimizer) to take no time, and the three other operations that take most
   Trainer, images/s:     --steps optimizer steps through XrayTrainer as train_vit.py builds it (cached data,
                          augmentation, class-weighted loss, channels-last, the teacher where there is one), per
                          --workers: what a training epoch runs at; and before issue 36 (PIL data path, NCHW)
@@ -184,10 +184,11 @@ def training_step(forward, model, batch: dict, bf16: bool) -> Callable[[], None]
 KERNELS = ("convolution", "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "scaled_dot_product")
 
 
-def kernel_share(model, batch: dict, bf16: bool, steps: int) -> tuple[float, float]:
-    """(images/s the step's convolution and matrix-product kernels alone reach, their share of the step's time), by
-    torch.profiler over `steps` steps after two untimed ones: the bound on the step were everything else
-    (normalisation, activations, the optimizer, the framework between kernels) to take no time."""
+def kernel_share(model, batch: dict, bf16: bool, steps: int) -> tuple[float, float, list[tuple[str, float]]]:
+    """(images/s the step's convolution and matrix-product kernels alone reach, their share of the step's time, the
+    three other operations that take the most of it with their shares), by torch.profiler over `steps` steps after
+    two untimed ones: the bound on the step were everything else (normalisation, activations, the optimizer, the
+    framework between kernels) to take no time, and what that everything else is."""
     step = training_step(model, model, batch, bf16)
     for _ in range(2):
         step()
@@ -197,7 +198,13 @@ def kernel_share(model, batch: dict, bf16: bool, steps: int) -> tuple[float, flo
     events = profile.key_averages()
     kernels = sum(event.self_cpu_time_total for event in events if any(name in event.key for name in KERNELS))
     total = sum(event.self_cpu_time_total for event in events)
-    return len(batch["labels"]) * steps / (kernels / 1e6), kernels / total
+    others = sorted(
+        (event for event in events if not any(name in event.key for name in KERNELS)),
+        key=lambda event: event.self_cpu_time_total,
+        reverse=True,
+    )
+    largest = [(event.key.removeprefix("aten::"), event.self_cpu_time_total / total) for event in others[:3]]
+    return len(batch["labels"]) * steps / (kernels / 1e6), kernels / total, largest
 
 
 def trainer_rate(
@@ -386,11 +393,15 @@ def report_family(name, args, prepared, train, id2label, loss_fn, bf16, rate, te
             fast,
             lambda rate: f"{fast / step:.2f}x NCHW, {share(fast, operations / 1e9)(rate)}",
         )
-    kernels, kernel_time = kernel_share(fresh_model(), batch, bf16, args.steps)
+    kernels, kernel_time, largest_others = kernel_share(fresh_model(), batch, bf16, args.steps)
+    others = ", ".join(f"{name} {100 * fraction:.0f}%" for name, fraction in largest_others)
     row(
         f"step alone, convs and matmuls only ({precision})",
         kernels,
-        lambda rate: f"{100 * kernel_time:.0f}% of the step's time; {share(kernels, operations / 1e9)(rate)}",
+        lambda rate: (
+            f"{100 * kernel_time:.0f}% of the step's time; {share(kernels, operations / 1e9)(rate)}; "
+            f"the rest led by {others}"
+        ),
     )
     if args.compile:
         compiled, seconds = step_rate(fresh_model(), batch, bf16, args.steps, compiled=True)

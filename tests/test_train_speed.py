@@ -30,6 +30,8 @@ def test_a_tiny_run_prints_every_row(capsys):
     ):
         assert re.search(re.escape(row) + r"\s+\d+\.\d images/s", out), row
     assert re.search(r"convs and matmuls only \(fp32\)\s+\d+\.\d images/s  \d+% of the step's time", out)
+    # what the rest of the step is: the three other operations that take most of it
+    assert re.search(r"the rest led by \S.* \d+%, \S.* \d+%, \S.* \d+%", out)
     assert re.search(r"GFLOP per training image \(forward [\d.]+ \+ backward [\d.]+\)", out)
     assert re.search(r"= \d+% of the matmul rate; an epoch of \d+ images", out)
 
