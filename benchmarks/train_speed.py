@@ -16,9 +16,10 @@ For each family (a preset of cxr.models; by default the two of the README's offl
                          augment the batch as tensors (train_vit.py's default)
   step, images/s:        forward + backward + AdamW on one fixed batch, no data: NCHW, channels-last (what
                          train_vit.py does to networks with convolutions), torch.compile of that (--compile; its
-                         compile time apart); and its convolutions and matmuls alone, by torch.profiler: their
-                         share of the step's time, the rate the step would reach were the rest (normalisation,
-                         activations, optimizer) to take no time, and the three other operations that take most
+                         compile time apart, WRONG where its first loss is not the eager step's); and its
+                         convolutions and matmuls alone, by torch.profiler: their share of the step's time, the rate
+                         the step would reach were the rest (normalisation, activations, optimizer) to take no time,
+                         and the three other operations that take most
   Trainer, images/s:     --steps optimizer steps through XrayTrainer as train_vit.py builds it (cached data,
                          augmentation, class-weighted loss, channels-last, the teacher where there is one), per
                          --workers: what a training epoch runs at; and before issue 36 (PIL data path, NCHW)
@@ -151,31 +152,34 @@ def training_operations(model: torch.nn.Module, image_size: int) -> int:
     return counter.get_total_flops() // 2
 
 
-def step_rate(model, batch: dict, bf16: bool, steps: int, compiled: bool = False) -> tuple[float, float]:
-    """Images/s of forward + backward + AdamW on one fixed batch (the median step), and the seconds the first two
-    steps took (torch.compile's compilation, where asked)."""
+def step_rate(model, batch: dict, bf16: bool, steps: int, compiled: bool = False) -> tuple[float, float, float]:
+    """Images/s of forward + backward + AdamW on one fixed batch (the median step), the seconds the first two steps
+    took (torch.compile's compilation, where asked), and the first step's loss (to check a compiled step computes
+    what the eager one does)."""
     step = training_step(torch.compile(model) if compiled else model, model, batch, bf16)
-    seconds = []
+    seconds, losses = [], []
     for _ in range(2 + steps):
         start = time.perf_counter()
-        step()
+        losses.append(step())
         seconds.append(time.perf_counter() - start)
-    return len(batch["labels"]) / statistics.median(seconds[2:]), sum(seconds[:2])
+    return len(batch["labels"]) / statistics.median(seconds[2:]), sum(seconds[:2]), losses[0]
 
 
-def training_step(forward, model, batch: dict, bf16: bool) -> Callable[[], None]:
+def training_step(forward, model, batch: dict, bf16: bool) -> Callable[[], float]:
     """One optimizer step on `batch`: `forward` (the model, or its compiled form), the class-weighted loss, backward,
-    AdamW."""
+    AdamW; the step returns its loss."""
     loss_fn = weighted_loss(torch.ones(len(DISPLAY_NAMES)))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
 
-    def step() -> None:
+    def step() -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             outputs = forward(pixel_values=batch["pixel_values"])
-        loss_fn({"logits": outputs.logits.float()}, batch["labels"]).backward()
+        loss = loss_fn({"logits": outputs.logits.float()}, batch["labels"])
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        return loss.item()
 
     return step
 
@@ -385,10 +389,10 @@ def report_family(name, args, prepared, train, id2label, loss_fn, bf16, rate, te
         torch.manual_seed(0)
         return memory_format(build_model(name, id2label)[0])
 
-    step, _ = step_rate(fresh_model(lambda model: model), batch, bf16, args.steps)
+    step, _, eager_loss = step_rate(fresh_model(lambda model: model), batch, bf16, args.steps)
     row(f"step alone, NCHW ({precision})", step, share(step, operations / 1e9))
     if has_convolutions(model):
-        fast, _ = step_rate(fresh_model(), batch, bf16, args.steps)
+        fast, _, _ = step_rate(fresh_model(), batch, bf16, args.steps)
         row(
             f"step alone, channels-last ({precision})",
             fast,
@@ -405,11 +409,16 @@ def report_family(name, args, prepared, train, id2label, loss_fn, bf16, rate, te
         ),
     )
     if args.compile:
-        compiled, seconds = step_rate(fresh_model(), batch, bf16, args.steps, compiled=True)
+        compiled, seconds, compiled_loss = step_rate(fresh_model(), batch, bf16, args.steps, compiled=True)
+        # same weights and batch: another first loss means the compiled step computes something else
+        wrong = not math.isclose(compiled_loss, eager_loss, rel_tol=1e-2)
         row(
             f"step alone, torch.compile ({precision})",
             compiled,
-            lambda rate: f"{compiled / step:.2f}x NCHW, compiled in {seconds:.0f} s (of channels-last where converted)",
+            lambda rate: (
+                f"{compiled / step:.2f}x NCHW, compiled in {seconds:.0f} s (of channels-last where converted)"
+                + (f"; WRONG: its first loss {compiled_loss:.4g} against {eager_loss:.4g} eager" if wrong else "")
+            ),
         )
 
     before = train.with_transform(pil_reference_transform(processor, teacher_processor))

@@ -42,3 +42,23 @@ def test_a_training_step_counts_its_forward_pass_once_and_a_backward_pass_of_abo
     forward = count_operations(model, input_size(processor)).total
     training = train_speed.training_operations(model, input_size(processor))
     assert 2 * forward <= training <= 3.2 * forward
+
+
+@pytest.mark.parametrize("faithful", [True, False])
+def test_a_compiled_step_that_computes_another_loss_is_flagged_not_timed_as_if_right(capsys, monkeypatch, faithful):
+    def compile_stand_in(model, **kwargs):  # torch.compile as it behaves, or as it did for SwiftFormer: NaN logits
+        def forward(**inputs):
+            outputs = model(**inputs)
+            if not faithful:
+                outputs.logits = outputs.logits * float("nan")
+            return outputs
+
+        return forward
+
+    monkeypatch.setattr(train_speed.torch, "compile", compile_stand_in)
+    train_speed.main(
+        ["--families", "scratch-tiny-resnet", "--teacher", "none", "--steps", "2", "--warmup", "1", "--compile"]
+        + ["--data", "synthetic", "--precision", "fp32"]
+    )
+    row = next(line for line in capsys.readouterr().out.splitlines() if "step alone, torch.compile" in line)
+    assert ("WRONG: its first loss nan against" in row) != faithful, row
